@@ -1,0 +1,170 @@
+"""The built-in sample: real images that ship in Debian packages, served over loopback HTTP.
+
+- "web": Noto color emoji (fonts-noto-color-emoji) rendered with Pillow, captioned with
+  their Unicode names (unicode-data's emoji-test.txt, fully-qualified entries).
+- "coco": Fashion-MNIST (dataset-fashion-mnist), captioned from the class name.
+Every Nth emoji and Fashion-MNIST's own test set are held out as "web_test" / "coco_test".
+
+`serve(...)` writes the images and URL lists and serves them on 127.0.0.1 so that
+img2dataset really downloads them. Each training list also gets missing URLs, corrupt
+images, empty captions and repeated URLs, so the build's accounting is exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import os
+import random
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from data_prep.sources import SampleConfig, SourcesConfig
+
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+DEBIAN_PACKAGES = "fonts-noto-color-emoji unicode-data dataset-fashion-mnist"
+FASHION_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+FASHION_CAPTIONS = [
+    "a photo of a {}.",
+    "a grayscale photo of a {}.",
+    "a small picture of a {} on a black background.",
+    "a product photo of a {}.",
+]
+# The URL lists the sample writes; the sources YAML points each source's url_list here.
+SAMPLE_SOURCES = ("web", "coco", "web_test", "coco_test")
+
+
+def check_packages() -> None:
+    missing = [p for p in (EMOJI_FONT, EMOJI_TEST, FASHION_DIR) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"The built-in sample needs the Debian packages {DEBIAN_PACKAGES} "
+            f"(missing: {', '.join(missing)}). Run `make install` or apt-get install them."
+        )
+
+
+def emoji_entries() -> List[Tuple[str, str]]:
+    """(characters, name) for every fully-qualified emoji in emoji-test.txt."""
+    entries = []
+    with open(EMOJI_TEST, encoding="utf-8") as f:
+        for line in f:
+            if "; fully-qualified" not in line:
+                continue
+            # "1F600 ; fully-qualified # 😀 E1.0 grinning face"
+            codes = line.split(";")[0].split()
+            name = line.split("#", 1)[1].strip().split(" ", 2)[2]
+            entries.append(("".join(chr(int(c, 16)) for c in codes), name))
+    return entries
+
+
+def render_emoji(chars: str, font: ImageFont.FreeTypeFont) -> Image.Image:
+    # Noto Color Emoji is a bitmap font: 109 is its one native size.
+    image = Image.new("RGB", (136, 128), "white")
+    ImageDraw.Draw(image).text((0, 0), chars, font=font, embedded_color=True)
+    return image
+
+
+def read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_split(split: str, count: int) -> Tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(f"{FASHION_DIR}/{prefix}-images-idx3-ubyte.gz")[:count]
+    labels = read_idx(f"{FASHION_DIR}/{prefix}-labels-idx1-ubyte.gz")[:count]
+    return images, labels
+
+
+def _add_bad_rows(rows: List[dict], name: str, cfg: SampleConfig, files_dir: str, rng: random.Random) -> None:
+    """Missing URLs, corrupt images, empty captions and repeated URLs, counted by the build."""
+    template = rows[0]
+    bad_dir = os.path.join(files_dir, name, "bad")
+    os.makedirs(bad_dir, exist_ok=True)
+    for i in range(cfg.missing_urls):
+        rows.append({**template, "url": f"{name}/missing/{i}.png", "caption": "a missing image"})
+    for i in range(cfg.corrupt_images):
+        with open(os.path.join(bad_dir, f"corrupt{i}.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + rng.randbytes(200))
+        rows.append({**template, "url": f"{name}/bad/corrupt{i}.png", "caption": "a corrupt image"})
+    for row in rng.sample(rows[: len(rows) // 2], cfg.empty_captions):
+        # A real image under a new URL, with nothing to say about it.
+        rows.append({**row, "url": row["url"] + "?empty", "caption": "  "})
+    for row in rng.sample(rows[: len(rows) // 2], cfg.duplicate_urls):
+        rows.append(dict(row))
+
+
+def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
+    """Write images under files_dir; return {source: rows} with URLs relative to the server root."""
+    check_packages()
+    rng = random.Random(cfg.seed)
+    lists: dict = {name: [] for name in SAMPLE_SOURCES}
+
+    font = ImageFont.truetype(EMOJI_FONT, 109)
+    os.makedirs(os.path.join(files_dir, "emoji"), exist_ok=True)
+    for i, (chars, name) in enumerate(emoji_entries()):
+        path = f"emoji/{i:05d}.png"
+        render_emoji(chars, font).save(os.path.join(files_dir, path))
+        split = "web_test" if i % cfg.emoji_test_every == cfg.emoji_test_every - 1 else "web"
+        lists[split].append({"url": path, "caption": name, "label": -1})
+
+    for split, count, source in (("train", cfg.fashion_train, "coco"), ("test", cfg.fashion_test, "coco_test")):
+        images, labels = fashion_split(split, count)
+        os.makedirs(os.path.join(files_dir, f"fashion_{split}"), exist_ok=True)
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            path = f"fashion_{split}/{i:05d}.png"
+            Image.fromarray(pixels, mode="L").save(os.path.join(files_dir, path))
+            caption = rng.choice(FASHION_CAPTIONS).format(FASHION_CLASSES[label])
+            lists[source].append({"url": path, "caption": caption, "label": int(label)})
+
+    for name in ("web", "coco"):
+        _add_bad_rows(lists[name], name, cfg, files_dir, rng)
+    return lists
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass
+
+
+@contextlib.contextmanager
+def http_server(root: str) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 at a free port; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def serve(cfg: SourcesConfig) -> Iterator[None]:
+    """Write the sample and its URL lists (at each source's url_list) and serve it meanwhile."""
+    files_dir = os.path.join(cfg.work_dir, "sample_files")
+    lists = write_sample(cfg.sample, files_dir)
+    with http_server(files_dir) as base_url:
+        for name, source in cfg.sources.items():
+            if name not in lists:
+                raise ValueError(f"the built-in sample has sources {SAMPLE_SOURCES}, not '{name}'")
+            rows = [{**row, "url": f"{base_url}/{row['url']}"} for row in lists[name]]
+            os.makedirs(os.path.dirname(source.url_list) or ".", exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), source.url_list)
+        yield

@@ -1,0 +1,80 @@
+"""The sources YAML: which URL lists to download, how, how to filter, and where the MDS goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from omegaconf import MISSING
+
+from pipeline.config import load
+
+
+@dataclass
+class Img2DatasetOptions:
+    """Passed to `img2dataset.download` as keyword arguments."""
+
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    # keep_ratio alone enlarges small images; this keeps them as they are.
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 95
+    processes_count: int = 2
+    thread_count: int = 32
+    number_sample_per_shard: int = 10000
+    timeout: int = 10
+    retries: int = 0
+    min_image_size: int = 0
+
+
+@dataclass
+class FilterConfig:
+    """Applied to downloaded samples before they are written to MDS; every drop is counted."""
+
+    min_image_size: int = 0  # smaller side, in pixels, after resizing
+    min_caption_chars: int = 1  # after stripping whitespace; 1 drops empty captions
+    dedup_image_hash: bool = True  # sha256 of the downloaded bytes, within the source
+    dedup_url: bool = True
+
+
+@dataclass
+class SourceConfig:
+    # A parquet / csv / tsv / jsonl / txt URL list as img2dataset reads it (local path or s3://).
+    url_list: str = MISSING
+    input_format: str = "parquet"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # Extra URL-list columns carried into MDS, with their MDS type (e.g. {label: int}).
+    extra_columns: Dict[str, str] = field(default_factory=dict)
+    img2dataset: Img2DatasetOptions = field(default_factory=Img2DatasetOptions)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    # Where this source's MDS stream goes: a local folder or s3://bucket/prefix.
+    out: str = MISSING
+
+
+@dataclass
+class SampleConfig:
+    """The built-in sample: real images from Debian packages, served on loopback."""
+
+    emoji_test_every: int = 10  # every Nth emoji is held out for evaluation
+    fashion_train: int = 5000
+    fashion_test: int = 1000
+    # Bad rows added to each training source's URL list, so the accounting is exercised.
+    missing_urls: int = 8
+    corrupt_images: int = 4
+    empty_captions: int = 4
+    duplicate_urls: int = 4
+    seed: int = 0
+
+
+@dataclass
+class SourcesConfig:
+    # img2dataset outputs (and the sample's served files) live here; safe to delete afterwards.
+    work_dir: str = "data/_work"
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    # Set only for the built-in sample: its URL lists are generated and served before download.
+    sample: Optional[SampleConfig] = None
+
+
+def load_sources(path: str, overrides=()) -> SourcesConfig:
+    return load(SourcesConfig, path, overrides)

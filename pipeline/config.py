@@ -1,0 +1,167 @@
+"""One typed schema per entry point; YAML + `key=value` overrides; typos fail fast.
+
+`load(Schema, path, overrides)` merges a YAML file and command-line overrides onto a
+dataclass schema with omegaconf. An unknown key raises `ConfigError` naming the nearest
+valid key, before anything heavy (model, data) is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that does not match its schema."""
+
+
+# ---------------------------------------------------------------------------
+# Training schema
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class StreamConfig:
+    """One MDS stream (one data source). Either `local` alone, or `remote` cached into `local`."""
+
+    local: str = MISSING
+    remote: Optional[str] = None
+    # Relative weight in the mix; streaming normalises proportions across streams.
+    proportion: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    streams: Dict[str, StreamConfig] = field(default_factory=dict)
+    # The contrastive batch over all ranks; each rank gets global_batch_size / world_size.
+    global_batch_size: int = 256
+    num_workers: int = 2
+    shuffle: bool = True
+    # Samples per epoch across the mix; None = the streams' natural size.
+    epoch_size: Optional[int] = None
+    # Shared-memory/local-cache knobs of streaming, passed through when set.
+    predownload: Optional[int] = None
+    cache_limit: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip model name (`open_clip.list_models()`), or the name given to `custom`.
+    name: str = "ViT-B-16"
+    # Inline open_clip model config (embed_dim, vision_cfg, text_cfg) registered under `name`.
+    custom: Optional[Dict[str, Any]] = None
+    # open_clip ClipLoss options: the negatives are the whole global batch when gathering with grad.
+    gather_with_grad: bool = True
+    local_loss: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | lamb
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+
+
+@dataclass
+class SchedulerConfig:
+    # Composer time strings: "2000ba", "0.05dur", "1ep".
+    warmup: str = "0.05dur"
+    # Final lr as a fraction of the peak (cosine decay).
+    alpha_f: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "clip"
+    run_dir: str = "runs/${run_name}"
+    seed: int = 17
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_duration: str = "1ep"
+    # Composer precision: fp32 | amp_bf16 | amp_fp16; None picks fp32 on CPU, amp_bf16 on GPU.
+    precision: Optional[str] = None
+    # Composer device: cpu | gpu; None picks gpu when available.
+    device: Optional[str] = None
+    save_folder: str = "${run_dir}/checkpoints"
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    autoresume: bool = False
+    load_path: Optional[str] = None
+    console_log_interval: str = "50ba"
+    progress_bar: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _schema_at(schema: type, dotted: str) -> Optional[type]:
+    """The dataclass reached by following `dotted` from `schema` (through Optional and Dict)."""
+    node: Any = schema
+    parts = [p for p in dotted.split(".") if p]
+    while parts and is_dataclass(node):
+        hint = typing.get_type_hints(node).get(parts.pop(0))
+        if typing.get_origin(hint) is dict:
+            if not parts:
+                return None
+            parts.pop(0)  # the dict key, e.g. a stream's name
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        node = hint if is_dataclass(hint) else (args[-1] if args else None)
+    return node if not parts and is_dataclass(node) else None
+
+
+def _unknown_key_message(schema: type, full_key: str, source: str) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    node = _schema_at(schema, parent)
+    valid = sorted(f.name for f in fields(node)) if node is not None else []
+    near = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{(parent + '.') if parent else ''}{near[0]}'?" if near else ""
+    where = f"'{parent}'" if parent else "the top level"
+    return (
+        f"Unknown config key '{full_key}' (from {source}).{hint} "
+        f"Valid keys at {where}: {', '.join(valid)}"
+    )
+
+
+def _merge(schema: type, base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(schema, str(err.full_key), source)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Invalid config value (from {source}): {err}") from None
+
+
+def load(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a typed object."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        cfg = _merge(schema, cfg, OmegaConf.load(path), path)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"Overrides must look like key=value, got: {' '.join(bad)}")
+    if overrides:
+        cfg = _merge(schema, cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"Missing required config keys: {', '.join(missing)}")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Could not resolve config: {err}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
