@@ -1,0 +1,62 @@
+"""MDS streams -> (image tensor, token ids) batches: StreamingDataset over weighted Streams."""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+from PIL import Image
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from pipeline.config import ConfigError, DataConfig
+
+
+class CLIPStreamingDataset(StreamingDataset):
+    """Decodes each sample's JPEG, applies the image transform and tokenizes the caption."""
+
+    def __init__(self, *, image_transform: Callable, tokenizer: Callable, **kwargs):
+        super().__init__(**kwargs)
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+
+    def __getitem__(self, index: int):
+        sample = super().__getitem__(index)
+        image = Image.open(io.BytesIO(sample["image"]))
+        return self.image_transform(image), self.tokenizer(sample["caption"])[0]
+
+
+def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size % world_size:
+        raise ConfigError(
+            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}"
+        )
+    return global_batch_size // world_size
+
+
+def build_dataloader(
+    cfg: DataConfig, image_transform: Callable, tokenizer: Callable, world_size: int, seed: int
+) -> StreamingDataLoader:
+    if not cfg.streams:
+        raise ConfigError("data.streams is empty: name at least one MDS stream (local: and/or remote:)")
+    streams = [
+        Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in cfg.streams.values()
+    ]
+    batch_size = per_rank_batch_size(cfg.global_batch_size, world_size)
+    dataset = CLIPStreamingDataset(
+        streams=streams,
+        batch_size=batch_size,
+        shuffle=cfg.shuffle,
+        shuffle_seed=seed,
+        epoch_size=cfg.epoch_size,
+        predownload=cfg.predownload,
+        cache_limit=cfg.cache_limit,
+        image_transform=image_transform,
+        tokenizer=tokenizer,
+    )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=cfg.num_workers,
+        drop_last=True,  # every step sees the full contrastive batch
+        persistent_workers=cfg.num_workers > 0,
+    )

@@ -1,0 +1,69 @@
+"""What a finished run leaves next to its checkpoints: loss.csv, loss.png and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+from composer.core import State  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+from composer.utils import dist  # noqa: E402
+
+from pipeline.config import TrainConfig  # noqa: E402
+
+LOSS_KEY = "loss/train/total"
+
+
+def moving_average(values: list, window: int) -> list:
+    chunks = [values[max(0, i - window + 1) : i + 1] for i in range(len(values))]
+    return [sum(chunk) / len(chunk) for chunk in chunks]
+
+
+def plot_losses(batches: list, losses: list, path: str, title: str) -> None:
+    window = max(1, len(losses) // 20)
+    smooth = moving_average(losses, window)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(batches, losses, alpha=0.35, label="per batch")
+    ax.plot(batches, smooth, label=f"mean of {window}")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(cfg: TrainConfig, state: State, logger: InMemoryLogger) -> dict:
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    points = logger.data.get(LOSS_KEY, [])
+    batches = [int(ts.batch) for ts, _ in points]
+    losses = [float(loss) for _, loss in points]
+    with open(os.path.join(cfg.run_dir, "loss.csv"), "w") as f:
+        f.write("batch,loss\n" + "".join(f"{b},{l:.6f}\n" for b, l in zip(batches, losses)))
+    if losses:
+        plot_losses(batches, losses, os.path.join(cfg.run_dir, "loss.png"), f"{cfg.run_name}: {cfg.model.name}")
+    summary = {
+        "run_name": cfg.run_name,
+        "batches": int(state.timestamp.batch),
+        "samples": int(state.timestamp.sample),
+        "world_size": dist.get_world_size(),
+        "global_batch_size": cfg.data.global_batch_size,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "checkpoints": cfg.save_folder,
+        "loss_plot": os.path.join(cfg.run_dir, "loss.png"),
+    }
+    with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(
+        f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, "
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}\n"
+        f"  checkpoints: {cfg.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
+        f"  loss csv:    {os.path.join(cfg.run_dir, 'loss.csv')}\n  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
+    )
+    return summary

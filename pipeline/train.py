@@ -1,0 +1,66 @@
+"""The recipe: config -> model, data, optimizer -> Composer Trainer -> fit.
+
+    composer -n 8 pipeline/train.py yamls/flip_l14.yaml [key=value ...]
+    python pipeline/train.py yamls/demo_cpu.yaml max_duration=20ba
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from composer import Trainer
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.loggers import InMemoryLogger
+from composer.optim import CosineAnnealingWithWarmupScheduler
+from composer.utils import dist, reproducibility
+
+from pipeline.config import TrainConfig, load
+from pipeline.data import build_dataloader
+from pipeline.model import CLIPModel, build_clip
+from pipeline.optim import build_optimizer
+from pipeline.report import write_report
+
+
+def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
+    # Seed before building the model, on every rank, so all ranks start from the same weights.
+    reproducibility.seed_all(cfg.seed)
+    clip, train_transform, _, tokenizer = build_clip(cfg.model)
+    model = CLIPModel(clip, cfg.model)
+    train_dataloader = build_dataloader(cfg.data, train_transform, tokenizer, dist.get_world_size(), cfg.seed)
+    return Trainer(
+        model=model,
+        train_dataloader=train_dataloader,
+        optimizers=build_optimizer(model, cfg.optimizer),
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
+        max_duration=cfg.max_duration,
+        device=cfg.device,
+        precision=cfg.precision or ("amp_bf16" if torch.cuda.is_available() else "fp32"),
+        callbacks=[SpeedMonitor(window_size=20), LRMonitor()],
+        loggers=loggers,
+        run_name=cfg.run_name,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        seed=cfg.seed,
+        progress_bar=cfg.progress_bar,
+        console_log_interval=cfg.console_log_interval,
+    )
+
+
+def main(argv: list) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    cfg = load(TrainConfig, argv[0], argv[1:])
+    losses = InMemoryLogger()
+    trainer = build_trainer(cfg, loggers=[losses])
+    trainer.fit()
+    if dist.get_global_rank() == 0:
+        write_report(cfg, trainer.state, losses)
+    trainer.close()
+
+
+if __name__ == "__main__":  # Composer's remote uploader spawns processes
+    main(sys.argv[1:])
