@@ -128,7 +128,7 @@ def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
         os.makedirs(os.path.join(files_dir, f"fashion_{split}"), exist_ok=True)
         for i, (pixels, label) in enumerate(zip(images, labels)):
             path = f"fashion_{split}/{i:05d}.png"
-            Image.fromarray(pixels, mode="L").save(os.path.join(files_dir, path))
+            Image.fromarray(pixels).save(os.path.join(files_dir, path))
             caption = rng.choice(FASHION_CAPTIONS).format(FASHION_CLASSES[label])
             lists[source].append({"url": path, "caption": caption, "label": int(label)})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -55,9 +56,21 @@ class ModelConfig:
     name: str = "ViT-B-16"
     # Inline open_clip model config (embed_dim, vision_cfg, text_cfg) registered under `name`.
     custom: Optional[Dict[str, Any]] = None
+    # Text length override (FLIP trains with 32 tokens); None keeps the model's own.
+    context_length: Optional[int] = None
     # open_clip ClipLoss options: the negatives are the whole global batch when gathering with grad.
     gather_with_grad: bool = True
     local_loss: bool = False
+
+
+@dataclass
+class TowerOptimConfig:
+    """Per-tower overrides (EVA-CLIP trains the towers at different rates)."""
+
+    lr: Optional[float] = None  # None: optimizer.lr
+    weight_decay: Optional[float] = None  # None: optimizer.weight_decay
+    # lr multiplier per block below the top of the tower (1.0 = off; EVA-CLIP: visual 0.85, text 0.75)
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -67,6 +80,8 @@ class OptimizerConfig:
     weight_decay: float = 0.2
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
 
 
 @dataclass
@@ -78,6 +93,34 @@ class SchedulerConfig:
 
 
 @dataclass
+class PatchMaskingConfig:
+    ratio: float = 0.5  # fraction of image patches dropped (FLIP: 0.5 or 0.75)
+
+
+@dataclass
+class UnmaskedTuningConfig:
+    start: str = "0.95dur"  # Composer time: masking is off from here on
+    lr: Optional[float] = None  # peak lr of the tuning phase; None keeps the schedule's
+
+
+@dataclass
+class TextMaskingConfig:
+    ratio: float = 0.5
+    mode: str = "padding_first"  # random | padding_first
+
+
+@dataclass
+class AlgorithmsConfig:
+    """Composer algorithms; a section present (or `true`) switches one on."""
+
+    patch_masking: Optional[PatchMaskingConfig] = None
+    unmasked_tuning: Optional[UnmaskedTuningConfig] = None
+    text_masking: Optional[TextMaskingConfig] = None
+    flash_attention: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "clip"
     run_dir: str = "runs/${run_name}"
@@ -86,7 +129,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
     max_duration: str = "1ep"
+    # Split each rank's batch into chunks of this size; the loss still sees the whole batch.
+    device_train_microbatch_size: Optional[int] = None
     # Composer precision: fp32 | amp_bf16 | amp_fp16; None picks fp32 on CPU, amp_bf16 on GPU.
     precision: Optional[str] = None
     # Composer device: cpu | gpu; None picks gpu when available.
@@ -98,6 +144,43 @@ class TrainConfig:
     load_path: Optional[str] = None
     console_log_interval: str = "50ba"
     progress_bar: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Evaluation schema
+# ---------------------------------------------------------------------------
+
+
+class EvalTask(Enum):
+    classification = "classification"
+    retrieval = "retrieval"
+
+
+@dataclass
+class EvalDatasetConfig:
+    """One eval MDS stream (`python -m data_prep.eval_sets` writes them from common layouts)."""
+
+    type: EvalTask = MISSING
+    local: str = MISSING
+    remote: Optional[str] = None
+    # Classification only. Each: a list, a text file (one per line) or a built-in name
+    # (BUILTIN_CLASSNAMES / BUILTIN_TEMPLATES in pipeline/zeroshot.py). Templates have a "{}".
+    classnames: Any = None
+    templates: Any = "openai_imagenet"
+    batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # A Composer checkpoint (local or remote); empty: a freshly initialised model.
+    load_path: Optional[str] = None
+    # Unpickle the whole checkpoint (can run code from the file) instead of tensors only.
+    trust_checkpoint: bool = False
+    seed: int = 17  # initialises the fresh model
+    datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
+    num_workers: int = 2
+    output: str = "zeroshot.json"
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from composer.utils import dist
 from open_clip.loss import ClipLoss
 
 from pipeline.config import ModelConfig
+from pipeline.zeroshot import encode_eval_batch
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
 
@@ -32,18 +33,24 @@ def build_clip(cfg: ModelConfig):
         register_custom_model(cfg)
     elif cfg.name not in open_clip.list_models():
         raise ValueError(f"model.name '{cfg.name}' is not an open_clip model; see open_clip.list_models()")
-    clip, train_transform, eval_transform = open_clip.create_model_and_transforms(cfg.name)
+    clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
+        cfg.name, force_context_length=cfg.context_length
+    )
     # FSDP2 cannot shard 0-dim parameters.
     clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(1))
-    return clip, train_transform, eval_transform, open_clip.get_tokenizer(cfg.name)
+    return clip, train_transform, eval_transform, open_clip.get_tokenizer(cfg.name, cfg.context_length)
 
 
 class CLIPModel(ComposerModel):
-    """Batches are (images, token ids); the loss sees every sample of the global batch."""
+    """Batches are (images, token ids); the loss sees every sample of the global batch.
 
-    def __init__(self, clip: torch.nn.Module, cfg: ModelConfig):
+    Eval batches are dicts from `pipeline.eval.build_evaluators`, scored by its `eval_metrics`.
+    """
+
+    def __init__(self, clip: torch.nn.Module, cfg: ModelConfig, eval_metrics: dict | None = None):
         super().__init__()
         self.clip = clip
+        self.eval_metrics = eval_metrics or {}
         self.loss_fn = ClipLoss(
             local_loss=cfg.local_loss,
             gather_with_grad=cfg.gather_with_grad,
@@ -51,13 +58,38 @@ class CLIPModel(ComposerModel):
             rank=dist.get_global_rank(),
             world_size=dist.get_world_size(),
         )
+        # Set by ContrastiveAccumulation while a batch runs as several micro-batches.
+        self.feature_cache = None
+
+    def encode(self, images: torch.Tensor, texts: torch.Tensor):
+        return self.clip.encode_image(images, normalize=True), self.clip.encode_text(texts, normalize=True)
 
     def forward(self, batch):
         images, texts = batch
-        image_features = self.clip.encode_image(images, normalize=True)
-        text_features = self.clip.encode_text(texts, normalize=True)
-        logit_scale = self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        return image_features, text_features, logit_scale
+        logit_scale = self.clip.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+        if self.feature_cache is None or not self.training:
+            return (*self.encode(images, texts), logit_scale, 1.0)
+        chunk = self.feature_cache.start_chunk()
+        image_features, text_features, grad_scale = self.feature_cache.splice(chunk, *self.encode(images, texts))
+        # The logit scale's gradient is counted once, in the last micro-batch: the one whose
+        # backward DDP synchronises, which must give every parameter a gradient.
+        last = chunk == len(self.feature_cache.features) - 1
+        return image_features, text_features, logit_scale if last else logit_scale.detach(), grad_scale
 
     def loss(self, outputs, batch):
-        return self.loss_fn(*outputs)
+        image_features, text_features, logit_scale, grad_scale = outputs
+        # The loss is taken in fp32 even under bf16 autocast.
+        with torch.autocast(image_features.device.type, enabled=False):
+            loss = self.loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        if grad_scale == 1.0:
+            return loss
+        return loss.detach() + (loss - loss.detach()) * grad_scale
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return {} if is_train else self.eval_metrics
+
+    def eval_forward(self, batch, outputs=None):
+        return encode_eval_batch(self.clip, batch)
+
+    def update_metric(self, batch, outputs, metric) -> None:
+        metric.update(self.clip, batch, outputs)  # zero-shot classification builds its classifier with the model

@@ -15,6 +15,7 @@ from composer.loggers import InMemoryLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist, reproducibility
 
+from pipeline.algorithms import build_algorithms
 from pipeline.config import TrainConfig, load
 from pipeline.data import build_dataloader
 from pipeline.model import CLIPModel, build_clip
@@ -33,7 +34,9 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         train_dataloader=train_dataloader,
         optimizers=build_optimizer(model, cfg.optimizer),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
+        algorithms=build_algorithms(cfg.algorithms, cfg.seed),
         max_duration=cfg.max_duration,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
         device=cfg.device,
         precision=cfg.precision or ("amp_bf16" if torch.cuda.is_available() else "fp32"),
         callbacks=[SpeedMonitor(window_size=20), LRMonitor()],

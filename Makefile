@@ -1,0 +1,46 @@
+# make demo   - install, build the sample shards, train a tiny CLIP on CPU, print where things are
+# make test   - install, run the test suite (what CI runs)
+# make shards [SOURCES=yamls/data/merged2b.yaml]      - img2dataset -> MDS streams
+# make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+SOURCES ?= yamls/data/sample.yaml
+TRAIN   ?= yamls/demo_cpu.yaml
+NPROC   ?= 1
+ARGS    ?=
+DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# img2dataset otherwise checks the internet for an albumentations update.
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install debian-packages shards train demo test clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+# The built-in sample's real images ship in Debian packages.
+debian-packages:
+	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); }
+
+install: $(STAMP) debian-packages
+
+shards: install
+	$(PY) -m data_prep.build $(SOURCES)
+
+train: install
+	$(VENV)/bin/composer -n $(NPROC) pipeline/train.py $(TRAIN) $(ARGS)
+
+demo: shards
+	$(VENV)/bin/composer -n 1 pipeline/train.py yamls/demo_cpu.yaml $(ARGS)
+
+test: install
+	$(PY) -m pytest tests $(ARGS)
+
+clean:
+	rm -rf data runs

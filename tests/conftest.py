@@ -1,0 +1,82 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_prep.build import build
+from data_prep.sources import load_sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_YAML = os.path.join(REPO, "yamls", "data", "sample.yaml")
+DEMO_YAML = os.path.join(REPO, "yamls", "demo_cpu.yaml")
+SMALL_SAMPLE = ["sample.fashion_train=600", "sample.fashion_test=200"]
+
+
+def sample_overrides(root: str) -> list:
+    """The built-in sample, smaller, written under `root` instead of data/."""
+    cfg = load_sources(SAMPLE_YAML)
+    outs = [f"sources.{name}.out={root}/{name}" for name in cfg.sources]
+    return [f"work_dir={root}/_work", *SMALL_SAMPLE, *outs]
+
+
+@pytest.fixture(scope="session")
+def sample_build(tmp_path_factory):
+    """(config, summaries) of a real sample build: loopback HTTP -> img2dataset -> MDS."""
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    root = str(tmp_path_factory.mktemp("sample"))
+    cfg = load_sources(SAMPLE_YAML, sample_overrides(root))
+    return cfg, {s["source"]: s for s in build(cfg)}
+
+
+def train_overrides(cfg, run_dir: str, *extra: str) -> list:
+    """Demo recipe on the test shards, small and quick."""
+    return [
+        f"run_dir={run_dir}",
+        f"data.streams.web.local={cfg.sources['web'].out}",
+        f"data.streams.coco.local={cfg.sources['coco'].out}",
+        "data.num_workers=0",
+        "progress_bar=false",
+        *extra,
+    ]
+
+
+def run_train(launcher: list, overrides: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*launcher, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+PYTHON = [sys.executable]
+COMPOSER = [os.path.join(os.path.dirname(sys.executable), "composer")]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the whole session; see tests/s3server.py."""
+    from tests.s3server import S3Server
+
+    with S3Server(str(tmp_path_factory.mktemp("s3"))) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server, running, with its endpoint and keys in os.environ for this test."""
+    if not s3_server.running:  # a fault test may have left it stopped
+        s3_server.start()
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3.make_bucket()

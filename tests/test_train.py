@@ -1,0 +1,52 @@
+import csv
+import json
+import os
+
+import pytest
+
+from tests.conftest import COMPOSER, PYTHON, run_train, train_overrides
+
+
+def read_losses(run_dir) -> list:
+    with open(os.path.join(run_dir, "loss.csv")) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, tmp_path):
+    cfg, _ = sample_build
+    run_dir = tmp_path / "run"
+    run_train(PYTHON, train_overrides(cfg, run_dir, "max_duration=40ba", "data.global_batch_size=64",
+                                      "scheduler.warmup=5ba", "save_interval=20ba"))  # fmt: skip
+    losses = read_losses(run_dir)
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    with open(run_dir / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    checkpoints = sorted(os.listdir(run_dir / "checkpoints"))
+    assert "ep0-ba20-rank0.pt" in checkpoints and "ep0-ba40-rank0.pt" in checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_composer_launcher_keeps_the_global_batch(sample_build, tmp_path, nproc):
+    """Under `composer -n 2` (DDP, gloo on CPU) each rank takes half of the same global batch."""
+    cfg, _ = sample_build
+    run_dir = tmp_path / f"n{nproc}"
+    run_train([*COMPOSER, "-n", str(nproc)], train_overrides(
+        cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "save_interval=4ba"))  # fmt: skip
+    with open(run_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["world_size"] == nproc
+    assert summary["batches"] == 4
+    assert summary["samples"] == 4 * 32  # counted over all ranks: 16 per rank when nproc=2
+    assert len(read_losses(run_dir)) == 4
+
+
+def test_indivisible_global_batch_is_rejected():
+    from pipeline.config import ConfigError
+    from pipeline.data import per_rank_batch_size
+
+    assert per_rank_batch_size(64, 2) == 32
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        per_rank_batch_size(64, 3)
