@@ -41,6 +41,31 @@ def build_clip(cfg: ModelConfig):
     return clip, train_transform, eval_transform, open_clip.get_tokenizer(cfg.name, cfg.context_length)
 
 
+def _blocks_and_width(tower: torch.nn.Module):
+    """(transformer blocks, width) of an open_clip or timm tower."""
+    if hasattr(tower, "trunk"):  # timm vision tower
+        return tower.trunk.blocks, tower.trunk.embed_dim
+    transformer = getattr(tower, "transformer", tower)
+    return transformer.resblocks, transformer.width
+
+
+def _forward_flops(tower: torch.nn.Module, tokens: int) -> float:
+    """2 FLOPs per weight per token through the blocks, plus the attention products."""
+    blocks, width = _blocks_and_width(tower)
+    weights = sum(p.numel() for p in blocks.parameters() if p.ndim > 1)
+    return 2 * weights * tokens + 4 * len(blocks) * tokens**2 * width
+
+
+def kept_image_tokens(visual: torch.nn.Module) -> int:
+    """Class token + the patches that survive patch masking (FLIP) in training."""
+    if hasattr(visual, "trunk"):
+        patches, dropout = visual.trunk.patch_embed.num_patches, visual.trunk.patch_drop
+    else:
+        patches, dropout = visual.grid_size[0] * visual.grid_size[1], visual.patch_dropout
+    ratio = getattr(dropout, "prob", 0.0) if visual.training else 0.0
+    return 1 + (max(1, int(patches * (1 - ratio))) if ratio > 0 else patches)
+
+
 class CLIPModel(ComposerModel):
     """Batches are (images, token ids); the loss sees every sample of the global batch.
 
@@ -75,6 +100,14 @@ class CLIPModel(ComposerModel):
         # backward DDP synchronises, which must give every parameter a gradient.
         last = chunk == len(self.feature_cache.features) - 1
         return image_features, text_features, logit_scale if last else logit_scale.detach(), grad_scale
+
+    def flops_per_batch(self, batch) -> float:
+        """Training FLOPs of this rank's batch (backward = 2x forward), for SpeedMonitor's MFU."""
+        images, texts = batch
+        text_tower = self.clip.text if hasattr(self.clip, "text") else self.clip
+        per_sample = _forward_flops(self.clip.visual, kept_image_tokens(self.clip.visual))
+        per_sample += _forward_flops(text_tower, texts.shape[1])
+        return 3 * per_sample * len(images)
 
     def loss(self, outputs, batch):
         image_features, text_features, logit_scale, grad_scale = outputs

@@ -148,3 +148,14 @@ def test_logit_scale_is_clamped_at_100():
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(1000.0))
     assert float(model(synthetic_dataset()[:4])[2]) == pytest.approx(math.exp(MAX_LOGIT_SCALE))
+
+
+def test_flops_per_batch_counts_only_kept_patches():
+    model = tiny_model().train()
+    batch = synthetic_dataset()[:8]
+    unmasked = model.flops_per_batch(batch)
+    make_trainer(model, algorithms=[PatchMasking(0.75)])
+    masked = model.flops_per_batch(batch)
+    assert masked < unmasked
+    model.eval()  # evaluation sees every patch
+    assert model.flops_per_batch(batch) == unmasked
