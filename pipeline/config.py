@@ -121,6 +121,15 @@ class AlgorithmsConfig:
 
 
 @dataclass
+class ParallelismConfig:
+    """Data parallelism. `none` is DDP whenever there is more than one rank."""
+
+    sharding: str = "none"  # none | FULL_SHARD | SHARD_GRAD_OP (ZeRO-2-like) | HYBRID_SHARD (multi-node)
+    fsdp_version: int = 2  # FSDP2 runs on CPU (gloo) and GPU; FSDP1 needs CUDA
+    state_dict_type: str = "sharded"  # sharded: one file per rank; full: one gathered file
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "clip"
     run_dir: str = "runs/${run_name}"
@@ -130,6 +139,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     max_duration: str = "1ep"
     # Split each rank's batch into chunks of this size; the loss still sees the whole batch.
     device_train_microbatch_size: Optional[int] = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 
@@ -12,11 +11,12 @@ import torch
 from composer.models import ComposerModel
 from composer.utils import dist
 from open_clip.loss import ClipLoss
+from open_clip.transformer import ResidualAttentionBlock
 
 from pipeline.config import ModelConfig
 from pipeline.zeroshot import encode_eval_batch
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale), the inverse temperature, at 100
 
 
 def register_custom_model(cfg: ModelConfig) -> None:
@@ -36,6 +36,7 @@ def build_clip(cfg: ModelConfig):
     clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
         cfg.name, force_context_length=cfg.context_length
     )
+    clip.output_dict = False  # forward returns (image features, text features, logit scale.exp())
     # FSDP2 cannot shard 0-dim parameters.
     clip.logit_scale = torch.nn.Parameter(clip.logit_scale.detach().reshape(1))
     return clip, train_transform, eval_transform, open_clip.get_tokenizer(cfg.name, cfg.context_length)
@@ -66,6 +67,11 @@ def kept_image_tokens(visual: torch.nn.Module) -> int:
     return 1 + (max(1, int(patches * (1 - ratio))) if ratio > 0 else patches)
 
 
+def shard_transformer_blocks(module: torch.nn.Module) -> bool:
+    """FSDP shards each transformer block of either tower as its own unit."""
+    return isinstance(module, ResidualAttentionBlock) or type(module).__name__ in ("Block", "EvaBlock")
+
+
 class CLIPModel(ComposerModel):
     """Batches are (images, token ids); the loss sees every sample of the global batch.
 
@@ -75,6 +81,8 @@ class CLIPModel(ComposerModel):
     def __init__(self, clip: torch.nn.Module, cfg: ModelConfig, eval_metrics: dict | None = None):
         super().__init__()
         self.clip = clip
+        # Composer's FSDP asks each child of the ComposerModel which of its modules to shard.
+        clip.fsdp_wrap_fn = shard_transformer_blocks
         self.eval_metrics = eval_metrics or {}
         self.loss_fn = ClipLoss(
             local_loss=cfg.local_loss,
@@ -86,16 +94,21 @@ class CLIPModel(ComposerModel):
         # Set by ContrastiveAccumulation while a batch runs as several micro-batches.
         self.feature_cache = None
 
-    def encode(self, images: torch.Tensor, texts: torch.Tensor):
-        return self.clip.encode_image(images, normalize=True), self.clip.encode_text(texts, normalize=True)
+    def encode(self, images, texts):
+        """(image features, text features, logit scale); either input may be None.
+
+        Through open_clip's own forward, whose hooks FSDP uses to gather the parameters.
+        """
+        image_features, text_features, logit_scale = self.clip(images, texts)[:3]
+        return image_features, text_features, logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
 
     def forward(self, batch):
         images, texts = batch
-        logit_scale = self.clip.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
         if self.feature_cache is None or not self.training:
-            return (*self.encode(images, texts), logit_scale, 1.0)
-        chunk = self.feature_cache.start_chunk()
-        image_features, text_features, grad_scale = self.feature_cache.splice(chunk, *self.encode(images, texts))
+            return (*self.encode(images, texts), 1.0)
+        chunk = self.feature_cache.start_chunk()  # before encoding: it replays the chunk's RNG
+        image_features, text_features, logit_scale = self.encode(images, texts)
+        image_features, text_features, grad_scale = self.feature_cache.splice(chunk, image_features, text_features)
         # The logit scale's gradient is counted once, in the last micro-batch: the one whose
         # backward DDP synchronises, which must give every parameter a gradient.
         last = chunk == len(self.feature_cache.features) - 1

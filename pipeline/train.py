@@ -20,12 +20,14 @@ from pipeline.config import TrainConfig, load
 from pipeline.data import build_dataloader
 from pipeline.model import CLIPModel, build_clip
 from pipeline.optim import build_optimizer
+from pipeline.parallel import build_parallelism
 from pipeline.report import write_report
 
 
 def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
+    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
     clip, train_transform, _, tokenizer = build_clip(cfg.model)
     model = CLIPModel(clip, cfg.model)
     train_dataloader = build_dataloader(cfg.data, train_transform, tokenizer, dist.get_world_size(), cfg.seed)
@@ -37,7 +39,8 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         algorithms=build_algorithms(cfg.algorithms, cfg.seed),
         max_duration=cfg.max_duration,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        device=cfg.device,
+        parallelism_config=build_parallelism(cfg.parallelism, device),
+        device=device,
         precision=cfg.precision or ("amp_bf16" if torch.cuda.is_available() else "fp32"),
         callbacks=[SpeedMonitor(window_size=20), LRMonitor()],
         loggers=loggers,

@@ -59,7 +59,7 @@ class ContrastiveAccumulation(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = composer_model_of(state.model)
-        model.feature_cache = None
+        model.feature_cache = None  # forward without a cache: plain encoding
         images, texts = state.batch
         size = state.device_train_microbatch_size
         if event == Event.AFTER_TRAIN_BATCH or size is None or size >= len(images):
@@ -68,5 +68,5 @@ class ContrastiveAccumulation(Algorithm):
         with torch.no_grad(), get_precision_context(state.precision):
             for chunk_images, chunk_texts in zip(images.split(size), texts.split(size)):
                 rng_states.append(rng_state())
-                features.append(model.encode(chunk_images, chunk_texts))
+                features.append(model.encode(chunk_images, chunk_texts)[:2])
         model.feature_cache = FeatureCache(features, rng_states)
