@@ -126,7 +126,8 @@ class ParallelismConfig:
 
     sharding: str = "none"  # none | FULL_SHARD | SHARD_GRAD_OP (ZeRO-2-like) | HYBRID_SHARD (multi-node)
     fsdp_version: int = 2  # FSDP2 runs on CPU (gloo) and GPU; FSDP1 needs CUDA
-    state_dict_type: str = "sharded"  # sharded: one file per rank; full: one gathered file
+    # full: one gathered file, loaded safely; sharded: one file per rank (needs trust_checkpoints)
+    state_dict_type: str = "full"
 
 
 @dataclass
@@ -134,6 +135,8 @@ class TrainConfig:
     run_name: str = "clip"
     run_dir: str = "runs/${run_name}"
     seed: int = 17
+    # Deterministic kernels (Composer's deterministic_mode): bitwise-repeatable runs, a bit slower.
+    deterministic: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -151,6 +154,8 @@ class TrainConfig:
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1
     autoresume: bool = False
+    # Checkpoints are loaded as tensors and plain data only; true allows any pickled object.
+    trust_checkpoints: bool = False
     load_path: Optional[str] = None
     console_log_interval: str = "50ba"
     progress_bar: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Callable
 
+import torch
 from PIL import Image
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
@@ -21,6 +22,9 @@ class CLIPStreamingDataset(StreamingDataset):
 
     def __getitem__(self, index: int):
         sample = super().__getitem__(index)
+        # Augmentation noise is a function of (seed, epoch, sample), not of worker RNG history,
+        # so a resumed run sees exactly the crops an uninterrupted one would.
+        torch.manual_seed(hash((self.shuffle_seed, self.next_epoch, index)) & (2**63 - 1))
         image = Image.open(io.BytesIO(sample["image"]))
         return self.image_transform(image), self.tokenizer(sample["caption"])[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from botocore.exceptions import BotoCoreError, ClientError
 from composer import Trainer
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.loggers import InMemoryLogger
@@ -16,6 +17,7 @@ from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist, reproducibility
 
 from pipeline.algorithms import build_algorithms
+from pipeline.checkpointing import CheckpointError, build_checkpoint_saver, guard_checkpoint_loading
 from pipeline.config import TrainConfig, load
 from pipeline.data import build_dataloader
 from pipeline.model import CLIPModel, build_clip
@@ -27,6 +29,7 @@ from pipeline.report import write_report
 def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
+    guard_checkpoint_loading(cfg.trust_checkpoints)
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
     clip, train_transform, _, tokenizer = build_clip(cfg.model)
     model = CLIPModel(clip, cfg.model)
@@ -42,15 +45,17 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         parallelism_config=build_parallelism(cfg.parallelism, device),
         device=device,
         precision=cfg.precision or ("amp_bf16" if torch.cuda.is_available() else "fp32"),
-        callbacks=[SpeedMonitor(window_size=20), LRMonitor()],
+        callbacks=[
+            SpeedMonitor(window_size=20),
+            LRMonitor(),
+            build_checkpoint_saver(cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep),
+        ],
         loggers=loggers,
         run_name=cfg.run_name,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
         seed=cfg.seed,
+        deterministic_mode=cfg.deterministic,
         progress_bar=cfg.progress_bar,
         console_log_interval=cfg.console_log_interval,
     )
@@ -61,8 +66,18 @@ def main(argv: list) -> None:
         sys.exit(__doc__)
     cfg = load(TrainConfig, argv[0], argv[1:])
     losses = InMemoryLogger()
-    trainer = build_trainer(cfg, loggers=[losses])
-    trainer.fit()
+    try:
+        trainer = build_trainer(cfg, loggers=[losses])
+        trainer.fit()
+    except (BotoCoreError, ClientError) as err:
+        sys.exit(
+            f"Object storage failed: {err}\n"
+            f"Nothing is lost: the `latest` pointer under {cfg.save_folder} names the last checkpoint "
+            "that finished uploading. Run the same command again to resume once the store is reachable."
+        )
+    except CheckpointError as err:
+        source = cfg.load_path or f"the latest checkpoint under {cfg.save_folder}"
+        sys.exit(f"Refusing to resume from {source}: {err}")
     if dist.get_global_rank() == 0:
         write_report(cfg, trainer.state, losses)
     trainer.close()
