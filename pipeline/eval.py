@@ -1,0 +1,243 @@
+"""Zero-shot evaluation of a checkpoint (or a fresh model) on eval MDS streams.
+
+    python pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo/checkpoints/latest-rank0.pt
+
+Prints a table and writes the scores as JSON (`output`). The same datasets can be Composer
+evaluators during training: see `build_evaluators`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from composer.core import DataSpec, Evaluator
+from composer.utils import get_file, reproducibility
+from numpy._core.multiarray import _reconstruct
+from PIL import Image
+from streaming import StreamingDataLoader, StreamingDataset
+from torch.torch_version import TorchVersion
+
+from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
+from pipeline.model import build_clip
+from pipeline.zeroshot import (
+    DatasetScores,
+    ZeroShotClassification,
+    ZeroShotRetrieval,
+    encode_eval_batch,
+    resolve_classnames,
+    resolve_templates,
+)
+
+# Besides tensors, a Composer checkpoint pickles timestamps (timedelta), numpy's RNG state (a uint32
+# array) and the torch version: plain data, allowed for the tensor-only loader. Nothing that runs code.
+CHECKPOINT_SAFE_GLOBALS = [datetime.timedelta, np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct, TorchVersion]
+MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+class EvalDataset(StreamingDataset):
+    """Per sample: the transformed image, its id (sample index) and its label or tokenized captions.
+
+    Captions come from a json `captions` column (several per image, `data_prep/eval_sets.py`)
+    or else the single `caption` column.
+    """
+
+    def __init__(self, *, image_transform, tokenizer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer  # None: classification, the label is all it needs
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        item = {"image": self.image_transform(Image.open(io.BytesIO(sample["image"]))), "id": index}
+        if self.tokenizer is None:
+            item["label"] = int(sample["label"])
+        else:
+            item["texts"] = self.tokenizer(sample["captions"] if "captions" in sample else [sample["caption"]])
+        return item
+
+
+def collate_eval(items: list) -> dict:
+    """Images first: StreamingDataLoader counts a dict batch by its first value."""
+    batch = {"images": torch.stack([i["image"] for i in items]), "ids": torch.tensor([i["id"] for i in items])}
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([i["label"] for i in items])
+    else:
+        batch["texts"] = torch.cat([i["texts"] for i in items])
+        # (image id, caption number) per caption: the caption's image, and a key that survives repeats
+        batch["text_keys"] = torch.tensor([[i["id"], j] for i in items for j in range(len(i["texts"]))])
+    return batch
+
+
+def split_eval_batch(batch: dict, microbatch_size: int) -> list:
+    """Composer micro-batches of images, each with its own captions.
+
+    Composer's default split cuts every tensor at the same row, which would part captions from
+    their images (a retrieval batch has more caption rows than images).
+    """
+    chunks = []
+    for start in range(0, len(batch["images"]), microbatch_size):
+        rows = slice(start, start + microbatch_size)
+        chunk = {k: batch[k][rows] for k in ("images", "ids", "labels") if k in batch}
+        if "texts" in batch:
+            own = torch.isin(batch["text_keys"][:, 0], chunk["ids"])
+            chunk.update(texts=batch["texts"][own], text_keys=batch["text_keys"][own])
+        chunks.append(chunk)
+    return chunks
+
+
+def build_eval_dataloader(cfg: EvalDatasetConfig, image_transform, tokenizer, num_workers: int):
+    dataset = EvalDataset(
+        local=cfg.local,
+        remote=cfg.remote,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        image_transform=image_transform,
+        tokenizer=tokenizer if cfg.type == EvalTask.retrieval else None,
+    )
+    return StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, collate_fn=collate_eval)
+
+
+def build_scores(cfg: EvalDatasetConfig, tokenizer, score=None) -> DatasetScores:
+    if cfg.type == EvalTask.retrieval:
+        return ZeroShotRetrieval(score)
+    if cfg.classnames is None:
+        raise ConfigError(f"classification dataset at {cfg.local} needs classnames")
+    classnames, templates = resolve_classnames(cfg.classnames), resolve_templates(cfg.templates)
+    return ZeroShotClassification(classnames, templates, tokenizer, score)
+
+
+def build_evaluators(datasets: dict, image_transform, tokenizer, num_workers: int) -> tuple:
+    """(Composer evaluators, their metrics for CLIPModel): one metric per score per dataset, as
+    Composer's loggers take scalars. Each classification score builds its own classifier."""
+    evaluators, metrics = [], {}
+    for name, cfg in datasets.items():
+        keys = {f"{name}/{score}": score for score in build_scores(cfg, tokenizer).score_names()}
+        metrics.update({key: build_scores(cfg, tokenizer, score) for key, score in keys.items()})
+        loader = build_eval_dataloader(cfg, image_transform, tokenizer, num_workers)
+        # Captions outnumber images in a retrieval batch: count and split by images.
+        data_spec = DataSpec(loader, get_num_samples_in_batch=lambda b: len(b["images"]), split_batch=split_eval_batch)
+        evaluators.append(Evaluator(label=name, dataloader=data_spec, metric_names=[f"^{re.escape(k)}$" for k in keys]))
+    return evaluators, metrics
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str, trust: bool) -> dict:
+    """A Composer checkpoint's model weights, unpickled without running code unless `trust`."""
+    if os.path.isdir(path):
+        raise ConfigError(f"load_path {path} is a folder: give a single (monolithic) Composer checkpoint file")
+    if "://" in path:  # s3://, gs://, https://...: Composer fetches it
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, os.path.basename(path))
+            get_file(path, local)
+            return read_checkpoint(local, trust)
+    if trust:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        try:
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+            raise ConfigError(
+                f"{path} holds more than tensors and plain data ({reason}), so it was not unpickled. "
+                "If you trust this file, rerun with trust_checkpoint=true."
+            ) from None
+    try:
+        state = checkpoint["state"]["model"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path} is not a Composer checkpoint (no state.model)") from None
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+
+
+def load_clip(cfg: EvalConfig) -> tuple:
+    """(open_clip model in eval mode, eval image transform, tokenizer); fresh when no load_path."""
+    reproducibility.seed_all(cfg.seed)
+    clip, _, eval_transform, tokenizer = build_clip(cfg.model)
+    if cfg.load_path:
+        clip.load_state_dict(read_checkpoint(cfg.load_path, cfg.trust_checkpoint))
+    return clip.eval(), eval_transform, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    clip, cfg: EvalDatasetConfig, scores: DatasetScores, image_transform, tokenizer, num_workers: int
+) -> dict:
+    device = next(clip.parameters()).device
+    loader = build_eval_dataloader(cfg, image_transform, tokenizer, num_workers)
+    scores = scores.to(device)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores.update(clip, batch, encode_eval_batch(clip, batch))
+    return {"task": cfg.type.value, "images": len(loader.dataset), **scores.compute()}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    if not cfg.datasets:
+        raise ConfigError("datasets is empty: name at least one eval MDS stream")
+    clip, image_transform, tokenizer = load_clip(cfg)
+    clip.to("cuda" if torch.cuda.is_available() else "cpu")
+    scores = {name: build_scores(dataset, tokenizer) for name, dataset in cfg.datasets.items()}  # fail before encoding
+    results = {}
+    for name, dataset in cfg.datasets.items():
+        start = time.time()
+        results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
+        print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
+    return {"model": cfg.model.name, "load_path": cfg.load_path or None, "datasets": results}
+
+
+def format_table(results: dict) -> str:
+    """One block per task (their columns differ); scores in percent."""
+    blocks = []
+    for task in EvalTask:
+        rows = {name: r for name, r in results["datasets"].items() if r["task"] == task.value}
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(k for r in rows.values() for k in r if k not in ("task", "images")))
+        table = [["dataset", "images", *columns]] + [
+            [name, str(r["images"]), *(f"{100 * r[c]:.2f}" if c in r else "-" for c in columns)]
+            for name, r in rows.items()
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        blocks.append(f"{task.value} (%):\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def main(argv: list) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    cfg = load(EvalConfig, argv[0], argv[1:])
+    results = evaluate(cfg)
+    os.makedirs(os.path.dirname(cfg.output) or ".", exist_ok=True)
+    with open(cfg.output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{cfg.model.name} from {cfg.load_path or 'a fresh initialisation'}\n")
+    print(f"{format_table(results)}\n\nscores: {cfg.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

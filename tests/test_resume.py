@@ -1,0 +1,143 @@
+"""Exact resumption from a real S3 server after SIGKILL, an outage, and bad checkpoints."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from pipeline.checkpointing import read_checkpoint
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train, train_overrides
+
+pytestmark = pytest.mark.slow
+MAX_BATCHES = 8
+# A small model keeps each checkpoint (weights + Adam state) a few MB.
+SMALL_MODEL = ["model.custom.embed_dim=32", "model.custom.vision_cfg.width=32", "model.custom.vision_cfg.layers=2",
+               "model.custom.text_cfg.width=32", "model.custom.text_cfg.heads=2", "model.custom.text_cfg.layers=2"]  # fmt: skip
+
+
+def resumable(cfg, tmp_path, name: str, save_folder: str, *extra: str) -> list:
+    return train_overrides(
+        cfg, tmp_path / name, f"max_duration={MAX_BATCHES}ba", "data.global_batch_size=16", "scheduler.warmup=2ba",
+        "save_interval=2ba", "autoresume=true", "deterministic=true", "algorithms.patch_masking.ratio=0.5",
+        f"save_folder={save_folder}", *SMALL_MODEL, *extra,
+    )  # fmt: skip
+
+
+def start(launcher: list, overrides: list, log) -> subprocess.Popen:
+    command = [*launcher, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_key(s3, bucket: str, key: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while key not in s3.list_keys(bucket):
+        assert proc.poll() is None, f"training ended before {key} appeared"
+        assert time.time() < deadline, f"{key} never appeared"
+        time.sleep(0.2)
+
+
+def final_weights(s3, bucket: str, prefix: str, tmp_path) -> dict:
+    local = tmp_path / f"final-{bucket}-{prefix.replace('/', '_')}.pt"
+    s3.client().download_file(bucket, f"{prefix}/ep0-ba{MAX_BATCHES}-rank0.pt", str(local))
+    return read_checkpoint(str(local))["state"]["model"]
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name  # bitwise
+
+
+@pytest.mark.parametrize("launcher", [PYTHON, [*COMPOSER, "-n", "2"]], ids=["1rank", "2ranks"])
+def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, tmp_path, launcher):
+    cfg, _ = sample_build
+    run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole"))
+    expected = final_weights(s3, s3_bucket, "whole", tmp_path)
+
+    kill_after = random.choice([2, 4, 6])
+    print(f"killing after the checkpoint at batch {kill_after}")
+    overrides = resumable(cfg, tmp_path, "killed", f"s3://{s3_bucket}/killed")
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = start(launcher, overrides, log)
+        wait_for_key(s3, s3_bucket, f"killed/ep0-ba{kill_after}-rank0.pt", proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_train(launcher, overrides)  # the same command again
+    assert_same_weights(final_weights(s3, s3_bucket, "killed", tmp_path), expected)
+    with open(tmp_path / "killed" / "summary.json") as f:
+        assert json.load(f)["batches"] == MAX_BATCHES
+
+
+def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s3_bucket, tmp_path):
+    cfg, _ = sample_build
+    run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole"))
+    expected = final_weights(s3, s3_bucket, "whole", tmp_path)
+
+    overrides = resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage", "max_duration=40ba",
+                          f"save_folder=s3://{s3_bucket}/outage")  # fmt: skip
+    with open(tmp_path / "outage.log", "w") as log:
+        proc = start(PYTHON, overrides, log)
+        wait_for_key(s3, s3_bucket, "outage/ep0-ba2-rank0.pt", proc)
+        s3.stop(kill=True)
+        try:
+            returncode = proc.wait(timeout=180)
+        finally:
+            s3.start()
+    output = (tmp_path / "outage.log").read_text()
+    assert returncode != 0
+    assert "Object storage failed" in output and "Run the same command again to resume" in output
+    # The latest pointer names a checkpoint that is wholly in the bucket.
+    pointer = s3.client().get_object(Bucket=s3_bucket, Key="outage/latest-rank0.pt.symlink")["Body"].read().decode()
+    local = tmp_path / "latest.pt"
+    s3.client().download_file(s3_bucket, pointer.strip(), str(local))
+    assert read_checkpoint(str(local))["state"]["timestamp"] is not None
+
+    # Back online, the same run (now to 8 batches) resumes and matches the uninterrupted one.
+    run_train(PYTHON, resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage"))
+    assert_same_weights(final_weights(s3, s3_bucket, "outage", tmp_path), expected)
+
+
+def corrupt_latest_and_resume(cfg, s3, bucket, tmp_path, corrupt) -> subprocess.CompletedProcess:
+    overrides = resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba")
+    run_train(PYTHON, overrides)
+    key = "run/ep0-ba4-rank0.pt"
+    local = tmp_path / "ckpt.pt"
+    s3.client().download_file(bucket, key, str(local))
+    s3.client().put_object(Bucket=bucket, Key=key, Body=corrupt(local.read_bytes(), local))
+    command = [*PYTHON, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides[:-1], "max_duration=6ba"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_truncated_checkpoint_is_refused_not_half_loaded(sample_build, s3, s3_bucket, tmp_path):
+    cfg, _ = sample_build
+    proc = corrupt_latest_and_resume(cfg, s3, s3_bucket, tmp_path, lambda data, _: data[: len(data) // 2])
+    assert proc.returncode != 0
+    assert "Refusing to resume" in proc.stderr and "corrupt or truncated" in proc.stderr
+    assert "run/ep0-ba6-rank0.pt" not in s3.list_keys(s3_bucket)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
+
+
+def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3_bucket, tmp_path, monkeypatch):
+    cfg, _ = sample_build
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+
+    def add_payload(_, local):
+        checkpoint = torch.load(local, weights_only=False)  # the test's own file
+        checkpoint["state"]["payload"] = RunsCode()
+        torch.save(checkpoint, local)
+        return local.read_bytes()
+
+    proc = corrupt_latest_and_resume(cfg, s3, s3_bucket, tmp_path, add_payload)
+    assert proc.returncode != 0
+    assert "holds more than tensors and plain data" in proc.stderr and "trust_checkpoints=true" in proc.stderr
+    assert not marker.exists()
