@@ -2,12 +2,15 @@
 # make test   - install, run the test suite (what CI runs)
 # make shards [SOURCES=yamls/data/merged2b.yaml]      - img2dataset -> MDS streams
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
+# make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=..."]
+# make bench  - FLIP masking / checkpointing / flash attention throughput table
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SOURCES ?= yamls/data/sample.yaml
 TRAIN   ?= yamls/demo_cpu.yaml
+EVAL    ?= yamls/eval/zeroshot.yaml
 NPROC   ?= 1
 ARGS    ?=
 DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
@@ -15,7 +18,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # img2dataset otherwise checks the internet for an albumentations update.
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install debian-packages shards train demo test clean
+.PHONY: install debian-packages shards train demo eval test bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,9 +41,16 @@ train: install
 
 demo: shards
 	$(VENV)/bin/composer -n 1 pipeline/train.py yamls/demo_cpu.yaml $(ARGS)
+	$(PY) pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo/checkpoints/latest-rank0.pt
+
+eval: install
+	$(PY) pipeline/eval.py $(EVAL) $(ARGS)
 
 test: install
 	$(PY) -m pytest tests $(ARGS)
+
+bench: install
+	$(PY) bench/throughput.py $(ARGS)
 
 clean:
 	rm -rf data runs

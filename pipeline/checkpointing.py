@@ -56,8 +56,8 @@ def build_checkpoint_saver(folder: str, save_interval: str, num_checkpoints_to_k
     )
 
 
-# What a monolithic Composer checkpoint holds besides tensors and plain containers (RNG states
-# are numpy arrays); anything else is refused unless the user trusts the checkpoint.
+# Besides tensors, a Composer checkpoint pickles timestamps (timedelta), numpy's RNG state (a
+# uint32 array) and the torch version: plain data. Anything else is refused unless trusted.
 SAFE_GLOBALS = [datetime.timedelta, np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct, TorchVersion]
 TRUST_ENV = "CLIPSTREAM_TRUST_CHECKPOINTS"
 

@@ -130,6 +130,25 @@ class ParallelismConfig:
     state_dict_type: str = "full"
 
 
+class EvalTask(Enum):
+    classification = "classification"
+    retrieval = "retrieval"
+
+
+@dataclass
+class EvalDatasetConfig:
+    """One eval MDS stream (`python -m data_prep.eval_sets` writes them from common layouts)."""
+
+    type: EvalTask = MISSING
+    local: str = MISSING
+    remote: Optional[str] = None
+    # Classification only. Each: a list, a text file (one per line) or a built-in name
+    # (BUILTIN_CLASSNAMES / BUILTIN_TEMPLATES in pipeline/zeroshot.py). Templates have a "{}".
+    classnames: Any = None
+    templates: Any = "openai_imagenet"
+    batch_size: int = 64
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "clip"
@@ -156,6 +175,9 @@ class TrainConfig:
     autoresume: bool = False
     # Checkpoints are loaded as tensors and plain data only; true allows any pickled object.
     trust_checkpoints: bool = False
+    # Zero-shot eval sets (as in yamls/eval/*.yaml), run as Composer evaluators every eval_interval.
+    eval_datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
+    eval_interval: str = "1000ba"
     load_path: Optional[str] = None
     console_log_interval: str = "50ba"
     progress_bar: bool = True
@@ -166,32 +188,13 @@ class TrainConfig:
 # ---------------------------------------------------------------------------
 
 
-class EvalTask(Enum):
-    classification = "classification"
-    retrieval = "retrieval"
-
-
-@dataclass
-class EvalDatasetConfig:
-    """One eval MDS stream (`python -m data_prep.eval_sets` writes them from common layouts)."""
-
-    type: EvalTask = MISSING
-    local: str = MISSING
-    remote: Optional[str] = None
-    # Classification only. Each: a list, a text file (one per line) or a built-in name
-    # (BUILTIN_CLASSNAMES / BUILTIN_TEMPLATES in pipeline/zeroshot.py). Templates have a "{}".
-    classnames: Any = None
-    templates: Any = "openai_imagenet"
-    batch_size: int = 64
-
-
 @dataclass
 class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # A Composer checkpoint (local or remote); empty: a freshly initialised model.
     load_path: Optional[str] = None
     # Unpickle the whole checkpoint (can run code from the file) instead of tensors only.
-    trust_checkpoint: bool = False
+    trust_checkpoints: bool = False
     seed: int = 17  # initialises the fresh model
     datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
     num_workers: int = 2

@@ -8,25 +8,21 @@ evaluators during training: see `build_evaluators`.
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from composer.core import DataSpec, Evaluator
 from composer.utils import get_file, reproducibility
-from numpy._core.multiarray import _reconstruct
 from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
-from torch.torch_version import TorchVersion
 
+from pipeline.checkpointing import CheckpointError, read_checkpoint
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.model import build_clip
 from pipeline.zeroshot import (
@@ -38,9 +34,6 @@ from pipeline.zeroshot import (
     resolve_templates,
 )
 
-# Besides tensors, a Composer checkpoint pickles timestamps (timedelta), numpy's RNG state (a uint32
-# array) and the torch version: plain data, allowed for the tensor-only loader. Nothing that runs code.
-CHECKPOINT_SAFE_GLOBALS = [datetime.timedelta, np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct, TorchVersion]
 MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`
 
 
@@ -140,29 +133,17 @@ def build_evaluators(datasets: dict, image_transform, tokenizer, num_workers: in
 # ---------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str, trust: bool) -> dict:
-    """A Composer checkpoint's model weights, unpickled without running code unless `trust`."""
-    if os.path.isdir(path):
-        raise ConfigError(f"load_path {path} is a folder: give a single (monolithic) Composer checkpoint file")
+def read_model_weights(path: str, trust: bool) -> dict:
+    """The open_clip weights in a (local or remote) Composer checkpoint, loaded safely."""
     if "://" in path:  # s3://, gs://, https://...: Composer fetches it
         with tempfile.TemporaryDirectory() as folder:
             local = os.path.join(folder, os.path.basename(path))
             get_file(path, local)
-            return read_checkpoint(local, trust)
-    if trust:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        try:
-            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            reason = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
-            raise ConfigError(
-                f"{path} holds more than tensors and plain data ({reason}), so it was not unpickled. "
-                "If you trust this file, rerun with trust_checkpoint=true."
-            ) from None
+            return read_model_weights(local, trust)
     try:
-        state = checkpoint["state"]["model"]
+        state = read_checkpoint(path, trust)["state"]["model"]
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
     except (KeyError, TypeError):
         raise ConfigError(f"{path} is not a Composer checkpoint (no state.model)") from None
     return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
@@ -173,7 +154,7 @@ def load_clip(cfg: EvalConfig) -> tuple:
     reproducibility.seed_all(cfg.seed)
     clip, _, eval_transform, tokenizer = build_clip(cfg.model)
     if cfg.load_path:
-        clip.load_state_dict(read_checkpoint(cfg.load_path, cfg.trust_checkpoint))
+        clip.load_state_dict(read_model_weights(cfg.load_path, cfg.trust_checkpoints))
     return clip.eval(), eval_transform, tokenizer
 
 

@@ -57,6 +57,8 @@ def write_report(cfg: TrainConfig, state: State, logger: InMemoryLogger) -> dict
         "last_loss": losses[-1] if losses else None,
         "checkpoints": cfg.save_folder,
         "loss_plot": os.path.join(cfg.run_dir, "loss.png"),
+        # The last value of every evaluator metric (zero-shot scores), if any ran.
+        "eval": {k: float(v[-1][1]) for k, v in logger.data.items() if k.startswith("metrics/")},
     }
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

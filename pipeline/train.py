@@ -20,6 +20,7 @@ from pipeline.algorithms import build_algorithms
 from pipeline.checkpointing import CheckpointError, build_checkpoint_saver, guard_checkpoint_loading
 from pipeline.config import TrainConfig, load
 from pipeline.data import build_dataloader
+from pipeline.eval import build_evaluators
 from pipeline.model import CLIPModel, build_clip
 from pipeline.optim import build_optimizer
 from pipeline.parallel import build_parallelism
@@ -31,12 +32,15 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     reproducibility.seed_all(cfg.seed)
     guard_checkpoint_loading(cfg.trust_checkpoints)
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
-    clip, train_transform, _, tokenizer = build_clip(cfg.model)
-    model = CLIPModel(clip, cfg.model)
+    clip, train_transform, eval_transform, tokenizer = build_clip(cfg.model)
+    evaluators, eval_metrics = build_evaluators(cfg.eval_datasets, eval_transform, tokenizer, cfg.data.num_workers)
+    model = CLIPModel(clip, cfg.model, eval_metrics)
     train_dataloader = build_dataloader(cfg.data, train_transform, tokenizer, dist.get_world_size(), cfg.seed)
     return Trainer(
         model=model,
         train_dataloader=train_dataloader,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_interval,
         optimizers=build_optimizer(model, cfg.optimizer),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
         algorithms=build_algorithms(cfg.algorithms, cfg.seed),

@@ -11,19 +11,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from composer import Trainer
 from composer.loggers import InMemoryLogger
-from composer.utils import reproducibility
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, TrainConfig, load
-from pipeline.data import build_dataloader
-from pipeline.eval import build_evaluators, build_scores, evaluate, evaluate_dataset, load_clip, main, split_eval_batch
+from pipeline.eval import build_scores, evaluate, evaluate_dataset, load_clip, main, split_eval_batch
 from pipeline.export import export
-from pipeline.model import CLIPModel, build_clip
+from pipeline.train import build_trainer
 from pipeline.zeroshot import retrieval_scores
 from tests.conftest import DEMO_YAML, REPO, train_overrides
 
@@ -95,26 +92,12 @@ def trained(sample_build, tmp_path_factory):
     """Two demo batches with both eval sets as Composer evaluators, evaluated and saved at batch 2."""
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("run")
-    train_cfg = load(TrainConfig, DEMO_YAML, train_overrides(cfg, run_dir, "data.global_batch_size=32"))
     eval_cfg = load(EvalConfig, EVAL_YAML, eval_overrides(cfg))
-    reproducibility.seed_all(train_cfg.seed)
-    clip, train_transform, eval_transform, tokenizer = build_clip(train_cfg.model)
-    # What train.py does to evaluate during training:
-    evaluators, eval_metrics = build_evaluators(eval_cfg.datasets, eval_transform, tokenizer, num_workers=0)
+    train_cfg = load(TrainConfig, DEMO_YAML, train_overrides(cfg, run_dir, "data.global_batch_size=32", "scheduler.warmup=0ba",
+                     "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba"))  # fmt: skip
+    train_cfg.eval_datasets = eval_cfg.datasets
     logger = InMemoryLogger()
-    trainer = Trainer(
-        model=CLIPModel(clip, train_cfg.model, eval_metrics),
-        train_dataloader=build_dataloader(train_cfg.data, train_transform, tokenizer, 1, train_cfg.seed),
-        eval_dataloader=evaluators,
-        eval_interval="2ba",
-        max_duration="2ba",
-        optimizers=torch.optim.AdamW(clip.parameters(), lr=1e-3),
-        device="cpu",
-        save_folder=str(run_dir / "checkpoints"),
-        save_interval="2ba",
-        loggers=[logger],
-        progress_bar=False,
-    )
+    trainer = build_trainer(train_cfg, loggers=[logger])  # as train.py builds it
     trainer.fit()
     trainer.close()
     logged = {k: float(v[-1][1]) for k, v in logger.data.items() if k.startswith("metrics/")}
@@ -144,9 +127,9 @@ def test_checkpoint_is_read_as_tensors_only_unless_trusted(trained, tmp_path):
 
     saved["state"]["callbacks"]["payload"] = Payload()
     torch.save(saved, tmp_path / "odd.pt")
-    with pytest.raises(ConfigError, match=r"test_eval.Payload.*rerun with trust_checkpoint=true"):
+    with pytest.raises(ConfigError, match=r"test_eval.Payload.*set trust_checkpoints=true"):
         load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt")))
-    trusted, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoint=True))
+    trusted, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoints=True))
     assert torch.equal(trusted.visual.conv1.weight, clip.visual.conv1.weight)
 
 
