@@ -8,6 +8,7 @@ finds the latest checkpoint in the bucket itself, and polls every few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -15,6 +16,7 @@ import zipfile
 
 import numpy as np
 import torch
+from botocore.exceptions import BotoCoreError, ClientError
 from composer.callbacks import CheckpointSaver
 from composer.utils import parse_uri
 from numpy._core.multiarray import _reconstruct
@@ -25,8 +27,13 @@ LATEST = "latest-rank{rank}.pt"
 UPLOAD_POLL_SECONDS = 2.0
 
 
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint did not reach the object store (unreachable, refused, or timed out)."""
+
+
 class PollingCheckpointSaver(CheckpointSaver):
-    """Composer's CheckpointSaver, checking every few seconds that an upload has landed."""
+    """Composer's CheckpointSaver, checking every few seconds that an upload has landed, and
+    turning every way an upload can fail into one CheckpointUploadError."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -34,12 +41,30 @@ class PollingCheckpointSaver(CheckpointSaver):
         # the checkpoint it names is in the bucket, so a shorter poll is as safe, just quicker.
         self._symlink_upload_wait_before_next_try_in_seconds = UPLOAD_POLL_SECONDS
 
+    def batch_end(self, state, logger) -> None:
+        with _upload_errors():
+            super().batch_end(state, logger)
+
+    def fit_end(self, state, logger) -> None:
+        with _upload_errors():
+            super().fit_end(state, logger)
+
+
+@contextlib.contextmanager
+def _upload_errors():
+    try:
+        yield
+    except (BotoCoreError, ClientError, RuntimeError) as err:  # RuntimeError: Composer's check timed out
+        raise CheckpointUploadError(str(err)) from err
+
 
 def is_remote(folder: str) -> bool:
     return parse_uri(folder)[0] != ""
 
 
-def build_checkpoint_saver(folder: str, save_interval: str, num_checkpoints_to_keep: int) -> CheckpointSaver:
+def build_checkpoint_saver(
+    folder: str, save_interval: str, num_checkpoints_to_keep: int, upload_timeout: int
+) -> CheckpointSaver:
     # As Composer names them; for a local folder nothing is uploaded, autoresume just needs them.
     path = parse_uri(folder)[2]
     return PollingCheckpointSaver(
@@ -53,6 +78,7 @@ def build_checkpoint_saver(folder: str, save_interval: str, num_checkpoints_to_k
         overwrite=True,
         # For a bucket only the local staging copies rotate; every checkpoint stays in the bucket.
         num_checkpoints_to_keep=1 if is_remote(folder) else num_checkpoints_to_keep,
+        upload_timeout_in_seconds=upload_timeout,
     )
 
 

@@ -172,6 +172,8 @@ class TrainConfig:
     save_folder: str = "${run_dir}/checkpoints"
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1
+    # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.
+    checkpoint_upload_timeout: int = 900
     autoresume: bool = False
     # Checkpoints are loaded as tensors and plain data only; true allows any pickled object.
     trust_checkpoints: bool = False

@@ -17,7 +17,12 @@ from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist, reproducibility
 
 from pipeline.algorithms import build_algorithms
-from pipeline.checkpointing import CheckpointError, build_checkpoint_saver, guard_checkpoint_loading
+from pipeline.checkpointing import (
+    CheckpointError,
+    CheckpointUploadError,
+    build_checkpoint_saver,
+    guard_checkpoint_loading,
+)
 from pipeline.config import TrainConfig, load
 from pipeline.data import build_dataloader
 from pipeline.eval import build_evaluators
@@ -39,8 +44,7 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     return Trainer(
         model=model,
         train_dataloader=train_dataloader,
-        eval_dataloader=evaluators or None,
-        eval_interval=cfg.eval_interval,
+        **({"eval_dataloader": evaluators, "eval_interval": cfg.eval_interval} if evaluators else {}),
         optimizers=build_optimizer(model, cfg.optimizer),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
         algorithms=build_algorithms(cfg.algorithms, cfg.seed),
@@ -52,7 +56,9 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         callbacks=[
             SpeedMonitor(window_size=20),
             LRMonitor(),
-            build_checkpoint_saver(cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep),
+            build_checkpoint_saver(
+                cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, cfg.checkpoint_upload_timeout
+            ),
         ],
         loggers=loggers,
         run_name=cfg.run_name,
@@ -73,7 +79,7 @@ def main(argv: list) -> None:
     try:
         trainer = build_trainer(cfg, loggers=[losses])
         trainer.fit()
-    except (BotoCoreError, ClientError) as err:
+    except (BotoCoreError, ClientError, CheckpointUploadError) as err:
         sys.exit(
             f"Object storage failed: {err}\n"
             f"Nothing is lost: the `latest` pointer under {cfg.save_folder} names the last checkpoint "

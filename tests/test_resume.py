@@ -74,15 +74,19 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
 
 
 def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s3_bucket, tmp_path):
+    """The store dies mid-run: the run stops with a clear message, `latest` names a whole
+    checkpoint, and the same command resumes there once the store is back."""
     cfg, _ = sample_build
-    run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole"))
-    expected = final_weights(s3, s3_bucket, "whole", tmp_path)
+    # Long enough that the run is still going when the first `latest` pointer lands (~2 s).
+    longer = ["max_duration=60ba", "save_interval=4ba", "checkpoint_upload_timeout=20"]
+    run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
+    s3.client().download_file(s3_bucket, "whole/ep0-ba60-rank0.pt", str(tmp_path / "whole.pt"))
+    expected = read_checkpoint(str(tmp_path / "whole.pt"))["state"]["model"]
 
-    overrides = resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage", "max_duration=40ba",
-                          f"save_folder=s3://{s3_bucket}/outage")  # fmt: skip
+    overrides = resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage", *longer)
     with open(tmp_path / "outage.log", "w") as log:
         proc = start(PYTHON, overrides, log)
-        wait_for_key(s3, s3_bucket, "outage/ep0-ba2-rank0.pt", proc)
+        wait_for_key(s3, s3_bucket, "outage/latest-rank0.pt.symlink", proc)
         s3.stop(kill=True)
         try:
             returncode = proc.wait(timeout=180)
@@ -93,13 +97,14 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     assert "Object storage failed" in output and "Run the same command again to resume" in output
     # The latest pointer names a checkpoint that is wholly in the bucket.
     pointer = s3.client().get_object(Bucket=s3_bucket, Key="outage/latest-rank0.pt.symlink")["Body"].read().decode()
-    local = tmp_path / "latest.pt"
-    s3.client().download_file(s3_bucket, pointer.strip(), str(local))
-    assert read_checkpoint(str(local))["state"]["timestamp"] is not None
+    s3.client().download_file(s3_bucket, pointer.strip(), str(tmp_path / "latest.pt"))
+    resumed_from = read_checkpoint(str(tmp_path / "latest.pt"))["state"]["timestamp"]["Timestamp"]["batch"]
+    assert 4 <= resumed_from < 60
 
-    # Back online, the same run (now to 8 batches) resumes and matches the uninterrupted one.
-    run_train(PYTHON, resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage"))
-    assert_same_weights(final_weights(s3, s3_bucket, "outage", tmp_path), expected)
+    run_train(PYTHON, overrides)  # the same command, the store back
+    s3.client().download_file(s3_bucket, "outage/ep0-ba60-rank0.pt", str(tmp_path / "outage.pt"))
+    assert_same_weights(read_checkpoint(str(tmp_path / "outage.pt"))["state"]["model"], expected)
+    assert len((tmp_path / "outage" / "loss.csv").read_text().splitlines()) - 1 == 60 - resumed_from
 
 
 def corrupt_latest_and_resume(cfg, s3, bucket, tmp_path, corrupt) -> subprocess.CompletedProcess:
