@@ -48,6 +48,9 @@ class DataConfig:
     # Shared-memory/local-cache knobs of streaming, passed through when set.
     predownload: Optional[int] = None
     cache_limit: Optional[str] = None
+    # Per shard download from a remote: seconds before a stalled read fails, and attempts.
+    download_timeout: float = 60.0
+    download_retry: int = 2
 
 
 @dataclass

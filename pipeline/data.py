@@ -43,7 +43,9 @@ def build_dataloader(
     if not cfg.streams:
         raise ConfigError("data.streams is empty: name at least one MDS stream (local: and/or remote:)")
     streams = [
-        Stream(remote=s.remote, local=s.local, proportion=s.proportion) for s in cfg.streams.values()
+        Stream(remote=s.remote, local=s.local, proportion=s.proportion,
+               download_timeout=cfg.download_timeout, download_retry=cfg.download_retry)
+        for s in cfg.streams.values()
     ]
     batch_size = per_rank_batch_size(cfg.global_batch_size, world_size)
     dataset = CLIPStreamingDataset(
