@@ -1,4 +1,8 @@
-"""Two "nodes" on one machine: two composer launchers, one rank each, one job (HYBRID_SHARD)."""
+"""Two "nodes" on one machine: two composer launchers, one rank each, one job (HYBRID_SHARD).
+
+Real nodes each have their own /dev/shm, where streaming keeps its per-node shared memory; here
+each launcher gets a private one through a mount namespace (`unshare -m`, needs root).
+"""
 
 import json
 import os
@@ -10,6 +14,14 @@ from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
 from tests.s3server import free_ports
 
 
+def own_dev_shm() -> list:
+    """A command prefix giving a process its own /dev/shm, as a separate machine has."""
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` (root) to give each simulated node its own /dev/shm")
+    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "node"]
+
+
 @pytest.mark.slow
 def test_two_launchers_form_one_hybrid_sharded_job(sample_build, tmp_path):
     cfg, _ = sample_build
@@ -17,9 +29,10 @@ def test_two_launchers_form_one_hybrid_sharded_job(sample_build, tmp_path):
     overrides = train_overrides(cfg, run_dir, "max_duration=3ba", "data.global_batch_size=32",
                                 "parallelism.sharding=HYBRID_SHARD", "save_interval=3ba")  # fmt: skip
     port = free_ports(1)[0]
+    node = own_dev_shm()
     launchers = []
     for node_rank in (0, 1):
-        command = [*COMPOSER, "--world_size", "2", "--nproc", "1", "--node_rank", str(node_rank),
+        command = [*node, *COMPOSER, "--world_size", "2", "--nproc", "1", "--node_rank", str(node_rank),
                    "--master_addr", "127.0.0.1", "--master_port", str(port),
                    os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]  # fmt: skip
         launchers.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -77,10 +77,11 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     """The store dies mid-run: the run stops with a clear message, `latest` names a whole
     checkpoint, and the same command resumes there once the store is back."""
     cfg, _ = sample_build
-    # Long enough that the run is still going when the first `latest` pointer lands (~2 s).
-    longer = ["max_duration=40ba", "save_interval=4ba", "checkpoint_upload_timeout=20"]
+    # Long and slow enough (~0.5 s a batch) that the run is still saving when the first `latest`
+    # pointer lands, a few seconds in.
+    longer = ["max_duration=48ba", "data.global_batch_size=64", "save_interval=4ba", "checkpoint_upload_timeout=20"]
     run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
-    s3.client().download_file(s3_bucket, "whole/ep0-ba40-rank0.pt", str(tmp_path / "whole.pt"))
+    s3.client().download_file(s3_bucket, "whole/ep0-ba48-rank0.pt", str(tmp_path / "whole.pt"))
     expected = read_checkpoint(str(tmp_path / "whole.pt"))["state"]["model"]
 
     overrides = resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage", *longer)
@@ -99,12 +100,12 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     pointer = s3.client().get_object(Bucket=s3_bucket, Key="outage/latest-rank0.pt.symlink")["Body"].read().decode()
     s3.client().download_file(s3_bucket, pointer.strip(), str(tmp_path / "latest.pt"))
     resumed_from = read_checkpoint(str(tmp_path / "latest.pt"))["state"]["timestamp"]["Timestamp"]["batch"]
-    assert 4 <= resumed_from < 40
+    assert 4 <= resumed_from < 48
 
     run_train(PYTHON, overrides)  # the same command, the store back
-    s3.client().download_file(s3_bucket, "outage/ep0-ba40-rank0.pt", str(tmp_path / "outage.pt"))
+    s3.client().download_file(s3_bucket, "outage/ep0-ba48-rank0.pt", str(tmp_path / "outage.pt"))
     assert_same_weights(read_checkpoint(str(tmp_path / "outage.pt"))["state"]["model"], expected)
-    assert len((tmp_path / "outage" / "loss.csv").read_text().splitlines()) - 1 == 40 - resumed_from
+    assert len((tmp_path / "outage" / "loss.csv").read_text().splitlines()) - 1 == 48 - resumed_from
 
 
 def corrupt_latest_and_resume(cfg, s3, bucket, tmp_path, corrupt) -> subprocess.CompletedProcess:
