@@ -92,15 +92,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is corrupt, truncated, or holds objects that would run code when loaded."""
 
 
+SHARDED_REFUSAL = (
+    "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles. "
+    "Use parallelism.state_dict_type=full, or set trust_checkpoints=true if you trust it."
+)
+
+
 def read_checkpoint(path: str, trust: bool = False) -> dict:
     """Load a monolithic Composer checkpoint fully, never running pickled code unless `trust`."""
-    if os.path.isdir(path) or path.endswith(".distcp"):
-        if trust:
-            return {}
-        raise CheckpointError(
-            f"{path} is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles. "
-            f"Use parallelism.state_dict_type=full, or set trust_checkpoints=true if you trust it."
-        )
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} {SHARDED_REFUSAL}")
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -118,7 +119,13 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
 
 def validate_checkpoint(path, specs=None) -> bool:
     """Composer's CHECKPOINT_VALIDATION_FUNCTION: runs before every checkpoint load."""
-    read_checkpoint(str(path), trust=os.environ.get(TRUST_ENV) == "1")
+    trust = os.environ.get(TRUST_ENV) == "1"
+    # Composer passes byte ranges (specs) for .distcp shards, and the sharded .metadata file.
+    if specs is not None or str(path).endswith(".metadata"):
+        if not trust:
+            raise CheckpointError(f"{path} {SHARDED_REFUSAL}")
+        return True
+    read_checkpoint(str(path), trust)
     return True
 
 

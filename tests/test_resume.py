@@ -147,3 +147,17 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3
     assert proc.returncode != 0
     assert "holds more than tensors and plain data" in proc.stderr and "trust_checkpoints=true" in proc.stderr
     assert not marker.exists()
+
+
+def test_sharded_checkpoint_files_need_trust(monkeypatch, tmp_path):
+    from pipeline.checkpointing import TRUST_ENV, CheckpointError, guard_checkpoint_loading, validate_checkpoint
+
+    for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV):  # restored after the test
+        monkeypatch.setenv(name, "")
+    guard_checkpoint_loading(trust=False)
+    with pytest.raises(CheckpointError, match="state_dict_type=full"):
+        validate_checkpoint(tmp_path / "__0_0.distcp", specs=[(0, 10)])
+    with pytest.raises(CheckpointError, match="sharded checkpoint"):
+        validate_checkpoint(tmp_path / ".metadata")
+    guard_checkpoint_loading(trust=True)
+    assert validate_checkpoint(tmp_path / ".metadata")
