@@ -15,6 +15,7 @@ from data_prep import sample
 from data_prep.download import download
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.to_mds import to_mds
+from pipeline.tables import align_columns
 
 
 def build(cfg: SourcesConfig) -> list:
@@ -34,8 +35,7 @@ def format_table(summaries: list) -> str:
     reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", "seconds"})
     header = ["source", "urls", "written", *reasons, "seconds", "out"]
     rows = [[str(s.get(col, 0)) for col in header] for s in summaries]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
+    return align_columns([header, *rows])
 
 
 def main(argv: list) -> None:

@@ -25,6 +25,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from pipeline.checkpointing import CheckpointError, read_checkpoint
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.model import build_clip
+from pipeline.tables import align_columns
 from pipeline.zeroshot import (
     DatasetScores,
     ZeroShotClassification,
@@ -202,9 +203,7 @@ def format_table(results: dict) -> str:
             [name, str(r["images"]), *(f"{100 * r[c]:.2f}" if c in r else "-" for c in columns)]
             for name, r in rows.items()
         ]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-        blocks.append(f"{task.value} (%):\n" + "\n".join(lines))
+        blocks.append(f"{task.value} (%):\n" + align_columns(table))
     return "\n\n".join(blocks)
 
 

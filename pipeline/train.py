@@ -52,7 +52,7 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=build_parallelism(cfg.parallelism, device),
         device=device,
-        precision=cfg.precision or ("amp_bf16" if torch.cuda.is_available() else "fp32"),
+        precision=cfg.precision or ("amp_bf16" if device == "gpu" else "fp32"),
         callbacks=[
             SpeedMonitor(window_size=20),
             LRMonitor(),
