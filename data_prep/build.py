@@ -1,6 +1,11 @@
-"""`make shards`: download every source of a sources YAML with img2dataset and write its MDS stream.
+"""`make shards`: every source of a sources YAML -> URL dedup and filters -> img2dataset -> MDS stream.
 
     python -m data_prep.build yamls/data/sample.yaml [key=value ...]
+    SPARK_MASTER=spark://host:7077 python -m data_prep.build yamls/data/merged2b.yaml
+
+All of it runs on one Spark session (local[*] unless `spark.master` or SPARK_MASTER says otherwise).
+Every URL list is read and checked before anything is downloaded. Re-running the same command
+after a kill reuses the prepared URL lists and img2dataset's finished shards, then converts again.
 """
 
 from __future__ import annotations
@@ -14,26 +19,40 @@ import time
 from data_prep import sample
 from data_prep.download import download
 from data_prep.sources import SourcesConfig, load_sources
-from data_prep.to_mds import to_mds
+from data_prep.spark import spark_session
+from data_prep.to_mds import convert
+from data_prep.url_lists import prepare_url_list
 from pipeline.tables import align_columns
 
 
 def build(cfg: SourcesConfig) -> list:
-    summaries = []
     serving = sample.serve(cfg) if cfg.sample is not None else contextlib.nullcontext()
-    with serving:
-        for name, source in cfg.sources.items():
-            start = time.time()
-            folder = download(name, source, os.path.join(cfg.work_dir, "img2dataset", name))
-            summary = to_mds(name, source, folder)
-            summary["seconds"] = round(time.time() - start, 1)
-            summaries.append(summary)
+    with serving, spark_session(cfg.spark) as spark:
+        start = time.time()
+        lists = {
+            name: prepare_url_list(spark, name, source, os.path.join(cfg.work_dir, "prepared", name))
+            for name, source in cfg.sources.items()
+        }
+        print(f"URL lists checked and deduplicated in {time.time() - start:.1f} s", flush=True)
+        downloads, fetched = {}, {}
+        for name, (list_dir, counts) in lists.items():
+            folder = os.path.join(cfg.work_dir, "img2dataset", name)
+            fetched[name] = download(cfg.sources[name], list_dir, folder) if counts.get("to_download") else {}
+            downloads[name] = (folder, counts)
+        start = time.time()
+        summaries = convert(spark, cfg, downloads)
+        print(f"MDS streams written in {time.time() - start:.1f} s", flush=True)
+    for summary in summaries:
+        summary.update(fetched[summary["source"]])
     return summaries
 
 
+DOWNLOAD_STATS = ("shards_done_before", "shards_fetched")
+
+
 def format_table(summaries: list) -> str:
-    reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", "seconds"})
-    header = ["source", "urls", "written", *reasons, "seconds", "out"]
+    reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", *DOWNLOAD_STATS})
+    header = ["source", "urls", "written", *reasons, *DOWNLOAD_STATS, "out"]
     rows = [[str(s.get(col, 0)) for col in header] for s in summaries]
     return align_columns([header, *rows])
 

@@ -1,35 +1,45 @@
-"""Run img2dataset for one source. Parquet output keeps every input row, failures included."""
+"""Run img2dataset on a source's prepared URL list. Parquet output keeps every row, failures included.
+
+img2dataset's incremental mode is kept: a shard counts as done once its `_stats.json` exists, so
+re-running the same command after a kill downloads only the shards that were not finished.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+from glob import glob
 
 from data_prep.sources import SourceConfig
 
 
-def download(name: str, source: SourceConfig, output_folder: str) -> str:
-    """Download `source` into `output_folder` (img2dataset parquet shards); returns the folder."""
+def download(source: SourceConfig, url_list_dir: str, output_folder: str) -> dict:
+    """Download into `output_folder`; returns {"shards": done before this run, "fetched": shards this run}."""
     # img2dataset otherwise checks the internet for an albumentations update at import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
 
-    # A rebuild starts clean. (img2dataset's own incremental_mode="overwrite" deletes the
-    # _tmp folder it has just made and then fails to write its shard list there.)
-    shutil.rmtree(output_folder, ignore_errors=True)
-
+    done_before = len(finished_shards(output_folder))
+    extra = list(source.extra_columns) + (["captions"] if source.input_format == "coco_captions" else [])
     img2dataset.download(
-        url_list=source.url_list,
-        input_format=source.input_format,
-        url_col=source.url_col,
-        caption_col=source.caption_col,
-        save_additional_columns=list(source.extra_columns) or None,  # url is always kept
+        url_list=url_list_dir,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=extra or None,  # url is always kept
         output_folder=output_folder,
         output_format="parquet",
         encode_format="jpg",
         enable_wandb=False,
         compute_hash="sha256",
+        incremental_mode="incremental",
         **dataclasses.asdict(source.img2dataset),
     )
-    return output_folder
+    return {"shards_done_before": done_before, "shards_fetched": len(finished_shards(output_folder)) - done_before}
+
+
+def finished_shards(output_folder: str) -> list:
+    """The parquet shards img2dataset finished (it writes the stats file after the shard)."""
+    return sorted(
+        path[: -len("_stats.json")] + ".parquet" for path in glob(os.path.join(output_folder, "*_stats.json"))
+    )

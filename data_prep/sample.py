@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import json
 import os
 import random
 import threading
@@ -104,7 +105,7 @@ def _add_bad_rows(rows: List[dict], name: str, cfg: SampleConfig, files_dir: str
         rows.append({**template, "url": f"{name}/bad/corrupt{i}.png", "caption": "a corrupt image"})
     for row in rng.sample(rows[: len(rows) // 2], cfg.empty_captions):
         # A real image under a new URL, with nothing to say about it.
-        rows.append({**row, "url": row["url"] + "?empty", "caption": "  "})
+        rows.append({**row, "url": row["url"] + "?empty", "caption": "  ", "captions": ["  "]})
     for row in rng.sample(rows[: len(rows) // 2], cfg.duplicate_urls):
         rows.append(dict(row))
 
@@ -129,8 +130,10 @@ def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
         for i, (pixels, label) in enumerate(zip(images, labels)):
             path = f"fashion_{split}/{i:05d}.png"
             Image.fromarray(pixels).save(os.path.join(files_dir, path))
-            caption = rng.choice(FASHION_CAPTIONS).format(FASHION_CLASSES[label])
-            lists[source].append({"url": path, "caption": caption, "label": int(label)})
+            pattern = rng.randrange(len(FASHION_CAPTIONS))
+            # Two captions per image, as COCO has several: training picks one per epoch.
+            captions = [FASHION_CAPTIONS[(pattern + k) % len(FASHION_CAPTIONS)].format(FASHION_CLASSES[label]) for k in (0, 1)]
+            lists[source].append({"url": path, "caption": captions[0], "captions": captions, "label": int(label)})
 
     for name in ("web", "coco"):
         _add_bad_rows(lists[name], name, cfg, files_dir, rng)
@@ -155,6 +158,26 @@ def http_server(root: str) -> Iterator[str]:
         server.server_close()
 
 
+def coco_captions_json(rows: List[dict]) -> dict:
+    """A COCO captions file (images with coco_url, annotations with captions) for URL-list rows."""
+    images = [{"id": i, "coco_url": row["url"], "label": row["label"]} for i, row in enumerate(rows)]
+    annotations = [
+        {"id": len(images) * k + i, "image_id": i, "caption": caption}
+        for i, row in enumerate(rows)
+        for k, caption in enumerate(row.get("captions", [row["caption"]]))
+    ]
+    return {"info": {"description": "built-in sample"}, "images": images, "annotations": annotations}
+
+
+def write_url_list(rows: List[dict], path: str, input_format: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if input_format == "coco_captions":
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(coco_captions_json(rows), f)
+    else:
+        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "captions"} for row in rows]), path)
+
+
 @contextlib.contextmanager
 def serve(cfg: SourcesConfig) -> Iterator[None]:
     """Write the sample and its URL lists (at each source's url_list) and serve it meanwhile."""
@@ -165,6 +188,5 @@ def serve(cfg: SourcesConfig) -> Iterator[None]:
             if name not in lists:
                 raise ValueError(f"the built-in sample has sources {SAMPLE_SOURCES}, not '{name}'")
             rows = [{**row, "url": f"{base_url}/{row['url']}"} for row in lists[name]]
-            os.makedirs(os.path.dirname(source.url_list) or ".", exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows), source.url_list)
+            write_url_list(rows, source.url_list, source.input_format)
         yield

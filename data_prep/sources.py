@@ -25,21 +25,31 @@ class Img2DatasetOptions:
     timeout: int = 10
     retries: int = 0
     min_image_size: int = 0
+    # pyspark: the shards are Spark tasks of the build's session (local[*] or a cluster), sent
+    # subjob_size at a time; multiprocessing: processes_count processes on this machine.
+    distributor: str = "pyspark"
+    subjob_size: int = 1000
 
 
 @dataclass
 class FilterConfig:
-    """Applied to downloaded samples before they are written to MDS; every drop is counted."""
+    """Every drop is counted under its reason. URL-list filters run before the download, so
+    what they drop costs no bandwidth; image filters run on img2dataset's output."""
 
-    min_image_size: int = 0  # smaller side, in pixels, after resizing
+    # A Spark SQL condition over the URL list's columns (LAION: "punsafe < 0.1 AND
+    # similarity >= 0.28"); rows where it is not true are counted as filtered_by_where.
+    where: Optional[str] = None
     min_caption_chars: int = 1  # after stripping whitespace; 1 drops empty captions
-    dedup_image_hash: bool = True  # sha256 of the downloaded bytes, within the source
     dedup_url: bool = True
+    min_image_size: int = 0  # smaller side, in pixels, after resizing
+    dedup_image_hash: bool = True  # sha256 of the downloaded bytes (see dedup_across_sources)
 
 
 @dataclass
 class SourceConfig:
-    # A parquet / csv / tsv / jsonl / txt URL list as img2dataset reads it (local path or s3://).
+    # A URL list: one file or a folder of them, local or s3://. input_format: parquet, csv, tsv,
+    # jsonl, or coco_captions (a COCO captions JSON: images[].coco_url, annotations[].caption;
+    # one row per image, every caption kept).
     url_list: str = MISSING
     input_format: str = "parquet"
     url_col: str = "url"
@@ -68,10 +78,24 @@ class SampleConfig:
 
 
 @dataclass
+class SparkConfig:
+    """The Spark session `make shards` runs on. SPARK_MASTER in the environment wins over master."""
+
+    master: str = "local[*]"  # or spark://host:7077 for a standalone cluster
+    driver_memory: str = "2g"
+    # Any other Spark setting, e.g. {spark.executor.memory: 8g, spark.sql.shuffle.partitions: 2000}
+    conf: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class SourcesConfig:
-    # img2dataset outputs (and the sample's served files) live here; safe to delete afterwards.
+    # Deduplicated URL lists and img2dataset outputs (the staging area; local, or s3:// on a
+    # cluster) and the sample's served files live here; safe to delete once the streams exist.
     work_dir: str = "data/_work"
     sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    # Image-hash dedup over all sources: an image is kept in the first source (YAML order) that has it.
+    dedup_across_sources: bool = False
     # Set only for the built-in sample: its URL lists are generated and served before download.
     sample: Optional[SampleConfig] = None
 

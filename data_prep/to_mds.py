@@ -1,27 +1,23 @@
-"""img2dataset parquet output -> one filtered, deduplicated MDS stream, plus a summary JSON.
+"""img2dataset parquet output -> filtered, image-deduplicated MDS streams (Spark), plus summaries.
 
-Every row of the URL list ends in exactly one bucket of the summary: written, or one of the
-failure / drop reasons, so nothing is silently lost.
+Every downloaded row ends in one bucket: written, or img2dataset's failure status, image_too_small,
+duplicate_image. Images are not decoded again: img2dataset's `success` means its resizer decoded and
+re-encoded the image (this project never passes its skip_reencode options), so a second decode
+would only repeat that check. Decisions are made on narrow columns (key, sha256, sizes); the image
+bytes move once, from img2dataset's parquet into `dataframe_to_mds`, one MDS folder per partition
+and one merged index written last, so a killed conversion never leaves a stream that looks complete.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
-import tempfile
-from collections import Counter
-from glob import glob
 
-import pyarrow.parquet as pq
-from PIL import Image
-from streaming import MDSWriter
-from streaming.base.storage.upload import CloudUploader
+from data_prep.download import finished_shards
+from data_prep.sources import SourceConfig, SourcesConfig
+from data_prep.storage import is_remote, read_json, remove_tree, write_json
 
-from data_prep.sources import SourceConfig
-
-# The columns every stream has; a source's extra_columns are added to these.
+# The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
 BASE_COLUMNS = {
     "image": "bytes",  # JPEG bytes as img2dataset encoded them (decoded at training time)
     "caption": "str",
@@ -32,81 +28,112 @@ BASE_COLUMNS = {
     "height": "int32",
 }
 SUMMARY_FILE = "summary.json"
+# Per shard, written at build time and checked when training first reads the shard.
+SHARD_HASHES = ["sha1", "xxh64"]
 
 
-def _decodes(image_bytes: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            image.load()
-        return True
-    except Exception:  # noqa: BLE001 - any decoder error means "undecodable"
-        return False
-
-
-def _drop_reason(row: dict, source: SourceConfig, seen_urls: set, seen_hashes: set) -> str | None:
-    """Why this downloaded row is not written, or None to write it."""
-    filters = source.filters
-    if row["status"] != "success":
-        return row["status"]  # failed_to_download / failed_to_resize, as img2dataset says
-    if len((row["caption"] or "").strip()) < filters.min_caption_chars:
-        return "caption_too_short"
-    if min(row["width"], row["height"]) < filters.min_image_size:
-        return "image_too_small"
-    if filters.dedup_url and row["url"] in seen_urls:
-        return "duplicate_url"
-    if filters.dedup_image_hash and row["sha256"] in seen_hashes:
-        return "duplicate_image"
-    if not _decodes(row["jpg"]):
-        return "undecodable"
-    return None
-
-
-def to_mds(name: str, source: SourceConfig, download_folder: str) -> dict:
-    """Write the MDS stream for one downloaded source to `source.out`; returns the summary."""
-    shards = sorted(glob(os.path.join(download_folder, "*.parquet")))
-    if not shards:
-        raise FileNotFoundError(f"source '{name}': no img2dataset parquet output in {download_folder}")
+def mds_columns(source: SourceConfig) -> dict:
     columns = {**BASE_COLUMNS, **source.extra_columns}
-    counts: Counter = Counter()
-    seen_urls: set = set()
-    seen_hashes: set = set()
-    is_local = "://" not in source.out
-    if is_local and os.path.isdir(source.out):
-        shutil.rmtree(source.out)  # a rebuild replaces the stream; MDS shards can't be appended to
-    with MDSWriter(out=source.out, columns=columns, exist_ok=True) as writer:
-        for shard in shards:
-            for row in pq.read_table(shard).to_pylist():
-                counts["urls"] += 1
-                reason = _drop_reason(row, source, seen_urls, seen_hashes)
-                if reason is not None:
-                    counts[reason] += 1
-                    continue
-                seen_urls.add(row["url"])
-                seen_hashes.add(row["sha256"])
-                sample = {
-                    "image": row["jpg"],
-                    "caption": row["caption"].strip(),
-                    "source": name,
-                    "key": row["key"],
-                    "url": row["url"],
-                    "width": row["width"],
-                    "height": row["height"],
-                }
-                sample.update({col: row[col] for col in source.extra_columns})
-                writer.write(sample)
-                counts["written"] += 1
-    summary = {"source": name, "out": source.out, **counts}
-    _write_summary(source.out, summary)
-    return summary
+    if source.input_format == "coco_captions":
+        columns["captions"] = "json"  # all of the image's captions; training picks one per epoch
+    return columns
 
 
-def _write_summary(out: str, summary: dict) -> None:
-    """Put summary.json next to the shards, locally or in object storage."""
-    if "://" not in out:
-        with open(os.path.join(out, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        return
-    with tempfile.TemporaryDirectory() as staging:
-        with open(os.path.join(staging, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        CloudUploader.get(out=(staging, out), exist_ok=True).upload_file(SUMMARY_FILE)
+def mds_records(frame, name: str, columns: dict):
+    """dataframe_to_mds's per-batch function (runs on the executors): pandas rows -> MDS samples."""
+    for row in frame.to_dict("records"):
+        sample = {col: row[col] for col in columns if col not in ("image", "source", "captions")}
+        sample.update(image=row["jpg"], source=name, caption=row["caption"].strip())
+        if "captions" in columns:
+            sample["captions"] = json.loads(row["captions"])
+        yield sample
+
+
+def downloaded_rows(spark, name: str, folder: str, expected: int):
+    """img2dataset's output for one source, after checking that every URL sent has its row."""
+    shards = finished_shards(folder)
+    frame = spark.read.parquet(*shards) if shards else None
+    found = frame.count() if frame is not None else 0
+    if found != expected:
+        raise RuntimeError(
+            f"source '{name}': img2dataset returned {found} rows for {expected} URLs in {folder} "
+            "(some shards failed). Run the same command again: finished shards are kept."
+        )
+    return frame
+
+
+def decide(frames: dict, cfg: SourcesConfig):
+    """One narrow DataFrame of (_source, key, _reason) for every downloaded row of every source."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    narrow = None
+    for rank, (name, frame) in enumerate(frames.items()):
+        filters = cfg.sources[name].filters
+        reason = (
+            F.when(F.col("status") != "success", F.col("status"))
+            .when(F.least("width", "height") < filters.min_image_size, "image_too_small")
+        )  # fmt: skip
+        part = frame.select(
+            F.lit(name).alias("_source"), F.lit(rank).alias("_rank"), F.lit(filters.dedup_image_hash).alias("_dedup"),
+            "key", "sha256", reason.alias("_reason"),
+        )  # fmt: skip
+        narrow = part if narrow is None else narrow.unionByName(part)
+    group = ["sha256"] if cfg.dedup_across_sources else ["sha256", "_source"]
+    first = Window.partitionBy(*group).orderBy(F.col("_reason").isNotNull(), "_rank", "key")
+    duplicate = F.col("_reason").isNull() & F.col("_dedup") & (F.row_number().over(first) > 1)
+    return narrow.withColumn("_reason", F.when(duplicate, "duplicate_image").otherwise(F.col("_reason")))
+
+
+def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: str) -> int:
+    """dataframe_to_mds of the rows whose key is in `keys`; returns the samples in the merged index."""
+    from streaming.base.converters import dataframe_to_mds
+
+    remove_tree(source.out)  # a rebuild replaces the stream; the merged index is written last
+    rows = frame.join(keys, "key", "left_semi")
+    if rows.isEmpty():
+        return 0
+    columns = mds_columns(source)
+    out = (os.path.join(os.path.abspath(work_dir), "mds_parts", name), source.out) if is_remote(source.out) else source.out
+    if is_remote(source.out):
+        remove_tree(out[0])
+    dataframe_to_mds(
+        rows,
+        merge_index=True,
+        mds_kwargs={"out": out, "columns": columns, "compression": None, "hashes": SHARD_HASHES},
+        udf_iterable=mds_records,
+        udf_kwargs={"name": name, "columns": columns},
+    )
+    index = read_json(os.path.join(source.out, "index.json"))
+    return sum(shard["samples"] for shard in index["shards"])
+
+
+def convert(spark, cfg: SourcesConfig, downloads: dict) -> list:
+    """{name: (download folder, URL-list counts)} -> one MDS stream and summary per source."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    frames = {
+        name: downloaded_rows(spark, name, folder, counts.get("to_download", 0))
+        for name, (folder, counts) in downloads.items()
+    }
+    frames = {name: frame for name, frame in frames.items() if frame is not None}
+    decisions = decide(frames, cfg).persist(StorageLevel.DISK_ONLY) if frames else None
+    found = decisions.groupBy("_source", "_reason").count().collect() if decisions is not None else []
+    summaries = []
+    for name, (_, url_counts) in downloads.items():
+        source = cfg.sources[name]
+        counts = {k: v for k, v in url_counts.items() if k != "to_download"}
+        counts.update({row["_reason"] or "written": row["count"] for row in found if row["_source"] == name})
+        if name in frames:
+            keys = decisions.filter((F.col("_source") == name) & F.col("_reason").isNull()).select("key")
+            written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir)
+            if written != counts.get("written", 0):
+                raise RuntimeError(f"source '{name}': {written} samples in the MDS index, {counts.get('written')} expected")
+        summary = {"source": name, "out": source.out, "urls": counts.pop("urls"), "written": counts.pop("written", 0)}
+        summary.update(sorted(counts.items()))
+        write_json(os.path.join(source.out, SUMMARY_FILE), summary)
+        summaries.append(summary)
+    if decisions is not None:
+        decisions.unpersist()
+    return summaries

@@ -1,0 +1,66 @@
+"""Small files and folders that may live locally or in S3-compatible storage (S3_ENDPOINT_URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from urllib.parse import urlparse
+
+from streaming.base.storage.upload import CloudUploader
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder, or every object under an s3:// prefix."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    url = urlparse(path)
+    client = _s3_client()
+    prefix = url.path.lstrip("/").rstrip("/") + "/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=url.netloc, Prefix=prefix):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=url.netloc, Delete={"Objects": keys})
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    url = urlparse(path)
+    found = _s3_client().list_objects_v2(Bucket=url.netloc, Prefix=url.path.lstrip("/"), MaxKeys=1)
+    return found.get("KeyCount", 0) > 0
+
+
+def write_json(path: str, data) -> None:
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(path + ".tmp", path)  # never a half-written file
+        return
+    folder, name = path.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as staging:
+        with open(os.path.join(staging, name), "w") as f:
+            json.dump(data, f, indent=2)
+        CloudUploader.get(out=(staging, folder), exist_ok=True).upload_file(name)
+
+
+def read_json(path: str):
+    if not is_remote(path):
+        with open(path) as f:
+            return json.load(f)
+    url = urlparse(path)
+    body = _s3_client().get_object(Bucket=url.netloc, Key=url.path.lstrip("/"))["Body"].read()
+    return json.loads(body)

@@ -1,0 +1,148 @@
+"""A source's URL list -> the deduplicated, filtered list img2dataset downloads (Spark).
+
+Runs before any download, so what it drops costs no bandwidth. Every input row ends written to the
+list or counted under one reason: filtered_by_where, caption_too_short, duplicate_url (the first
+occurrence in file order is kept). The list is written once; a re-run reuses it, which keeps
+img2dataset's shard numbering, and so its incremental resume, stable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from data_prep.sources import SourceConfig
+from data_prep.storage import exists, read_json, write_json
+
+COUNTS_FILE = "counts.json"
+LIST_FOLDER = "url_list"
+# MDS column types -> the Spark types the URL list's extra columns are cast to.
+SPARK_TYPES = {"int32": "int", "int64": "bigint", "float32": "float", "float64": "double", "str": "string"}
+COCO_COLUMNS = ("url", "caption", "captions")
+
+
+class SourceError(ValueError):
+    """A URL list that cannot be used as the sources YAML describes it."""
+
+
+def coco_captions_table(name: str, path: str, extra_columns: dict, min_caption_chars: int) -> list:
+    """Rows of a COCO captions JSON: url (images[].coco_url), captions (a json list of the image's
+    captions long enough to keep), caption (the first; empty when none is, so the row is counted)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for key in ("images", "annotations"):
+        if key not in data:
+            raise SourceError(f"source '{name}': {path} is not a COCO captions file: it has no '{key}' key")
+    by_image: dict = {}
+    for i, annotation in enumerate(data["annotations"]):
+        for key in ("image_id", "caption"):
+            if key not in annotation:
+                raise SourceError(f"source '{name}': {path}: annotations[{i}] has no '{key}'")
+        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    rows = []
+    for i, image in enumerate(data["images"]):
+        for key in ("id", "coco_url", *extra_columns):
+            if key not in image:
+                raise SourceError(f"source '{name}': {path}: images[{i}] has no '{key}'")
+        captions = [c.strip() for c in by_image.get(image["id"], []) if len(c.strip()) >= min_caption_chars]
+        rows.append({
+            "url": image["coco_url"],
+            "caption": captions[0] if captions else "",
+            "captions": json.dumps(captions),
+            **{col: image[col] for col in extra_columns},
+        })  # fmt: skip
+    return rows
+
+
+def read_url_list(spark, name: str, source: SourceConfig, staging: str):
+    """The URL list as a DataFrame with url, caption and the extra columns (renamed, cast)."""
+    from pyspark.sql import functions as F
+
+    fmt, path = source.input_format, source.url_list
+    try:
+        if fmt == "coco_captions":
+            url_col, caption_col = "url", "caption"
+            frame = spark.createDataFrame(coco_captions_table(name, path, source.extra_columns, source.filters.min_caption_chars))
+        elif fmt == "parquet":
+            url_col, caption_col = source.url_col, source.caption_col
+            frame = spark.read.parquet(path)
+        elif fmt in ("csv", "tsv"):
+            url_col, caption_col = source.url_col, source.caption_col
+            frame = spark.read.options(header=True, sep="\t" if fmt == "tsv" else ",").csv(path)
+        elif fmt == "jsonl":
+            url_col, caption_col = source.url_col, source.caption_col
+            frame = spark.read.json(path)
+        else:
+            raise SourceError(f"source '{name}': input_format '{fmt}' is not one of parquet, csv, tsv, jsonl, coco_captions")
+    except SourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Spark's errors are Java exceptions in disguise
+        raise SourceError(f"source '{name}': cannot read the URL list {path} as {fmt}: {_first_line(err)}") from err
+    needed = [url_col, caption_col, *source.extra_columns]
+    missing = [col for col in needed if col not in frame.columns]
+    if missing:
+        raise SourceError(
+            f"source '{name}': the URL list {path} has no column {', '.join(map(repr, missing))} "
+            f"(its columns: {', '.join(frame.columns)}); set url_col / caption_col / extra_columns"
+        )
+    if source.filters.where:
+        try:
+            frame.select(F.expr(source.filters.where)).schema  # resolves column names, reads nothing
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"source '{name}': filters.where {source.filters.where!r}: {_first_line(err)}") from err
+    columns = [F.col(url_col).cast("string").alias("url"), F.col(caption_col).cast("string").alias("caption")]
+    columns += [F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.extra_columns.items()]
+    if fmt == "coco_captions":
+        columns.append(F.col("captions"))
+    keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.extra_columns}]
+    return frame.select(*columns, *map(F.col, keep_for_where)).withColumn("_row", F.monotonically_increasing_id())
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def mark_rows(frame, source: SourceConfig):
+    """Adds `_reason`: null for rows to download, else why the row is dropped before download."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    filters = source.filters
+    reason = F.lit(None).cast("string")
+    if filters.where:
+        reason = F.when(~F.coalesce(F.expr(filters.where), F.lit(False)), "filtered_by_where").otherwise(reason)
+    caption_chars = F.length(F.trim(F.coalesce(F.col("caption"), F.lit(""))))
+    reason = F.when(reason.isNull() & (caption_chars < filters.min_caption_chars), "caption_too_short").otherwise(reason)
+    frame = frame.withColumn("_reason", reason)
+    if filters.dedup_url:
+        first = Window.partitionBy("url").orderBy(F.col("_reason").isNotNull(), "_row")
+        frame = frame.withColumn(
+            "_reason",
+            F.when(F.col("_reason").isNull() & (F.row_number().over(first) > 1), "duplicate_url").otherwise(F.col("_reason")),
+        )
+    return frame
+
+
+def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str) -> tuple:
+    """(folder of the list to download, counts before download); reused when already written."""
+    list_dir = os.path.join(source_dir, LIST_FOLDER)
+    counts_path = os.path.join(source_dir, COUNTS_FILE)
+    if exists(counts_path):
+        return list_dir, read_json(counts_path)
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    marked = mark_rows(read_url_list(spark, name, source, source_dir), source).persist(StorageLevel.DISK_ONLY)
+    counts = {row["_reason"] or "to_download": row["count"] for row in marked.groupBy("_reason").count().collect()}
+    counts["urls"] = sum(counts.values())
+    keep = ["url", "caption", *source.extra_columns] + (["captions"] if source.input_format == "coco_captions" else [])
+    (
+        marked.filter(F.col("_reason").isNull())
+        .orderBy("_row")  # file order: the shard numbering img2dataset resumes by
+        .select(*keep)
+        .write.mode("overwrite")
+        .parquet(list_dir)
+    )
+    marked.unpersist()
+    write_json(counts_path, counts)  # last: its presence means the list is complete
+    return list_dir, counts
