@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import torch
-from PIL import Image
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.images import decode_rgb
 
 
 class CLIPStreamingDataset(StreamingDataset):
-    """Decodes each sample's JPEG, applies the image transform and tokenizes the caption."""
+    """Decodes each sample's image to RGB, applies the image transform and tokenizes the caption."""
 
     def __init__(self, *, image_transform: Callable, tokenizer: Callable, **kwargs):
         super().__init__(**kwargs)
@@ -25,8 +24,7 @@ class CLIPStreamingDataset(StreamingDataset):
         # Augmentation noise is a function of (seed, epoch, sample), not of worker RNG history,
         # so a resumed run sees exactly the crops an uninterrupted one would.
         torch.manual_seed(hash((self.shuffle_seed, self.next_epoch, index)) & (2**63 - 1))
-        image = Image.open(io.BytesIO(sample["image"]))
-        return self.image_transform(image), self.tokenizer(sample["caption"])[0]
+        return decode_rgb(sample["image"], self.image_transform), self.tokenizer(sample["caption"])[0]
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:

@@ -8,7 +8,6 @@ evaluators during training: see `build_evaluators`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -19,11 +18,11 @@ import time
 import torch
 from composer.core import DataSpec, Evaluator
 from composer.utils import get_file, reproducibility
-from PIL import Image
 from streaming import StreamingDataLoader, StreamingDataset
 
 from pipeline.checkpointing import CheckpointError, read_checkpoint
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
+from pipeline.images import decode_rgb
 from pipeline.model import build_clip
 from pipeline.tables import align_columns
 from pipeline.zeroshot import (
@@ -57,7 +56,7 @@ class EvalDataset(StreamingDataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
-        item = {"image": self.image_transform(Image.open(io.BytesIO(sample["image"]))), "id": index}
+        item = {"image": decode_rgb(sample["image"], self.image_transform), "id": index}
         if self.tokenizer is None:
             item["label"] = int(sample["label"])
         else:
