@@ -145,8 +145,9 @@ class EvalDatasetConfig:
     type: EvalTask = MISSING
     local: str = MISSING
     remote: Optional[str] = None
-    # Classification only. Each: a list, a text file (one per line) or a built-in name
-    # (BUILTIN_CLASSNAMES / BUILTIN_TEMPLATES in pipeline/zeroshot.py). Templates have a "{}".
+    # Classification only. Each: a list, a text file (one per line: CLIP_benchmark's classnames.txt
+    # and zeroshot_classification_templates.txt) or a built-in name (BUILTIN_CLASSNAMES /
+    # BUILTIN_TEMPLATES in pipeline/zeroshot.py). Templates have a "{c}" or "{}" for the class name.
     classnames: Any = None
     templates: Any = "openai_imagenet"
     batch_size: int = 64

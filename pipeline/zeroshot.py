@@ -16,7 +16,9 @@ last partition with repeated samples when a dataset does not divide evenly over 
 
 from __future__ import annotations
 
+import functools
 import os
+import string
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -42,30 +44,63 @@ QUERY_CHUNK = 4096  # queries scored at once: bounds the (queries x candidates) 
 # ---------------------------------------------------------------------------
 
 
+def _read_lines(path: str) -> list:
+    """A text file's lines, stripped, trailing blank lines dropped (CLIP_benchmark's files end in one)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def _names_or_lines(value, builtins: dict, what: str) -> list:
-    """A list as given, a built-in by name, or a text file's non-empty lines."""
+    """A list as given, a built-in by name, or a text file's lines (one per line)."""
     if isinstance(value, (list, tuple)) and value:
         return list(value)
     if isinstance(value, str) and value in builtins:
         return list(builtins[value])
-    if isinstance(value, str) and os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+    lines = _read_lines(value) if isinstance(value, str) and os.path.isfile(value) else []
+    if lines:
+        return lines
     raise ValueError(
         f"{what} must be a non-empty list, a text file (one per line) or one of {sorted(builtins)}; got {value!r}"
     )
 
 
 def resolve_classnames(value) -> list:
-    return _names_or_lines(value, BUILTIN_CLASSNAMES, "classnames")
+    """Class names in label order: CLIP_benchmark's classnames.txt, a list or a built-in name."""
+    classnames = _names_or_lines(value, BUILTIN_CLASSNAMES, "classnames")
+    blank = [i + 1 for i, name in enumerate(classnames) if not str(name).strip()]
+    if blank:  # a label is a line's position: a blank line would shift every class after it
+        raise ValueError(f"classnames {value!r}: entries {blank} are empty (labels are positions in the list)")
+    return classnames
+
+
+def fill_template(template: str, classname: str) -> str:
+    """A prompt from a template with CLIP_benchmark's '{c}' or open_clip's '{}' slot."""
+    return template.format(classname, c=classname)
+
+
+def _has_class_slot(template: str) -> bool:
+    """Has a '{c}' or '{}' slot, and no other replacement field (or unmatched brace)."""
+    try:
+        slots = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # an unmatched brace
+        return False
+    return bool(slots) and slots <= {"", "c"}
 
 
 def resolve_templates(value) -> list:
-    templates = _names_or_lines(value, BUILTIN_TEMPLATES, "templates")
-    no_slot = [t for t in templates if isinstance(t, str) and "{}" not in t]
-    if no_slot:
-        raise ValueError(f"every template needs a '{{}}' for the class name; these have none: {no_slot}")
-    return templates
+    """Prompt templates as callables (open_clip's form): CLIP_benchmark's
+    zeroshot_classification_templates.txt ('{c}'), a list with '{}' or '{c}', or a built-in name.
+    """
+    templates = [t for t in _names_or_lines(value, BUILTIN_TEMPLATES, "templates") if not isinstance(t, str) or t]
+    bad = [t for t in templates if isinstance(t, str) and not _has_class_slot(t)]
+    if bad:
+        raise ValueError(
+            f"every template needs a '{{c}}' or '{{}}' for the class name, and no other braces; these do not: {bad}"
+        )
+    return [functools.partial(fill_template, t) if isinstance(t, str) else t for t in templates]
 
 
 # ---------------------------------------------------------------------------

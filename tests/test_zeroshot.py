@@ -1,5 +1,9 @@
 """The scores against hand-computed cases: ranks, pessimistic ties, several captions per image."""
 
+import json
+import os
+
+import clip_benchmark.datasets.builder
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,14 +160,31 @@ def test_classifier_averages_normalised_prompts_and_is_rebuilt_after_reset():
 
 def test_class_names_and_templates_from_lists_builtins_and_files(tmp_path):
     path = tmp_path / "names.txt"
-    path.write_text("t-shirt\n\n  ankle boot \n")
+    path.write_text("t-shirt\n  ankle boot \n\n")  # trailing blank lines are no classes
     assert resolve_classnames(str(path)) == ["t-shirt", "ankle boot"]
     assert resolve_classnames(["a", "b"]) == ["a", "b"]
     assert len(resolve_classnames("imagenet")) == 1000
     assert resolve_classnames("fashion_mnist")[9] == "ankle boot"
     openai = resolve_templates("openai_imagenet")
     assert len(openai) == 80 and openai[0]("dog") == "a bad photo of a dog."
+    assert [t("dog") for t in resolve_templates(["a {}.", "{c}!"])] == ["a dog.", "dog!"]
     with pytest.raises(ValueError, match="one of"):
         resolve_classnames("imagenett")
-    with pytest.raises(ValueError, match=r"needs a '\{\}'.*'a photo'"):
-        resolve_templates(["a photo of a {}.", "a photo"])
+    path.write_text("t-shirt\n\nankle boot\n")  # labels are line numbers: a gap would shift them
+    with pytest.raises(ValueError, match=r"entries \[2\] are empty"):
+        resolve_classnames(str(path))
+    with pytest.raises(ValueError, match=r"needs a '\{c\}' or '\{\}'.*\['a photo', '\{0\} of', 'a \{c'\]"):
+        resolve_templates(["a photo of a {}.", "a photo", "{0} of", "a {c"])
+
+
+def test_clip_benchmark_template_files_make_its_prompts(tmp_path):
+    """CLIP_benchmark's own templates ('{c}'), as its wds folders carry them, give its prompts."""
+    packaged = os.path.join(os.path.dirname(clip_benchmark.datasets.builder.__file__), "en_zeroshot_classification_templates.json")
+    with open(packaged) as f:
+        cifar10 = json.load(f)["cifar10"]
+    path = str(tmp_path / "zeroshot_classification_templates.txt")
+    with open(path, "w") as f:
+        print(*cifar10, sep="\n", end="\n", file=f)  # as clip_benchmark's webdataset_builder writes it
+    prompts = [template("truck") for template in resolve_templates(path)]
+    assert len(prompts) == len(cifar10) > 10
+    assert prompts == [template.format(c="truck") for template in cifar10]  # CLIP_benchmark's formatting
