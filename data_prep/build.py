@@ -20,6 +20,7 @@ from data_prep import sample
 from data_prep.download import download
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.spark import spark_session
+from data_prep.storage import remove_tree
 from data_prep.to_mds import convert
 from data_prep.url_lists import prepare_url_list
 from pipeline.tables import align_columns
@@ -35,8 +36,10 @@ def build(cfg: SourcesConfig) -> list:
         }
         print(f"URL lists checked and deduplicated in {time.time() - start:.1f} s", flush=True)
         downloads, fetched = {}, {}
-        for name, (list_dir, counts) in lists.items():
+        for name, (list_dir, counts, reused) in lists.items():
             folder = os.path.join(cfg.work_dir, "img2dataset", name)
+            if not reused:
+                remove_tree(folder)  # a new list: shards downloaded for an older one no longer match
             fetched[name] = download(cfg.sources[name], list_dir, folder) if counts.get("to_download") else {}
             downloads[name] = (folder, counts)
         start = time.time()

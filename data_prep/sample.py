@@ -146,9 +146,12 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(root: str) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 at a free port; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root))
+def http_server(root: str, port: int = 0) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 (port 0: a free one); yields the base URL."""
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_QuietHandler, directory=root))
+    except OSError as err:
+        raise OSError(f"cannot serve the built-in sample on 127.0.0.1:{port} ({err}); set sample.port") from err
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -170,12 +173,20 @@ def coco_captions_json(rows: List[dict]) -> dict:
 
 
 def write_url_list(rows: List[dict], path: str, input_format: str) -> None:
+    """Written only when its content changed, so a re-run finds the same file and resumes."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if input_format == "coco_captions":
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(coco_captions_json(rows), f)
+        content = json.dumps(coco_captions_json(rows)).encode()
     else:
-        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "captions"} for row in rows]), path)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "captions"} for row in rows]), buffer)
+        content = buffer.getvalue().to_pybytes()
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() == content:
+                return
+    with open(path, "wb") as f:
+        f.write(content)
 
 
 @contextlib.contextmanager
@@ -183,7 +194,7 @@ def serve(cfg: SourcesConfig) -> Iterator[None]:
     """Write the sample and its URL lists (at each source's url_list) and serve it meanwhile."""
     files_dir = os.path.join(cfg.work_dir, "sample_files")
     lists = write_sample(cfg.sample, files_dir)
-    with http_server(files_dir) as base_url:
+    with http_server(files_dir, cfg.sample.port) as base_url:
         for name, source in cfg.sources.items():
             if name not in lists:
                 raise ValueError(f"the built-in sample has sources {SAMPLE_SOURCES}, not '{name}'")

@@ -75,6 +75,8 @@ class SampleConfig:
     empty_captions: int = 4
     duplicate_urls: int = 4
     seed: int = 0
+    # The loopback port it is served on. Fixed, so a re-run serves the same URLs and resumes.
+    port: int = 18080
 
 
 @dataclass

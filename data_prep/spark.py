@@ -19,10 +19,16 @@ def master_url(cfg: SparkConfig) -> str:
 
 @contextlib.contextmanager
 def spark_session(cfg: SparkConfig) -> Iterator["pyspark.sql.SparkSession"]:  # noqa: F821
-    """A SparkSession whose Python workers run this interpreter (they import streaming and PIL)."""
+    """A SparkSession whose Python workers run this interpreter (they import streaming and PIL).
+    An already active session (a notebook's, a test's) is used as it is and left running."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
 
     master = master_url(cfg)
     builder = (

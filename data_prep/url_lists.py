@@ -8,8 +8,10 @@ img2dataset's shard numbering, and so its incremental resume, stable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from glob import glob
 
 from data_prep.sources import SourceConfig
 from data_prep.storage import exists, read_json, write_json
@@ -123,12 +125,26 @@ def mark_rows(frame, source: SourceConfig):
     return frame
 
 
+def fingerprint(source: SourceConfig) -> dict:
+    """What the prepared list depends on: the source's settings and its URL files' sizes and times."""
+    path = source.url_list
+    files = sorted(glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]
+    stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
+    settings = {k: v for k, v in dataclasses.asdict(source).items() if k != "out"}
+    return {"settings": settings, "files": stats}
+
+
 def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str) -> tuple:
-    """(folder of the list to download, counts before download); reused when already written."""
+    """(folder of the list to download, counts before download, reused?). A list prepared from the
+    same files and settings is reused; otherwise it is prepared again (and the caller must then
+    start that source's download again, since img2dataset numbers its shards by list position)."""
     list_dir = os.path.join(source_dir, LIST_FOLDER)
     counts_path = os.path.join(source_dir, COUNTS_FILE)
+    current = fingerprint(source)
     if exists(counts_path):
-        return list_dir, read_json(counts_path)
+        saved = read_json(counts_path)
+        if saved.pop("fingerprint", None) == current:
+            return list_dir, saved, True
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -144,5 +160,5 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str) ->
         .parquet(list_dir)
     )
     marked.unpersist()
-    write_json(counts_path, counts)  # last: its presence means the list is complete
-    return list_dir, counts
+    write_json(counts_path, {**counts, "fingerprint": current})  # last: its presence means the list is complete
+    return list_dir, counts, False

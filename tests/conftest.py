@@ -14,14 +14,26 @@ SMALL_SAMPLE = ["sample.fashion_train=600", "sample.fashion_test=200"]
 
 
 def sample_overrides(root: str) -> list:
-    """The built-in sample, smaller, written under `root` instead of data/."""
+    """The built-in sample, smaller, written under `root` instead of data/, served on a free port."""
+    from tests.s3server import free_ports
+
     cfg = load_sources(SAMPLE_YAML)
     outs = [f"sources.{name}.out={root}/{name}" for name in cfg.sources]
-    return [f"work_dir={root}/_work", *SMALL_SAMPLE, *outs]
+    return [f"work_dir={root}/_work", f"sample.port={free_ports(1)[0]}", *SMALL_SAMPLE, *outs]
 
 
 @pytest.fixture(scope="session")
-def sample_build(tmp_path_factory):
+def spark():
+    """One local Spark session for the test run; `make shards` code uses it when it is active."""
+    from data_prep.sources import SparkConfig
+    from data_prep.spark import spark_session
+
+    with spark_session(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"})) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def sample_build(tmp_path_factory, spark):
     """(config, summaries) of a real sample build: loopback HTTP -> img2dataset -> MDS."""
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     root = str(tmp_path_factory.mktemp("sample"))

@@ -9,16 +9,17 @@ import pytest
 from PIL import Image
 from streaming import StreamingDataset
 
-from data_prep.sources import SourceConfig
-from data_prep.to_mds import BASE_COLUMNS, to_mds
+from data_prep.sources import SourceConfig, SourcesConfig
+from data_prep.to_mds import BASE_COLUMNS, convert
 
 DROP_REASONS = ["failed_to_download", "failed_to_resize", "caption_too_short", "duplicate_url", "duplicate_image",
-                "image_too_small", "undecodable"]  # fmt: skip
+                "image_too_small", "filtered_by_where"]  # fmt: skip
 
 
 def test_img2dataset_downloaded_from_loopback(sample_build):
     cfg, _ = sample_build
     shards = glob.glob(os.path.join(cfg.work_dir, "img2dataset", "web", "*.parquet"))
+    assert shards
     rows = pq.read_table(shards[0], columns=["url", "status"]).to_pylist()
     assert all(row["url"].startswith("http://127.0.0.1:") for row in rows)
     assert sum(row["status"] == "success" for row in rows) > 0.9 * len(rows)
@@ -81,34 +82,64 @@ def _jpeg(color) -> bytes:
     return buffer.getvalue()
 
 
-def test_to_mds_filters_and_counts(tmp_path):
-    """Rows img2dataset marked success can still be tiny, truncated or duplicated."""
-    good, other = _jpeg("red"), _jpeg("blue")
-    rows = [
-        dict(key="0", url="u0", caption="a red square", jpg=good, sha256="h0"),
-        dict(key="1", url="u1", caption="a blue square", jpg=other, sha256="h1"),
-        dict(key="2", url="u2", caption="the same red square", jpg=good, sha256="h0"),
-        dict(key="3", url="u0", caption="a red square again", jpg=good, sha256="h3"),
-        dict(key="4", url="u4", caption="truncated", jpg=good[: len(good) // 2], sha256="h4"),
-        dict(key="5", url="u5", caption="", jpg=other, sha256="h5"),
-        dict(key="6", url="u6", caption="tiny", jpg=_jpeg("green"), sha256="h6", width=4, height=4),
-        dict(key="7", url="u7", caption="gone", jpg=None, sha256=None, status="failed_to_download"),
-    ]
-    rows = [{"status": "success", "width": 40, "height": 30, **row} for row in rows]
-    folder = tmp_path / "i2d"
-    folder.mkdir()
+def _img2dataset_output(folder, rows: list) -> None:
+    """What img2dataset leaves for one finished shard: its parquet and its stats file."""
+    folder.mkdir(parents=True)
+    rows = [{"status": "success", "width": 40, "height": 30, "url": f"u{row['key']}", **row} for row in rows]
     pq.write_table(pa.Table.from_pylist(rows), folder / "00000.parquet")
+    (folder / "00000_stats.json").write_text("{}")
+
+
+def _convert(spark, tmp_path, sources: dict, sent: int = 0, **cfg_fields) -> dict:
+    """convert() on the img2dataset outputs under tmp_path/i2d, as if `sent` URLs (default: all) were sent."""
+    cfg = SourcesConfig(work_dir=str(tmp_path / "work"), sources=sources, **cfg_fields)
+    downloads = {}
+    for name in sources:
+        folder = tmp_path / "i2d" / name
+        rows = sent or pq.read_metadata(folder / "00000.parquet").num_rows
+        downloads[name] = (str(folder), {"urls": rows, "to_download": rows})
+    return {s["source"]: s for s in convert(spark, cfg, downloads)}
+
+
+def test_image_filters_and_hash_dedup_are_counted(spark, tmp_path):
+    """Rows img2dataset marked success can still be tiny or the same image as another."""
+    red, blue = _jpeg("red"), _jpeg("blue")
+    rows = [
+        dict(key="0", caption="a red square", jpg=red, sha256="h0"),
+        dict(key="1", caption="a blue square", jpg=blue, sha256="h1"),
+        dict(key="2", caption="the same red square", jpg=red, sha256="h0"),
+        dict(key="3", caption="again", jpg=red, sha256="h0"),
+        dict(key="4", caption="tiny", jpg=_jpeg("green"), sha256="h4", width=4, height=4),
+        dict(key="5", caption="tiny and red", jpg=red, sha256="h0", width=4, height=4),
+        dict(key="6", caption="gone", jpg=None, sha256=None, status="failed_to_download"),
+        dict(key="7", caption="broken", jpg=None, sha256=None, status="failed_to_resize"),
+    ]
+    _img2dataset_output(tmp_path / "i2d" / "unit", rows)
     source = SourceConfig(url_list="unused", out=str(tmp_path / "mds"))
     source.filters.min_image_size = 16
-    summary = to_mds("unit", source, str(folder))
-    assert summary["written"] == 2
-    assert summary["duplicate_image"] == 1 and summary["duplicate_url"] == 1
-    assert summary["undecodable"] == 1 and summary["caption_too_short"] == 1
-    assert summary["image_too_small"] == 1 and summary["failed_to_download"] == 1
+    summary = _convert(spark, tmp_path, {"unit": source})["unit"]
+    assert summary["written"] == 2 and summary["urls"] == 8
+    assert summary["duplicate_image"] == 2 and summary["image_too_small"] == 2
+    assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 1
     dataset = StreamingDataset(local=source.out, batch_size=1)
-    assert [dataset[i]["caption"] for i in range(2)] == ["a red square", "a blue square"]
+    assert sorted(dataset[i]["caption"] for i in range(2)) == ["a blue square", "a red square"]  # first of each hash
 
 
-def test_to_mds_without_download_output_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no img2dataset parquet output"):
-        to_mds("nothing", SourceConfig(url_list="x", out=str(tmp_path / "o")), str(tmp_path))
+def test_dedup_across_sources_keeps_the_first_source(spark, tmp_path):
+    red, blue = _jpeg("red"), _jpeg("blue")
+    _img2dataset_output(tmp_path / "i2d" / "laion", [dict(key="0", caption="red", jpg=red, sha256="h0")])
+    _img2dataset_output(tmp_path / "i2d" / "coyo", [dict(key="0", caption="red too", jpg=red, sha256="h0"),
+                                                    dict(key="1", caption="blue", jpg=blue, sha256="h1")])  # fmt: skip
+    sources = {name: SourceConfig(url_list="unused", out=str(tmp_path / name)) for name in ("laion", "coyo")}
+    within = _convert(spark, tmp_path, sources)
+    assert within["coyo"]["written"] == 2 and "duplicate_image" not in within["coyo"]
+    across = _convert(spark, tmp_path, sources, dedup_across_sources=True)
+    assert across["laion"]["written"] == 1
+    assert across["coyo"]["written"] == 1 and across["coyo"]["duplicate_image"] == 1
+    assert StreamingDataset(local=str(tmp_path / "coyo"), batch_size=1)[0]["caption"] == "blue"
+
+
+def test_missing_download_rows_are_a_clear_error(spark, tmp_path):
+    _img2dataset_output(tmp_path / "i2d" / "short", [dict(key="0", caption="red", jpg=_jpeg("red"), sha256="h0")])
+    with pytest.raises(RuntimeError, match="1 rows for 8 URLs.*Run the same command again"):
+        _convert(spark, tmp_path, {"short": SourceConfig(url_list="unused", out=str(tmp_path / "o"))}, sent=8)
