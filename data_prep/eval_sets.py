@@ -3,38 +3,54 @@
     python -m data_prep.eval_sets imagefolder ROOT OUT          # ROOT/<class>/<image>: classification
     python -m data_prep.eval_sets coco CAPTIONS_JSON IMAGES OUT   # COCO captions annotations: retrieval
     python -m data_prep.eval_sets flickr CSV IMAGES OUT           # CSV with image,caption columns: retrieval
+    python -m data_prep.eval_sets wds ROOT OUT [--split test]     # CLIP_benchmark's webdataset layout: either
 
 Every stream has `image` (the file's own bytes) and `key` (its path). Classification adds `label`
 (int32) and writes classnames.txt (one per line, in label order) next to the shards: point the eval
 YAML's `classnames` at it. Retrieval adds `captions`, a json list (several per image).
+
+`wds` reads a CLIP_benchmark webdataset folder as `clip_benchmark_export_wds` writes it and as the
+`wds_*` sets are published: ROOT/<split>/*.tar (+ nshards.txt), dataset_type.txt (retrieval, else
+classification), classnames.txt and zeroshot_classification_templates.txt, which are copied to OUT
+for the eval YAML's `classnames` and `templates`.
+
+Every image is decoded (as training and eval decode it) before it is written: a file that does not
+decode stops the conversion with its name.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import os
 import shutil
-from typing import Iterable
+from typing import Iterable, Optional
 
-from PIL import Image
+import webdataset
 from streaming import MDSWriter
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from pipeline.images import ImageSource, decode_rgb
 
 CLASSIFICATION_COLUMNS = {"image": "bytes", "key": "str", "label": "int32"}
 RETRIEVAL_COLUMNS = {"image": "bytes", "key": "str", "captions": "json"}
 CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's name; templates use "{c}"
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # what CLIP_benchmark reads, in its order
 
 
-def read_image(path: str) -> bytes:
-    """The file's bytes, after checking that they decode: an eval set must not lose images silently."""
+def read_image(source: ImageSource, name: Optional[str] = None) -> bytes:
+    """The image's own bytes (from a path, or given), after checking that they decode as training and
+    eval will decode them: an eval set must not lose images silently."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        decode_rgb(source)
     except Exception as err:  # noqa: BLE001 - any decoder error
-        raise ValueError(f"{path}: not a readable image ({err})") from err
-    with open(path, "rb") as f:
+        raise ValueError(f"{name or source}: not a readable image ({err})") from err
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
         return f.read()
 
 
@@ -101,15 +117,78 @@ def flickr_to_mds(csv_path: str, images_dir: str, out: str) -> dict:
     return _retrieval_to_mds(csv_captions(csv_path), images_dir, out)
 
 
+def _wds_shards(root: str, split: str) -> list:
+    """The split's tar files: the nshards.txt count (CLIP_benchmark's), else the *.tar files there."""
+    folder = os.path.join(root, split)
+    nshards = os.path.join(folder, "nshards.txt")
+    if os.path.isfile(nshards):
+        with open(nshards, encoding="utf-8") as f:
+            shards = [os.path.join(folder, f"{i}.tar") for i in range(int(f.read().strip()))]
+    else:
+        shards = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    if not shards:
+        raise ValueError(f"{folder}: no webdataset shards (*.tar)")
+    missing = [os.path.basename(shard) for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise ValueError(f"{folder}: shards counted in nshards.txt are missing: {', '.join(missing)}")
+    return shards
+
+
+def _wds_type(root: str) -> str:
+    path = os.path.join(root, "dataset_type.txt")
+    if not os.path.isfile(path):
+        return "classification"  # CLIP_benchmark's default
+    with open(path, encoding="utf-8") as f:
+        kind = f.read().strip().lower()
+    if kind not in ("classification", "retrieval"):
+        raise ValueError(f"{path}: dataset type {kind!r} is not supported (classification or retrieval)")
+    return kind
+
+
+def _wds_row(sample: dict, retrieval: bool) -> dict:
+    """A webdataset sample (raw bytes per extension) -> an eval stream row."""
+    where = f"{sample['__url__']}: sample {sample['__key__']}"
+    extension = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
+    wanted = "txt" if retrieval else "cls"
+    if extension is None or wanted not in sample:
+        raise ValueError(f"{where} needs an image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) and a .{wanted}; has {sorted(sample)}")
+    row = {"image": read_image(sample[extension], f"{where}.{extension}"), "key": sample["__key__"]}
+    if retrieval:  # one caption per line, as CLIP_benchmark splits them
+        row["captions"] = sample["txt"].decode("utf-8").splitlines()
+    else:
+        row["label"] = int(sample["cls"])
+    return row
+
+
+def wds_to_mds(root: str, out: str, split: str = "test") -> dict:
+    """A CLIP_benchmark webdataset folder -> eval stream, with its class names and templates copied."""
+    retrieval = _wds_type(root) == "retrieval"
+    shards = _wds_shards(root, split)
+    samples = webdataset.WebDataset(shards, shardshuffle=False, empty_check=False)
+    count = write_mds(out, RETRIEVAL_COLUMNS if retrieval else CLASSIFICATION_COLUMNS,
+                      (_wds_row(sample, retrieval) for sample in samples))  # fmt: skip
+    if count == 0:
+        raise ValueError(f"no samples in {', '.join(shards)}")
+    summary = {"type": "retrieval" if retrieval else "classification", "images": count}
+    for key, name in (("classnames", CLASSNAMES_FILE), ("templates", TEMPLATES_FILE)):
+        if not retrieval and os.path.isfile(os.path.join(root, name)):
+            summary[key] = shutil.copyfile(os.path.join(root, name), os.path.join(out, name))
+    return summary
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     layouts = parser.add_subparsers(dest="layout", required=True)
     layouts.add_parser("imagefolder").set_defaults(args=("root", "out"), convert=imagefolder_to_mds)
     layouts.add_parser("coco").set_defaults(args=("captions_json", "images_dir", "out"), convert=coco_to_mds)
     layouts.add_parser("flickr").set_defaults(args=("csv", "images_dir", "out"), convert=flickr_to_mds)
+    wds = layouts.add_parser("wds")
+    wds.set_defaults(args=("root", "out", "split"), convert=wds_to_mds)
     for layout in layouts.choices.values():
         for arg in layout.get_default("args"):
-            layout.add_argument(arg)
+            if arg != "split":
+                layout.add_argument(arg)
+    wds.add_argument("--split", default="test", help="the folder under ROOT that holds the shards (default: test)")
     args = parser.parse_args(argv)
     summary = args.convert(*(getattr(args, name) for name in args.args))
     print(json.dumps({"out": args.out, **summary}))

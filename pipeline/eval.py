@@ -8,7 +8,9 @@ evaluators during training: see `build_evaluators`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -149,12 +151,30 @@ def read_model_weights(path: str, trust: bool) -> dict:
     return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
+def _not_random_init(record: logging.LogRecord) -> bool:
+    return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_loaded_after():
+    """Without open_clip's "No pretrained weights loaded ... Model initialized randomly", which is
+    untrue when a checkpoint's weights are loaded right after the model is built."""
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(_not_random_init)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_random_init)
+
+
 def load_clip(cfg: EvalConfig) -> tuple:
     """(open_clip model in eval mode, eval image transform, tokenizer); fresh when no load_path."""
     reproducibility.seed_all(cfg.seed)
-    clip, _, eval_transform, tokenizer = build_clip(cfg.model)
+    with _weights_loaded_after() if cfg.load_path else contextlib.nullcontext():
+        clip, _, eval_transform, tokenizer = build_clip(cfg.model)
     if cfg.load_path:
         clip.load_state_dict(read_model_weights(cfg.load_path, cfg.trust_checkpoints))
+        print(f"{cfg.model.name}: weights from {cfg.load_path}", file=sys.stderr)
     return clip.eval(), eval_transform, tokenizer
 
 

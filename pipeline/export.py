@@ -1,12 +1,22 @@
-"""Export a checkpoint's CLIP to open_clip's format: a safetensors file (+ the model config JSON).
+"""Export a checkpoint's CLIP for open_clip and the tools built on it (CLIP_benchmark, open_clip_train).
 
-    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors load_path=runs/demo/checkpoints/latest-rank0.pt
+    python pipeline/export.py yamls/eval/zeroshot.yaml OUT_DIR load_path=runs/demo/checkpoints/latest-rank0.pt
+    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors load_path=...
 
-The model comes from an eval YAML (its `model` and `load_path`). An inline `model.custom` config
-is written next to the weights as <model.name>.json; load the export with
+A folder gets open_clip's hub layout: open_clip_config.json (the model config, with any
+`model.context_length` override baked in, plus the preprocessing) and open_clip_model.safetensors.
+open_clip and CLIP_benchmark open it by name, with nothing to register:
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUT_DIR")
+    clip_benchmark eval --model local-dir:OUT_DIR --pretrained local --no_amp --dataset ...
+
+A path ending in .safetensors gets the weights alone, plus <model.name>.json next to them for an
+inline `model.custom` config; load it with
 
     open_clip.add_model_config("OUT_DIR/<model.name>.json")  # inline configs only
     model, _, preprocess = open_clip.create_model_and_transforms("<model.name>", pretrained="OUT.safetensors")
+
+The model comes from an eval YAML (its `model` and `load_path`).
 """
 
 from __future__ import annotations
@@ -15,30 +25,57 @@ import copy
 import json
 import os
 import sys
+from pathlib import Path
 
+import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
 from pipeline.config import EvalConfig, ModelConfig, load
 from pipeline.eval import load_clip
 
 
-def export(clip: torch.nn.Module, cfg: ModelConfig, out: str) -> list:
-    """Write `clip` for open_clip; returns the files written."""
+def open_clip_weights(clip: torch.nn.Module) -> dict:
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
     # open_clip's own 0-dim shape: training keeps (1,) for FSDP2
     state["logit_scale"] = state["logit_scale"].reshape(())
+    return state
+
+
+def model_config(cfg: ModelConfig) -> dict:
+    """open_clip's config of the model: the inline one or the built-in one, context length baked in."""
+    config = copy.deepcopy(cfg.custom) if cfg.custom is not None else open_clip.get_model_config(cfg.name)
+    if cfg.context_length is not None:  # so that open_clip builds the same text tower
+        config["text_cfg"]["context_length"] = cfg.context_length
+    return config
+
+
+def export_folder(clip: torch.nn.Module, cfg: ModelConfig, folder: str) -> list:
+    """open_clip's hub layout (as open_clip.push_to_hf_hub writes it); returns the files written."""
+    os.makedirs(folder, exist_ok=True)
+    weights, config = os.path.join(folder, HF_SAFE_WEIGHTS_NAME), Path(folder) / HF_CONFIG_NAME
+    save_file(open_clip_weights(clip), weights)
+    save_config_for_hf(clip, config, model_config=model_config(cfg))  # model config + preprocessing
+    return [weights, str(config)]
+
+
+def export_file(clip: torch.nn.Module, cfg: ModelConfig, out: str) -> list:
+    """One safetensors file (+ <name>.json for an inline config); returns the files written."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_file(state, out)
+    save_file(open_clip_weights(clip), out)
     if cfg.custom is None:
         return [out]
-    model_config = copy.deepcopy(cfg.custom)
-    if cfg.context_length is not None:  # bake the override in, so open_clip builds the same text tower
-        model_config["text_cfg"]["context_length"] = cfg.context_length
     config_path = os.path.join(os.path.dirname(out), f"{cfg.name}.json")
     with open(config_path, "w") as f:
-        json.dump(model_config, f, indent=2)
+        json.dump(model_config(cfg), f, indent=2)
     return [out, config_path]
+
+
+def export(clip: torch.nn.Module, cfg: ModelConfig, out: str) -> list:
+    """A .safetensors file, or else a folder in open_clip's hub layout."""
+    return (export_file if out.endswith(".safetensors") else export_folder)(clip, cfg, out)
 
 
 def main(argv: list) -> None:
@@ -46,9 +83,11 @@ def main(argv: list) -> None:
         sys.exit(__doc__)
     cfg = load(EvalConfig, argv[0], argv[2:])
     clip, _, _ = load_clip(cfg)
-    written = export(clip, cfg.model, argv[1])
-    print("wrote " + ", ".join(written))
-    if cfg.model.custom is None and cfg.model.context_length is not None:
+    out = argv[1]
+    print("wrote " + ", ".join(export(clip, cfg.model, out)))
+    if not out.endswith(".safetensors"):
+        print(f'open with open_clip.create_model_and_transforms("local-dir:{out}")')
+    elif cfg.model.custom is None and cfg.model.context_length is not None:
         print(f"open_clip needs force_context_length={cfg.model.context_length} to build this text tower")
 
 
