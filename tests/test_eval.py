@@ -4,6 +4,7 @@ import csv
 import glob
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -111,6 +112,16 @@ def test_evaluators_during_training_match_the_eval_of_the_checkpoint(trained):
     expected = {f"metrics/{n}/{n}/{score}": v for n, r in results.items() for score, v in score_items(r).items()}
     assert len(expected) == 3 + 6
     assert logged == pytest.approx(expected, abs=1e-6)
+
+
+def test_loading_a_checkpoint_does_not_claim_a_random_model(trained, caplog):
+    eval_cfg, checkpoint, _ = trained
+    with caplog.at_level(logging.WARNING):
+        load_clip(replace(eval_cfg, load_path=checkpoint))
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_clip(eval_cfg)  # a fresh model is one, and open_clip still says so
+    assert "No pretrained weights loaded for model 'tiny-vit-demo'. Model initialized randomly." in caplog.text
 
 
 class Payload:
