@@ -51,6 +51,12 @@ class DataConfig:
     # Per shard download from a remote: seconds before a stalled read fails, and attempts.
     download_timeout: float = 60.0
     download_retry: int = 2
+    # Each shard's hash (written by `make shards`) is checked when a loader process first reads
+    # it; a mismatch stops the run naming the shard. None skips the check.
+    validate_hash: Optional[str] = "xxh64"
+    # Samples that still fail to decode are replaced by the next one and counted; more than this
+    # many in one loader process stops the run.
+    max_bad_samples: int = 100
 
 
 @dataclass

@@ -2,29 +2,100 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import os
+import random
+from typing import Callable, Optional, Sequence
 
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.hashing import get_hash
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.images import decode_rgb
 
+log = logging.getLogger(__name__)
+
+
+class CorruptShardError(RuntimeError):
+    """A shard whose bytes no longer match the hash written when it was built."""
+
 
 class CLIPStreamingDataset(StreamingDataset):
-    """Decodes each sample's image to RGB, applies the image transform and tokenizes the caption."""
+    """Decodes each sample's image to RGB, applies the image transform and tokenizes a caption.
 
-    def __init__(self, *, image_transform: Callable, tokenizer: Callable, **kwargs):
+    Every shard is checked against its build-time hash the first time this process reads it. A
+    sample that still cannot be decoded is replaced by the next one (the same one on every run, so
+    resumption stays exact), logged and counted.
+    """
+
+    def __init__(self, *, image_transform: Callable, tokenizer: Callable, stream_names: Sequence[str] = (),
+                 validate_hash: Optional[str] = "xxh64", max_bad_samples: int = 100, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.image_transform = image_transform
         self.tokenizer = tokenizer
+        self.stream_names = list(stream_names) or [s.remote or s.local for s in self.streams]
+        self.validate_hash = validate_hash
+        self.max_bad_samples = max_bad_samples
+        self.bad_samples = 0  # in this process
+        self._checked_shards: set = set()
 
     def __getitem__(self, index: int):
-        sample = super().__getitem__(index)
-        # Augmentation noise is a function of (seed, epoch, sample), not of worker RNG history,
-        # so a resumed run sees exactly the crops an uninterrupted one would.
-        torch.manual_seed(hash((self.shuffle_seed, self.next_epoch, index)) & (2**63 - 1))
-        return decode_rgb(sample["image"], self.image_transform), self.tokenizer(sample["caption"])[0]
+        shard_id = int(self.spanner[index][0])
+        try:
+            sample = super().__getitem__(index)
+        except Exception as err:  # noqa: BLE001 - a shard that cannot be parsed
+            self._check_shard(shard_id)
+            return self._replace(index, shard_id, err)
+        self._check_shard(shard_id)
+        # Augmentation noise and the caption choice are functions of (seed, epoch, sample), not
+        # of worker RNG history, so a resumed run sees exactly what an uninterrupted one would.
+        seed = hash((self.shuffle_seed, self.next_epoch, index)) & (2**63 - 1)
+        torch.manual_seed(seed)
+        try:
+            image = decode_rgb(sample["image"], self.image_transform)
+        except Exception as err:  # noqa: BLE001 - any decoder error
+            return self._replace(index, shard_id, err)
+        captions = sample.get("captions") or [sample["caption"]]  # COCO-style streams keep all
+        return image, self.tokenizer(random.Random(seed).choice(captions))[0]
+
+    def _shard_file(self, shard_id: int) -> tuple:
+        shard = self.shards[shard_id]
+        raw = shard.file_pairs[0][0]
+        return os.path.join(shard.dirname, shard.split, raw.basename), raw.hashes
+
+    def _stream_name(self, shard_id: int) -> str:
+        return self.stream_names[int(self.stream_per_shard[shard_id])]
+
+    def _check_shard(self, shard_id: int) -> None:
+        if self.validate_hash is None or shard_id in self._checked_shards:
+            return
+        path, hashes = self._shard_file(shard_id)
+        if self.validate_hash not in hashes:  # built by another tool: say so once per shard, read on
+            log.warning("stream '%s': shard %s has no %s hash in its index (it has: %s), so it is not checked; "
+                        "rebuild it with `make shards` to get one", self._stream_name(shard_id), path,
+                        self.validate_hash, sorted(hashes) or "none")  # fmt: skip
+            self._checked_shards.add(shard_id)
+            return
+        with open(path, "rb") as f:
+            found = get_hash(self.validate_hash, f.read())
+        if found != hashes[self.validate_hash]:
+            raise CorruptShardError(
+                f"stream '{self._stream_name(shard_id)}': shard {path} is corrupt ({self.validate_hash} "
+                f"{found}, built as {hashes[self.validate_hash]}). If it is a cached copy of a remote stream, "
+                "delete it and it is downloaded again; otherwise rebuild the stream (make shards) or upload it again."
+            )
+        self._checked_shards.add(shard_id)
+
+    def _replace(self, index: int, shard_id: int, err: Exception):
+        self.bad_samples += 1
+        path, _ = self._shard_file(shard_id)
+        message = f"stream '{self._stream_name(shard_id)}': sample {index} in {path} cannot be decoded ({err!r})"
+        if self.bad_samples > self.max_bad_samples:
+            raise RuntimeError(f"{message}; {self.bad_samples} bad samples in this loader process, more than "
+                               "data.max_bad_samples: stopping. Rebuild the stream or raise the limit.")  # fmt: skip
+        log.warning("%s: replaced by the next sample (%d bad so far)", message, self.bad_samples)
+        return self[(index + 1) % self.num_samples]
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -56,6 +127,9 @@ def build_dataloader(
         cache_limit=cfg.cache_limit,
         image_transform=image_transform,
         tokenizer=tokenizer,
+        stream_names=list(cfg.streams),
+        validate_hash=cfg.validate_hash,
+        max_bad_samples=cfg.max_bad_samples,
     )
     return StreamingDataLoader(
         dataset,

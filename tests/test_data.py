@@ -1,0 +1,86 @@
+"""The training dataset: shard hashes checked on first read, undecodable samples replaced and counted,
+COCO-style captions chosen per epoch."""
+
+import glob
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import MDSWriter
+
+from pipeline.data import CLIPStreamingDataset, CorruptShardError
+
+
+def _to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+
+def _dataset(local: str, name: str = "unit", **kwargs) -> CLIPStreamingDataset:
+    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, image_transform=_to_tensor,
+                                tokenizer=lambda text: [text], stream_names=[name], **kwargs)  # fmt: skip
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write(out, images: list, hashes=("sha1", "xxh64")) -> str:
+    with MDSWriter(out=str(out), columns={"image": "bytes", "caption": "str"}, hashes=list(hashes)) as writer:
+        for i, image in enumerate(images):
+            writer.write({"image": image, "caption": f"sample {i}"})
+    return str(out)
+
+
+def test_a_corrupt_shard_stops_training_naming_stream_and_shard(sample_build, tmp_path):
+    cfg, _ = sample_build
+    local = shutil.copytree(cfg.sources["coco"].out, tmp_path / "coco")
+    shard = sorted(glob.glob(os.path.join(local, "*", "shard.*.mds")))[0]
+    with open(shard, "r+b") as f:  # 4 KB of flipped bytes in the middle of the shard
+        f.seek(os.path.getsize(shard) // 2)
+        block = f.read(4096)
+        f.seek(-len(block), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in block))
+    dataset = _dataset(str(local), name="coco")
+    with pytest.raises(CorruptShardError, match=rf"stream 'coco': shard {shard} is corrupt .*delete it"):
+        for i in range(dataset.num_samples):
+            dataset[i]
+    unchecked = _dataset(str(local), name="coco", validate_hash=None)
+    assert unchecked[0][0].shape == (28, 28, 3)  # without the check the shard is read as it is
+
+
+def test_undecodable_samples_are_replaced_counted_and_capped(tmp_path):
+    local = _write(tmp_path / "mds", [_png(10), b"not an image at all", _png(30), _png(40)])
+    dataset = _dataset(local)
+    image, caption = dataset[1]
+    assert caption == "sample 2" and int(image[0, 0, 0]) == 30  # the next sample, every time
+    assert dataset.bad_samples == 1
+    assert [dataset[i][1] for i in (0, 2, 3)] == ["sample 0", "sample 2", "sample 3"]
+    strict = _dataset(str(local), max_bad_samples=0)
+    with pytest.raises(RuntimeError, match=r"stream 'unit': sample 1 in .*shard.00000.mds cannot be decoded.*max_bad_samples"):
+        strict[1]
+
+
+def test_streams_without_hashes_are_read_unchecked(tmp_path):
+    local = _write(tmp_path / "mds", [_png(10)], hashes=())
+    assert _dataset(local)[0][1] == "sample 0"
+
+
+def test_coco_captions_are_chosen_per_epoch_deterministically(sample_build):
+    cfg, _ = sample_build
+    dataset = _dataset(cfg.sources["coco"].out, name="coco")
+    chosen = {}
+    for epoch in range(6):
+        dataset.next_epoch = epoch
+        chosen[epoch] = [dataset[i][1] for i in range(40)]
+    dataset.next_epoch = 3
+    assert [dataset[i][1] for i in range(40)] == chosen[3]  # the same (seed, epoch, sample), the same caption
+    for i in range(40):
+        captions = dataset.get_item(i)["captions"]
+        assert {chosen[e][i] for e in chosen} <= set(captions)
+    assert sum(len({chosen[e][i] for e in chosen}) == 2 for i in range(40)) > 30  # both captions get used
