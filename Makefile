@@ -1,6 +1,7 @@
 # make demo   - install, build the sample shards, train a tiny CLIP on CPU, print where things are
 # make test   - install, run the test suite (what CI runs)
-# make shards [SOURCES=yamls/data/merged2b.yaml]      - img2dataset -> MDS streams
+# make shards [SOURCES=yamls/data/merged2b.yaml SHARDS_ARGS="key=value ..."] - img2dataset -> MDS, on Spark
+#                                                      (local[*]; SPARK_MASTER=spark://host:7077 for a cluster)
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
 # make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=..."]
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
@@ -13,6 +14,7 @@ TRAIN   ?= yamls/demo_cpu.yaml
 EVAL    ?= yamls/eval/zeroshot.yaml
 NPROC   ?= 1
 ARGS    ?=
+SHARDS_ARGS ?=
 DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # img2dataset otherwise checks the internet for an albumentations update.
@@ -26,15 +28,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[test]"
 	touch $@
 
-# The built-in sample's real images ship in Debian packages.
+# The built-in sample's real images ship in Debian packages; Spark needs a Java runtime.
 debian-packages:
 	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); }
+	@command -v java >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openjdk-17-jre-headless; }
 
 install: $(STAMP) debian-packages
 
 shards: install
-	$(PY) -m data_prep.build $(SOURCES)
+	$(PY) -m data_prep.build $(SOURCES) $(SHARDS_ARGS)
 
 train: install
 	$(VENV)/bin/composer -n $(NPROC) pipeline/train.py $(TRAIN) $(ARGS)

@@ -20,7 +20,7 @@ from data_prep import sample
 from data_prep.download import download
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.spark import spark_session
-from data_prep.storage import remove_tree
+from data_prep.storage import check_bucket, remove_tree
 from data_prep.to_mds import convert
 from data_prep.url_lists import prepare_url_list
 from pipeline.tables import align_columns
@@ -29,6 +29,9 @@ from pipeline.tables import align_columns
 def build(cfg: SourcesConfig) -> list:
     serving = sample.serve(cfg) if cfg.sample is not None else contextlib.nullcontext()
     with serving, spark_session(cfg.spark) as spark:
+        print(f"Building {len(cfg.sources)} sources on {spark.sparkContext.master}", flush=True)
+        for source in cfg.sources.values():
+            check_bucket(source.out)  # before any download
         start = time.time()
         lists = {
             name: prepare_url_list(spark, name, source, os.path.join(cfg.work_dir, "prepared", name))

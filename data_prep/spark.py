@@ -46,6 +46,9 @@ def spark_session(cfg: SparkConfig) -> Iterator["pyspark.sql.SparkSession"]:  # 
         if name in os.environ:
             builder = builder.config(f"spark.executorEnv.{name}", os.environ[name])
     builder = builder.config("spark.executorEnv.NO_ALBUMENTATIONS_UPDATE", "1")
+    if os.environ.get("S3_ENDPOINT_URL"):  # the same S3-compatible store for s3a:// URL lists
+        builder = builder.config("spark.hadoop.fs.s3a.endpoint", os.environ["S3_ENDPOINT_URL"])
+        builder = builder.config("spark.hadoop.fs.s3a.path.style.access", "true")
     for key, value in cfg.conf.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()

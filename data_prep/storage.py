@@ -21,6 +21,25 @@ def _s3_client():
     return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
 
 
+class StorageError(RuntimeError):
+    """Object storage that cannot be written as the config asks."""
+
+
+def check_bucket(path: str) -> None:
+    """Fails at once, naming the bucket, when an s3:// path's bucket is missing or refuses us."""
+    if not is_remote(path):
+        return
+    from botocore.exceptions import ClientError
+
+    bucket = urlparse(path).netloc
+    try:
+        _s3_client().head_bucket(Bucket=bucket)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "?")
+        problem = "does not exist" if code in ("404", "NoSuchBucket") else f"refuses access ({code})"
+        raise StorageError(f"{path}: bucket '{bucket}' {problem} at {_s3_client().meta.endpoint_url}") from err
+
+
 def remove_tree(path: str) -> None:
     """Delete a folder, or every object under an s3:// prefix."""
     if not is_remote(path):

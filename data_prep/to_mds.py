@@ -15,7 +15,7 @@ import os
 
 from data_prep.download import finished_shards
 from data_prep.sources import SourceConfig, SourcesConfig
-from data_prep.storage import is_remote, read_json, remove_tree, write_json
+from data_prep.storage import check_bucket, is_remote, read_json, remove_tree, write_json
 
 # The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
 BASE_COLUMNS = {
@@ -89,8 +89,9 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
     """dataframe_to_mds of the rows whose key is in `keys`; returns the samples in the merged index."""
     from streaming.base.converters import dataframe_to_mds
 
+    check_bucket(source.out)
     remove_tree(source.out)  # a rebuild replaces the stream; the merged index is written last
-    rows = frame.join(keys, "key", "left_semi")
+    rows = frame.join(keys, "key", "left_semi").sortWithinPartitions("key")  # the same streams on every run
     if rows.isEmpty():
         return 0
     columns = mds_columns(source)

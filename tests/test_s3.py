@@ -13,8 +13,9 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from PIL import Image
 from streaming import StreamingDataset
 
-from data_prep.sources import SourceConfig
-from data_prep.to_mds import SUMMARY_FILE, to_mds
+from data_prep.sources import SourceConfig, SourcesConfig
+from data_prep.storage import StorageError
+from data_prep.to_mds import SUMMARY_FILE, convert
 from tests.conftest import PYTHON, run_train, train_overrides
 from tests.s3server import free_ports
 
@@ -39,12 +40,16 @@ def _write_download(folder, n: int, bad: int = 0) -> list:
                    status="failed_to_download", width=None, height=None) for i in range(bad)]  # fmt: skip
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows + failed), os.path.join(folder, "00000.parquet"))
+    with open(os.path.join(folder, "00000_stats.json"), "w") as f:
+        json.dump({"count": n + bad}, f)
     return rows
 
 
-def _mds_to_s3(tmp_path, remote: str, name: str, n: int, bad: int = 0):
+def _mds_to_s3(spark, tmp_path, remote: str, name: str, n: int, bad: int = 0):
+    """make shards' conversion (Spark, dataframe_to_mds) of an img2dataset-like output to `remote`."""
     rows = _write_download(tmp_path / f"i2d_{name}", n, bad)
-    summary = to_mds(name, SourceConfig(url_list="unused", out=remote), str(tmp_path / f"i2d_{name}"))
+    cfg = SourcesConfig(work_dir=str(tmp_path / "work"), sources={name: SourceConfig(url_list="unused", out=remote)})
+    (summary,) = convert(spark, cfg, {name: (str(tmp_path / f"i2d_{name}"), {"urls": n + bad, "to_download": n + bad})})
     return rows, summary
 
 
@@ -65,49 +70,53 @@ def test_server_binds_loopback_only_and_enforces_keys(s3, s3_bucket):
             assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
 
 
-def test_to_mds_writes_straight_to_s3_and_streams_back_exactly(s3, s3_bucket, tmp_path):
+def test_to_mds_writes_straight_to_s3_and_streams_back_exactly(spark, s3, s3_bucket, tmp_path):
     remote = f"s3://{s3_bucket}/streams/web"
-    rows, summary = _mds_to_s3(tmp_path, remote, "web", n=40, bad=3)
+    rows, summary = _mds_to_s3(spark, tmp_path, remote, "web", n=40, bad=3)
     assert summary["written"] == 40 and summary["failed_to_download"] == 3 and summary["urls"] == 43
 
     keys = s3.list_keys(s3_bucket)
-    assert keys == ["streams/web/index.json", "streams/web/shard.00000.mds", f"streams/web/{SUMMARY_FILE}"]
+    assert {"streams/web/index.json", f"streams/web/{SUMMARY_FILE}"} <= set(keys)
+    index = json.loads(s3.client().get_object(Bucket=s3_bucket, Key="streams/web/index.json")["Body"].read())
+    shards = {f"streams/web/{shard['raw_data']['basename']}" for shard in index["shards"]}
+    assert shards and shards <= set(keys)  # one MDS folder per Spark partition, merged into one index
     in_bucket = json.loads(s3.client().get_object(Bucket=s3_bucket, Key=f"streams/web/{SUMMARY_FILE}")["Body"].read())
     assert in_bucket == summary and in_bucket["out"] == remote
 
     cache = tmp_path / "cache"
     dataset = StreamingDataset(remote=remote, local=str(cache), batch_size=1, shuffle=False)
     assert dataset.num_samples == 40
-    got = [dataset[i] for i in range(dataset.num_samples)]
+    got = sorted((dataset[i] for i in range(dataset.num_samples)), key=lambda s: s["key"])
     assert [(s["key"], s["url"], s["caption"], s["image"], s["width"], s["height"], s["source"]) for s in got] == [
         (r["key"], r["url"], r["caption"], r["jpg"], 40, 30, "web") for r in rows
     ]
-    assert sorted(os.listdir(cache)) == ["index.json", "shard.00000.mds"]  # fetched from the bucket
+    cached = {os.path.relpath(os.path.join(d, f), cache) for d, _, files in os.walk(cache) for f in files}
+    assert {s[len("streams/web/"):] for s in shards} <= cached  # fetched from the bucket
 
 
-@pytest.mark.timeout(60)
-def test_stopped_server_is_a_fast_clear_error_and_data_survives_a_restart(s3, s3_bucket, tmp_path):
+@pytest.mark.timeout(120)
+def test_stopped_server_is_a_fast_clear_error_and_data_survives_a_restart(spark, s3, s3_bucket, tmp_path):
     remote = f"s3://{s3_bucket}/ds"
-    _mds_to_s3(tmp_path, remote, "ds", n=8)
+    _mds_to_s3(spark, tmp_path, remote, "ds", n=8)
     s3.stop(kill=True)  # a crash, not a clean shutdown
     with pytest.raises(EndpointConnectionError, match="Could not connect to the endpoint URL"):
         StreamingDataset(remote=remote, local=str(tmp_path / "c1"), batch_size=1)
     with pytest.raises(EndpointConnectionError):
-        _mds_to_s3(tmp_path, f"s3://{s3_bucket}/other", "other", n=2)
+        _mds_to_s3(spark, tmp_path, f"s3://{s3_bucket}/other", "other", n=2)
     s3.start()
     dataset = StreamingDataset(remote=remote, local=str(tmp_path / "c2"), batch_size=1, shuffle=False)
-    assert [dataset[i]["key"] for i in range(dataset.num_samples)] == [f"{i:05d}" for i in range(8)]
+    assert sorted(dataset[i]["key"] for i in range(dataset.num_samples)) == [f"{i:05d}" for i in range(8)]
 
 
-@pytest.mark.timeout(60)
-def test_missing_bucket_or_prefix_is_a_clear_error(s3, s3_bucket, tmp_path):
+@pytest.mark.timeout(120)
+def test_missing_bucket_or_prefix_is_a_clear_error(spark, s3, s3_bucket, tmp_path):
     with pytest.raises(ClientError, match=r"s3://no-such-bucket/x/index.json not found"):
         StreamingDataset(remote="s3://no-such-bucket/x", local=str(tmp_path / "a"), batch_size=1)
     with pytest.raises(ClientError, match=rf"s3://{s3_bucket}/nothing/index.json not found"):
         StreamingDataset(remote=f"s3://{s3_bucket}/nothing", local=str(tmp_path / "b"), batch_size=1)
-    # MDSWriter checks the bucket first (streaming's own hint is lost here: it says only 404 HeadBucket).
-    with pytest.raises(ClientError, match=r"\(404\).*HeadBucket"):
-        _mds_to_s3(tmp_path, "s3://no-such-bucket/x", "x", n=2)
+    # make shards checks the bucket before it downloads or writes anything.
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist at http://127.0.0.1:"):
+        _mds_to_s3(spark, tmp_path, "s3://no-such-bucket/x", "x", n=2)
 
 
 @pytest.mark.timeout(60)
@@ -143,10 +152,10 @@ def test_closed_port_is_refused_at_once(monkeypatch, tmp_path):
         StreamingDataset(remote="s3://bucket/x", local=str(tmp_path / "c"), batch_size=1)
 
 
-def test_training_streams_its_shards_from_the_bucket(s3, s3_bucket, tmp_path):
+def test_training_streams_its_shards_from_the_bucket(spark, s3, s3_bucket, tmp_path):
     remotes = {name: f"s3://{s3_bucket}/sample/{name}" for name in ("web", "coco")}
     for name, remote in remotes.items():
-        _mds_to_s3(tmp_path, remote, name, n=24)
+        _mds_to_s3(spark, tmp_path, remote, name, n=24)
     caches = {name: tmp_path / "cache" / name for name in remotes}
 
     # train_overrides points data.streams.<name>.local at cfg.sources[name].out: the empty caches.
