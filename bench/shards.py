@@ -5,7 +5,7 @@ single-process converter it replaced, side by side on the same synthetic img2dat
     python bench/shards.py --rows 10000 100000
 
 The input is what img2dataset leaves: parquet shards of 10,000 rows with a `_stats.json` each,
-small JPEGs (every one distinct: a shared 32x32 JPEG with a unique tail after its end marker), 5%
+small JPEGs (every one distinct: a shared flat-colour JPEG, 32x32 by default, with a unique tail after its end marker), 5%
 failed downloads, 3% exact duplicate images, 2% images below the size filter. Each run is a fresh
 subprocess; peak RSS is sampled every 0.2 s for the driver (the Python process that runs the
 conversion), the Spark JVM and the Spark Python workers (largest sum seen). Prints a markdown table.
@@ -31,26 +31,26 @@ OLD_CONVERTER_COMMIT = "46ae1f5"
 SHARD_ROWS = 10_000
 
 
-def make_input(folder: str, rows: int) -> None:
+def make_input(folder: str, rows: int, image_size: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 80, 40)).save(buffer, format="JPEG", quality=90)
+    Image.new("RGB", (image_size, image_size), (200, 80, 40)).save(buffer, format="JPEG", quality=90)
     base = buffer.getvalue()
     os.makedirs(folder, exist_ok=True)
     for shard in range(0, rows, SHARD_ROWS):
         batch = []
         for i in range(shard, min(rows, shard + SHARD_ROWS)):
             row = {"key": f"{i:09d}", "url": f"http://example.com/{i}.jpg", "caption": f"image number {i}",
-                   "status": "success", "width": 32, "height": 32, "jpg": base + i.to_bytes(8, "big")}  # fmt: skip
+                   "status": "success", "width": image_size, "height": image_size, "jpg": base + i.to_bytes(8, "big")}  # fmt: skip
             if i % 20 == 7:
                 row.update(status="failed_to_download", jpg=None, width=None, height=None)
             elif i % 100 in (11, 12, 13):
                 row["jpg"] = base + (i - 1).to_bytes(8, "big")  # the same bytes as the row before
             elif i % 50 == 17:
-                row.update(width=8, height=8)
+                row.update(width=8, height=8)  # below the size filter (16)
             row["sha256"] = hashlib.sha256(row["jpg"]).hexdigest() if row["jpg"] else None
             batch.append(row)
         name = os.path.join(folder, f"{shard // SHARD_ROWS:05d}")
@@ -141,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="side of the (flat-colour) JPEGs: 32 makes decoding nearly free, 256 is img2dataset's default")
     parser.add_argument("--scratch", default=None, help="where the synthetic input and outputs go (default: a temp dir)")
     parser.add_argument("--child", choices=["spark", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -153,12 +155,12 @@ def main() -> None:
     results = []
     for rows in args.rows:
         folder = os.path.join(scratch, f"input_{rows}")
-        make_input(folder, rows)
+        make_input(folder, rows, args.image_size)
         for engine in ("single", "spark"):
             results.append(measure(engine, folder, rows, args.cores, scratch))
             print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(folder)
-    print(f"\n{args.cores} cores; rows/s per core = rows / seconds / cores (the single process uses one core)\n")
+    print(f"\n{args.image_size}x{args.image_size} JPEGs, {args.cores} cores; rows/s per core = rows / seconds / cores (the single process uses one core)\n")
     print("| rows | engine | written | seconds | rows/s per core | driver peak MiB | JVM peak MiB | Spark Python workers peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

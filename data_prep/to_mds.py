@@ -91,9 +91,11 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
 
     check_bucket(source.out)
     remove_tree(source.out)  # a rebuild replaces the stream; the merged index is written last
-    rows = frame.join(keys, "key", "left_semi").sortWithinPartitions("key")  # the same streams on every run
-    if rows.isEmpty():
-        return 0
+    from pyspark import StorageLevel
+
+    # Sorted by key within each partition: the same streams on every run. Persisted, so that
+    # dataframe_to_mds's emptiness check and its write share one shuffle of the image bytes.
+    rows = frame.join(keys, "key", "left_semi").sortWithinPartitions("key").persist(StorageLevel.DISK_ONLY)
     columns = mds_columns(source)
     out = (os.path.join(os.path.abspath(work_dir), "mds_parts", name), source.out) if is_remote(source.out) else source.out
     if is_remote(source.out):
@@ -105,6 +107,7 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
         udf_iterable=mds_records,
         udf_kwargs={"name": name, "columns": columns},
     )
+    rows.unpersist()
     index = read_json(os.path.join(source.out, "index.json"))
     return sum(shard["samples"] for shard in index["shards"])
 
@@ -126,7 +129,7 @@ def convert(spark, cfg: SourcesConfig, downloads: dict) -> list:
         source = cfg.sources[name]
         counts = {k: v for k, v in url_counts.items() if k != "to_download"}
         counts.update({row["_reason"] or "written": row["count"] for row in found if row["_source"] == name})
-        if name in frames:
+        if counts.get("written"):
             keys = decisions.filter((F.col("_source") == name) & F.col("_reason").isNull()).select("key")
             written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir)
             if written != counts.get("written", 0):
