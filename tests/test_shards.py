@@ -19,7 +19,21 @@ from tests.conftest import REPO, SAMPLE_YAML, sample_overrides
 from tests.s3server import free_ports
 
 SPARK_HOME = os.path.join(os.path.dirname(__import__("pyspark").__file__))
-BUILD = [sys.executable, "-m", "data_prep.build", SAMPLE_YAML]
+
+
+def _sample_yaml(tmp_path, names: tuple) -> str:
+    """The sample's sources YAML with only `names` (the end-to-end tests need the training sources)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(SAMPLE_YAML)
+    cfg.sources = {name: cfg.sources[name] for name in names}
+    path = str(tmp_path / "sources.yaml")
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def _training_sources_only(overrides: list) -> list:
+    return [o for o in overrides if not (o.startswith("sources.") and "_test." in o)]
 
 
 def _url_list(path, rows: list) -> str:
@@ -151,9 +165,9 @@ def spark_cluster(tmp_path):
 @pytest.mark.slow
 def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_path):
     root = str(tmp_path / "cluster")
-    args = " ".join(sample_overrides(root))
+    args = " ".join(_training_sources_only(sample_overrides(root)))
     proc = subprocess.run(
-        ["make", "-C", REPO, "shards", f"SOURCES={SAMPLE_YAML}", f"SHARDS_ARGS={args}"],
+        ["make", "-C", REPO, "shards", f"SOURCES={_sample_yaml(tmp_path, ('web', 'coco'))}", f"SHARDS_ARGS={args}"],
         env={**os.environ, "SPARK_MASTER": spark_cluster}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -176,18 +190,19 @@ def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
 @pytest.mark.slow
 def test_killed_download_and_conversion_resume_to_the_same_streams(sample_build, tmp_path):
     root = str(tmp_path / "resume")
-    args = [*sample_overrides(root), "sources.web.img2dataset.number_sample_per_shard=400",
+    build = [sys.executable, "-m", "data_prep.build", _sample_yaml(tmp_path, ("web", "coco"))]
+    args = [*_training_sources_only(sample_overrides(root)), "sources.web.img2dataset.number_sample_per_shard=400",
             "sources.web.img2dataset.thread_count=2"]  # fmt: skip
     stats = os.path.join(root, "_work", "img2dataset", "web", "*_stats.json")
-    _kill_when([*BUILD, *args], lambda: len(glob.glob(stats)) >= 2)
+    _kill_when([*build, *args], lambda: len(glob.glob(stats)) >= 2)
     done = len(glob.glob(stats))
     assert 2 <= done < 9  # 3,302 URLs to download, 400 a shard: killed mid-download
 
     parts = os.path.join(root, "web", "*", "shard.*.mds")
-    _kill_when([*BUILD, *args], lambda: glob.glob(parts))
+    _kill_when([*build, *args], lambda: glob.glob(parts))
     assert not os.path.exists(os.path.join(root, "web", "index.json"))  # a killed conversion: no stream
 
-    proc = subprocess.run([*BUILD, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*build, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     web = _summaries(os.path.join(root, "_work"))["web"]
     assert web["shards_done_before"] == 9 and web["shards_fetched"] == 0  # the second run finished the download
