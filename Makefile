@@ -3,7 +3,7 @@
 # make shards [SOURCES=yamls/data/merged2b.yaml SHARDS_ARGS="key=value ..."] - img2dataset -> MDS, on Spark
 #                                                      (local[*]; SPARK_MASTER=spark://host:7077 for a cluster)
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
-# make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=..."]
+# make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=RUN_DIR_OR_CHECKPOINT"]  (default: runs/demo)
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
 
 VENV    ?= .venv
@@ -45,7 +45,7 @@ train: install
 
 demo: shards
 	$(VENV)/bin/composer -n 1 pipeline/train.py yamls/demo_cpu.yaml $(ARGS)
-	$(PY) pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo/checkpoints/latest-rank0.pt
+	$(PY) pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo
 
 eval: install
 	$(PY) pipeline/eval.py $(EVAL) $(ARGS)

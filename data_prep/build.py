@@ -48,6 +48,8 @@ def build(cfg: SourcesConfig) -> list:
         start = time.time()
         summaries = convert(spark, cfg, downloads)
         print(f"MDS streams written in {time.time() - start:.1f} s", flush=True)
+    if cfg.sample is not None:
+        sample.write_eval_files(cfg)
     for summary in summaries:
         summary.update(fetched[summary["source"]])
     return summaries

@@ -27,12 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from data_prep.eval_sets import CLASSNAMES_FILE, TEMPLATES_FILE
 from data_prep.sources import SampleConfig, SourcesConfig
+from data_prep.storage import write_text
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-DEBIAN_PACKAGES = "fonts-noto-color-emoji unicode-data dataset-fashion-mnist"
 FASHION_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -51,8 +52,8 @@ def check_packages() -> None:
     missing = [p for p in (EMOJI_FONT, EMOJI_TEST, FASHION_DIR) if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(
-            f"The built-in sample needs the Debian packages {DEBIAN_PACKAGES} "
-            f"(missing: {', '.join(missing)}). Run `make install` or apt-get install them."
+            f"The built-in sample needs the Debian packages that `make install` installs "
+            f"(DEBIAN_PACKAGES in the Makefile; missing: {', '.join(missing)})."
         )
 
 
@@ -187,6 +188,15 @@ def write_url_list(rows: List[dict], path: str, input_format: str) -> None:
                 return
     with open(path, "wb") as f:
         f.write(content)
+
+
+def write_eval_files(cfg: SourcesConfig) -> None:
+    """Fashion-MNIST's class names (label order) and the sample's caption patterns as prompt
+    templates, next to the coco_test stream, as CLIP_benchmark's sets carry them."""
+    if "coco_test" in cfg.sources:
+        out = cfg.sources["coco_test"].out.rstrip("/")
+        write_text(f"{out}/{CLASSNAMES_FILE}", "".join(f"{name}\n" for name in FASHION_CLASSES))
+        write_text(f"{out}/{TEMPLATES_FILE}", "".join(f"{template}\n" for template in FASHION_CAPTIONS))
 
 
 @contextlib.contextmanager

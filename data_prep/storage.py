@@ -62,18 +62,23 @@ def exists(path: str) -> bool:
     return found.get("KeyCount", 0) > 0
 
 
-def write_json(path: str, data) -> None:
+def write_text(path: str, text: str) -> None:
+    """A small file, locally (never half-written) or as one object in a bucket."""
     if not is_remote(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(path + ".tmp", path)  # never a half-written file
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
         return
     folder, name = path.rsplit("/", 1)
     with tempfile.TemporaryDirectory() as staging:
-        with open(os.path.join(staging, name), "w") as f:
-            json.dump(data, f, indent=2)
+        with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+            f.write(text)
         CloudUploader.get(out=(staging, folder), exist_ok=True).upload_file(name)
+
+
+def write_json(path: str, data) -> None:
+    write_text(path, json.dumps(data, indent=2))
 
 
 def read_json(path: str):

@@ -1,13 +1,16 @@
 """One typed schema per entry point; YAML + `key=value` overrides; typos fail fast.
 
-`load(Schema, path, overrides)` merges a YAML file and command-line overrides onto a
-dataclass schema with omegaconf. An unknown key raises `ConfigError` naming the nearest
-valid key, before anything heavy (model, data) is built.
+`load(Schema, path, overrides)` merges a YAML file (and the recipes it extends with `base:`) and
+command-line overrides onto a dataclass schema with omegaconf. Everything is checked here, before
+anything heavy (imports, model, data) runs: an unknown key names the nearest valid one, a choice
+(an Enum) names the valid values, and each section's `__post_init__` checks its ranges.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -19,6 +22,59 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A config that does not match its schema."""
+
+
+# A Composer time string: a number and a unit ("2000ba", "0.05dur", "1ep", "8e9sp").
+TIME = re.compile(r"^\d+(\.\d*)?(e\d+)?(ep|ba|sp|tok|dur|iter|sec)$")
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_time(key: str, value: Optional[str]) -> None:
+    check(value is None or bool(TIME.match(str(value))),
+          f"{key}={value!r} is not a Composer time such as 2000ba, 0.05dur, 1ep, 100000sp")  # fmt: skip
+
+
+class LossName(Enum):
+    clip = "clip"  # open_clip's ClipLoss: softmax over the global batch
+    siglip = "siglip"  # open_clip's SigLipLoss: sigmoid per pair, learnt bias
+
+
+class OptimizerName(Enum):
+    adamw = "adamw"
+    lamb = "lamb"  # timm's LAMB (FLIP, EVA-CLIP)
+
+
+class Sharding(Enum):
+    ddp = "ddp"  # replicate the model; DDP whenever there is more than one rank
+    none = "ddp"  # an alias: no sharding
+    FULL_SHARD = "FULL_SHARD"
+    SHARD_GRAD_OP = "SHARD_GRAD_OP"  # ZeRO-2-like: parameters stay gathered from forward to backward
+    HYBRID_SHARD = "HYBRID_SHARD"  # replicate across nodes, shard within one
+
+
+class StateDictType(Enum):
+    full = "full"  # one gathered file, loaded safely
+    sharded = "sharded"  # one file per rank (needs trust_checkpoints)
+
+
+class TextMaskingMode(Enum):
+    random = "random"
+    padding_first = "padding_first"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    amp_bf16 = "amp_bf16"
+    amp_fp16 = "amp_fp16"
+
+
+class Device(Enum):
+    cpu = "cpu"
+    gpu = "gpu"
 
 
 # ---------------------------------------------------------------------------
@@ -34,6 +90,9 @@ class StreamConfig:
     remote: Optional[str] = None
     # Relative weight in the mix; streaming normalises proportions across streams.
     proportion: Optional[float] = None
+
+    def __post_init__(self):
+        check(self.proportion is None or self.proportion > 0, f"a stream's proportion must be > 0, got {self.proportion}")
 
 
 @dataclass
@@ -58,6 +117,12 @@ class DataConfig:
     # many in one loader process stops the run.
     max_bad_samples: int = 100
 
+    def __post_init__(self):
+        check(self.global_batch_size > 0, f"data.global_batch_size must be > 0, got {self.global_batch_size}")
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        check(self.epoch_size is None or self.epoch_size > 0, f"data.epoch_size must be > 0, got {self.epoch_size}")
+        check(self.max_bad_samples >= 0, f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+
 
 @dataclass
 class ModelConfig:
@@ -67,6 +132,11 @@ class ModelConfig:
     custom: Optional[Dict[str, Any]] = None
     # Text length override (FLIP trains with 32 tokens); None keeps the model's own.
     context_length: Optional[int] = None
+    # The contrastive loss (pipeline/loss.py): clip (softmax) or siglip (sigmoid, learnt bias).
+    loss: LossName = LossName.clip
+    # SigLIP's initial logit bias and log logit scale; None: SigLIP's -10 and log(10) (its paper).
+    init_logit_bias: Optional[float] = None
+    init_logit_scale: Optional[float] = None
     # open_clip ClipLoss options: the negatives are the whole global batch when gathering with grad.
     gather_with_grad: bool = True
     local_loss: bool = False
@@ -81,16 +151,25 @@ class TowerOptimConfig:
     # lr multiplier per block below the top of the tower (1.0 = off; EVA-CLIP: visual 0.85, text 0.75)
     layer_decay: float = 1.0
 
+    def __post_init__(self):
+        check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        check(self.lr is None or self.lr >= 0, f"a tower's lr must be >= 0, got {self.lr}")
+
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | lamb
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
     text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+
+    def __post_init__(self):
+        check(self.lr >= 0 and self.weight_decay >= 0, "optimizer.lr and weight_decay must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas: two in [0, 1), got {self.betas}")
+        check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
 
 
 @dataclass
@@ -100,10 +179,17 @@ class SchedulerConfig:
     # Final lr as a fraction of the peak (cosine decay).
     alpha_f: float = 0.0
 
+    def __post_init__(self):
+        check_time("scheduler.warmup", self.warmup)
+        check(0 <= self.alpha_f <= 1, f"scheduler.alpha_f must be in [0, 1], got {self.alpha_f}")
+
 
 @dataclass
 class PatchMaskingConfig:
     ratio: float = 0.5  # fraction of image patches dropped (FLIP: 0.5 or 0.75)
+
+    def __post_init__(self):
+        check(0 <= self.ratio < 1, f"algorithms.patch_masking.ratio must be in [0, 1), got {self.ratio}")
 
 
 @dataclass
@@ -111,11 +197,17 @@ class UnmaskedTuningConfig:
     start: str = "0.95dur"  # Composer time: masking is off from here on
     lr: Optional[float] = None  # peak lr of the tuning phase; None keeps the schedule's
 
+    def __post_init__(self):
+        check_time("algorithms.unmasked_tuning.start", self.start)
+
 
 @dataclass
 class TextMaskingConfig:
     ratio: float = 0.5
-    mode: str = "padding_first"  # random | padding_first
+    mode: TextMaskingMode = TextMaskingMode.padding_first
+
+    def __post_init__(self):
+        check(0 <= self.ratio < 1, f"algorithms.text_masking.ratio must be in [0, 1), got {self.ratio}")
 
 
 @dataclass
@@ -128,15 +220,21 @@ class AlgorithmsConfig:
     flash_attention: bool = False
     grad_checkpointing: bool = False
 
+    def __post_init__(self):
+        check(self.unmasked_tuning is None or self.patch_masking is not None,
+              "algorithms.unmasked_tuning needs algorithms.patch_masking")  # fmt: skip
+
 
 @dataclass
 class ParallelismConfig:
-    """Data parallelism. `none` is DDP whenever there is more than one rank."""
+    """Data parallelism: ddp (`none` is an alias), or one of FSDP's sharding strategies."""
 
-    sharding: str = "none"  # none | FULL_SHARD | SHARD_GRAD_OP (ZeRO-2-like) | HYBRID_SHARD (multi-node)
+    sharding: Sharding = Sharding.ddp
     fsdp_version: int = 2  # FSDP2 runs on CPU (gloo) and GPU; FSDP1 needs CUDA
-    # full: one gathered file, loaded safely; sharded: one file per rank (needs trust_checkpoints)
-    state_dict_type: str = "full"
+    state_dict_type: StateDictType = StateDictType.full
+
+    def __post_init__(self):
+        check(self.fsdp_version in (1, 2), f"parallelism.fsdp_version must be 1 or 2, got {self.fsdp_version}")
 
 
 class EvalTask(Enum):
@@ -158,6 +256,9 @@ class EvalDatasetConfig:
     templates: Any = "openai_imagenet"
     batch_size: int = 64
 
+    def __post_init__(self):
+        check(self.batch_size > 0, f"an eval dataset's batch_size must be > 0, got {self.batch_size}")
+
 
 @dataclass
 class TrainConfig:
@@ -175,10 +276,10 @@ class TrainConfig:
     max_duration: str = "1ep"
     # Split each rank's batch into chunks of this size; the loss still sees the whole batch.
     device_train_microbatch_size: Optional[int] = None
-    # Composer precision: fp32 | amp_bf16 | amp_fp16; None picks fp32 on CPU, amp_bf16 on GPU.
-    precision: Optional[str] = None
-    # Composer device: cpu | gpu; None picks gpu when available.
-    device: Optional[str] = None
+    # Composer precision; None picks fp32 on CPU, amp_bf16 on GPU.
+    precision: Optional[Precision] = None
+    # Composer device; None picks gpu when available.
+    device: Optional[Device] = None
     save_folder: str = "${run_dir}/checkpoints"
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1
@@ -194,6 +295,12 @@ class TrainConfig:
     console_log_interval: str = "50ba"
     progress_bar: bool = True
 
+    def __post_init__(self):
+        for key in ("max_duration", "save_interval", "eval_interval", "console_log_interval"):
+            check_time(key, getattr(self, key))
+        micro = self.device_train_microbatch_size
+        check(micro is None or micro > 0, f"device_train_microbatch_size must be > 0, got {micro}")
+
 
 # ---------------------------------------------------------------------------
 # Evaluation schema
@@ -202,8 +309,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # A Composer checkpoint (local or remote); empty: a freshly initialised model.
+    # None: the model of the run that load_path names (its saved config.yaml).
+    model: Optional[ModelConfig] = None
+    # A run folder (as train.py leaves it) or a Composer checkpoint, local or remote; empty: a
+    # freshly initialised `model`.
     load_path: Optional[str] = None
     # Unpickle the whole checkpoint (can run code from the file) instead of tensors only.
     trust_checkpoints: bool = False
@@ -255,11 +364,29 @@ def _merge(schema: type, base: DictConfig, other: Any, source: str) -> DictConfi
         raise ConfigError(f"Invalid config value (from {source}): {err}") from None
 
 
+BASE_KEY = "base"  # a recipe extends another: `base: flip_b16.yaml` (relative to this file)
+
+
+def _recipe_chain(path: str, extending: tuple = ()) -> list:
+    """[(YAML, path)] from the deepest `base:` to `path` itself."""
+    if not os.path.isfile(path):
+        within = f" (the base of {extending[-1]})" if extending else ""
+        raise ConfigError(f"Config file {path} does not exist{within}")
+    if os.path.abspath(path) in map(os.path.abspath, extending):
+        raise ConfigError(f"Config files extend each other in a cycle: {' -> '.join((*extending, path))}")
+    node = OmegaConf.load(path)
+    base = node.pop(BASE_KEY, None) if isinstance(node, DictConfig) else None
+    if base is None:
+        return [(node, path)]
+    return _recipe_chain(os.path.join(os.path.dirname(path), str(base)), (*extending, path)) + [(node, path)]
+
+
 def load(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a typed object."""
+    """Schema defaults <- YAML file (after the recipes it extends) <- `key=value` overrides,
+    validated; returns a typed object."""
     cfg = OmegaConf.structured(schema)
-    if path is not None:
-        cfg = _merge(schema, cfg, OmegaConf.load(path), path)
+    for node, source in _recipe_chain(path) if path is not None else []:
+        cfg = _merge(schema, cfg, node, source)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"Overrides must look like key=value, got: {' '.join(bad)}")
@@ -270,9 +397,9 @@ def load(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"Missing required config keys: {', '.join(missing)}")
     try:
         OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg)  # runs every section's __post_init__ checks
     except OmegaConfBaseException as err:
         raise ConfigError(f"Could not resolve config: {err}") from None
-    return OmegaConf.to_object(cfg)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -1,7 +1,10 @@
 """Zero-shot evaluation of a checkpoint (or a fresh model) on eval MDS streams.
 
-    python pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo/checkpoints/latest-rank0.pt
+    python pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo            # a run folder
+    python pipeline/eval.py yamls/eval/zeroshot.yaml load_path=s3://bucket/run/ep1-ba900-rank0.pt
 
+The model is the one the run saved with its config (config.yaml in the run folder and next to the
+checkpoints); an eval YAML's `model:` section is needed only for a checkpoint from elsewhere.
 Prints a table and writes the scores as JSON (`output`). The same datasets can be Composer
 evaluators during training: see `build_evaluators`.
 """
@@ -23,15 +26,15 @@ from composer.utils import get_file, reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
 
 from pipeline.checkpointing import CheckpointError, read_checkpoint
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
+from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, ModelConfig, load
 from pipeline.images import decode_rgb
-from pipeline.model import build_clip
+from pipeline.model import build_clip, encode
+from pipeline.runs import resolve_run
 from pipeline.tables import align_columns
 from pipeline.zeroshot import (
     DatasetScores,
     ZeroShotClassification,
     ZeroShotRetrieval,
-    encode_eval_batch,
     resolve_classnames,
     resolve_templates,
 )
@@ -167,15 +170,27 @@ def _weights_loaded_after():
         root.removeFilter(_not_random_init)
 
 
-def load_clip(cfg: EvalConfig) -> tuple:
-    """(open_clip model in eval mode, eval image transform, tokenizer); fresh when no load_path."""
-    reproducibility.seed_all(cfg.seed)
-    with _weights_loaded_after() if cfg.load_path else contextlib.nullcontext():
-        clip, _, eval_transform, tokenizer = build_clip(cfg.model)
+def model_and_checkpoint(cfg: EvalConfig) -> tuple:
+    """(model config, checkpoint path or None): from the run that load_path names, unless the
+    eval config has its own model section."""
     if cfg.load_path:
-        clip.load_state_dict(read_model_weights(cfg.load_path, cfg.trust_checkpoints))
-        print(f"{cfg.model.name}: weights from {cfg.load_path}", file=sys.stderr)
-    return clip.eval(), eval_transform, tokenizer
+        return resolve_run(cfg.load_path, cfg.model)
+    if cfg.model is None:
+        raise ConfigError("A fresh model (no load_path) needs a model section in the eval config")
+    return cfg.model, None
+
+
+def load_clip(cfg: EvalConfig) -> tuple:
+    """(open_clip model in eval mode, eval image transform, tokenizer, model config); fresh when
+    there is no load_path."""
+    model, checkpoint = model_and_checkpoint(cfg)
+    reproducibility.seed_all(cfg.seed)
+    with _weights_loaded_after() if checkpoint else contextlib.nullcontext():
+        clip, _, eval_transform, tokenizer = build_clip(model)
+    if checkpoint:
+        clip.load_state_dict(read_model_weights(checkpoint, cfg.trust_checkpoints))
+        print(f"{model.name}: weights from {checkpoint}", file=sys.stderr)
+    return clip.eval(), eval_transform, tokenizer, model
 
 
 # ---------------------------------------------------------------------------
@@ -192,14 +207,14 @@ def evaluate_dataset(
     scores = scores.to(device)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores.update(clip, batch, encode_eval_batch(clip, batch))
+        scores.update(clip, batch, encode(clip, batch["images"], batch.get("texts")))
     return {"task": cfg.type.value, "images": len(loader.dataset), **scores.compute()}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.datasets:
         raise ConfigError("datasets is empty: name at least one eval MDS stream")
-    clip, image_transform, tokenizer = load_clip(cfg)
+    clip, image_transform, tokenizer, model = load_clip(cfg)
     clip.to("cuda" if torch.cuda.is_available() else "cpu")
     scores = {name: build_scores(dataset, tokenizer) for name, dataset in cfg.datasets.items()}  # fail before encoding
     results = {}
@@ -207,7 +222,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         start = time.time()
         results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
         print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
-    return {"model": cfg.model.name, "load_path": cfg.load_path or None, "datasets": results}
+    return {"model": model.name, "load_path": cfg.load_path or None, "datasets": results}
 
 
 def format_table(results: dict) -> str:
@@ -234,7 +249,7 @@ def main(argv: list) -> None:
     os.makedirs(os.path.dirname(cfg.output) or ".", exist_ok=True)
     with open(cfg.output, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"{cfg.model.name} from {cfg.load_path or 'a fresh initialisation'}\n")
+    print(f"{results['model']} from {cfg.load_path or 'a fresh initialisation'}\n")
     print(f"{format_table(results)}\n\nscores: {cfg.output}")
 
 

@@ -1,7 +1,7 @@
 """Export a checkpoint's CLIP for open_clip and the tools built on it (CLIP_benchmark, open_clip_train).
 
-    python pipeline/export.py yamls/eval/zeroshot.yaml OUT_DIR load_path=runs/demo/checkpoints/latest-rank0.pt
-    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors load_path=...
+    python pipeline/export.py yamls/eval/zeroshot.yaml OUT_DIR load_path=runs/demo
+    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors load_path=runs/demo/checkpoints/ep0-ba250-rank0.pt
 
 A folder gets open_clip's hub layout: open_clip_config.json (the model config, with any
 `model.context_length` override baked in, plus the preprocessing) and open_clip_model.safetensors.
@@ -16,7 +16,8 @@ inline `model.custom` config; load it with
     open_clip.add_model_config("OUT_DIR/<model.name>.json")  # inline configs only
     model, _, preprocess = open_clip.create_model_and_transforms("<model.name>", pretrained="OUT.safetensors")
 
-The model comes from an eval YAML (its `model` and `load_path`).
+The model is the one the run saved with its config (or an eval YAML's `model:` section); `load_path`
+is the run folder or one of its checkpoints.
 """
 
 from __future__ import annotations
@@ -35,20 +36,24 @@ from safetensors.torch import save_file
 
 from pipeline.config import EvalConfig, ModelConfig, load
 from pipeline.eval import load_clip
+from pipeline.model import loss_init
 
 
 def open_clip_weights(clip: torch.nn.Module) -> dict:
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
-    # open_clip's own 0-dim shape: training keeps (1,) for FSDP2
-    state["logit_scale"] = state["logit_scale"].reshape(())
+    for name in ("logit_scale", "logit_bias"):  # open_clip's own 0-dim shape: training keeps (1,) for FSDP2
+        if name in state:
+            state[name] = state[name].reshape(())
     return state
 
 
 def model_config(cfg: ModelConfig) -> dict:
-    """open_clip's config of the model: the inline one or the built-in one, context length baked in."""
+    """open_clip's config of the model: the inline one or the built-in one, with the context length
+    and the loss's logit init (SigLIP's bias makes open_clip create the parameter) baked in."""
     config = copy.deepcopy(cfg.custom) if cfg.custom is not None else open_clip.get_model_config(cfg.name)
     if cfg.context_length is not None:  # so that open_clip builds the same text tower
         config["text_cfg"]["context_length"] = cfg.context_length
+    config.update(loss_init(cfg))
     return config
 
 
@@ -82,13 +87,13 @@ def main(argv: list) -> None:
     if len(argv) < 2 or "=" in argv[1]:
         sys.exit(__doc__)
     cfg = load(EvalConfig, argv[0], argv[2:])
-    clip, _, _ = load_clip(cfg)
+    clip, _, _, model = load_clip(cfg)
     out = argv[1]
-    print("wrote " + ", ".join(export(clip, cfg.model, out)))
+    print("wrote " + ", ".join(export(clip, model, out)))
     if not out.endswith(".safetensors"):
         print(f'open with open_clip.create_model_and_transforms("local-dir:{out}")')
-    elif cfg.model.custom is None and cfg.model.context_length is not None:
-        print(f"open_clip needs force_context_length={cfg.model.context_length} to build this text tower")
+    elif model.custom is None and model.context_length is not None:
+        print(f"open_clip needs force_context_length={model.context_length} to build this text tower")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The recipe: config -> model, data, optimizer -> Composer Trainer -> fit.
+"""The recipe: config -> model, data, optimizer, algorithms -> Composer Trainer -> fit.
 
     composer -n 8 pipeline/train.py yamls/flip_l14.yaml [key=value ...]
     python pipeline/train.py yamls/demo_cpu.yaml max_duration=20ba
@@ -8,35 +8,41 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from botocore.exceptions import BotoCoreError, ClientError
-from composer import Trainer
-from composer.callbacks import LRMonitor, SpeedMonitor
-from composer.loggers import InMemoryLogger
-from composer.optim import CosineAnnealingWithWarmupScheduler
-from composer.utils import dist, reproducibility
+from pipeline.config import Device, Precision, TrainConfig, load
 
-from pipeline.algorithms import build_algorithms
-from pipeline.checkpointing import (
+if __name__ == "__main__" and len(sys.argv) > 1:
+    load(TrainConfig, sys.argv[1], sys.argv[2:])  # a bad config fails here, before the heavy imports below
+
+import torch  # noqa: E402
+from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
+from composer import Trainer  # noqa: E402
+from composer.callbacks import LRMonitor, SpeedMonitor  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+from composer.optim import CosineAnnealingWithWarmupScheduler  # noqa: E402
+from composer.utils import dist, reproducibility  # noqa: E402
+
+from pipeline.algorithms import build_algorithms  # noqa: E402
+from pipeline.checkpointing import (  # noqa: E402
     CheckpointError,
     CheckpointUploadError,
     build_checkpoint_saver,
     guard_checkpoint_loading,
 )
-from pipeline.config import TrainConfig, load
-from pipeline.data import build_dataloader
-from pipeline.eval import build_evaluators
-from pipeline.model import CLIPModel, build_clip
-from pipeline.optim import build_optimizer
-from pipeline.parallel import build_parallelism
-from pipeline.report import write_report
+from pipeline.data import build_dataloader  # noqa: E402
+from pipeline.eval import build_evaluators  # noqa: E402
+from pipeline.model import CLIPModel, build_clip  # noqa: E402
+from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.parallel import build_parallelism  # noqa: E402
+from pipeline.report import write_report  # noqa: E402
+from pipeline.runs import write_run_config  # noqa: E402
 
 
 def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
     guard_checkpoint_loading(cfg.trust_checkpoints)
-    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or (Device.gpu if torch.cuda.is_available() else Device.cpu)
+    precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
     clip, train_transform, eval_transform, tokenizer = build_clip(cfg.model)
     evaluators, eval_metrics = build_evaluators(cfg.eval_datasets, eval_transform, tokenizer, cfg.data.num_workers)
     model = CLIPModel(clip, cfg.model, eval_metrics)
@@ -47,12 +53,12 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         **({"eval_dataloader": evaluators, "eval_interval": cfg.eval_interval} if evaluators else {}),
         optimizers=build_optimizer(model, cfg.optimizer),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
-        algorithms=build_algorithms(cfg.algorithms, cfg.seed),
+        algorithms=build_algorithms(cfg.algorithms, cfg.seed, tokenizer),
         max_duration=cfg.max_duration,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=build_parallelism(cfg.parallelism, device),
-        device=device,
-        precision=cfg.precision or ("amp_bf16" if device == "gpu" else "fp32"),
+        device=device.value,
+        precision=precision.value,
         callbacks=[
             SpeedMonitor(window_size=20),
             LRMonitor(),
@@ -78,6 +84,8 @@ def main(argv: list) -> None:
     losses = InMemoryLogger()
     try:
         trainer = build_trainer(cfg, loggers=[losses])
+        if dist.get_global_rank() == 0:
+            write_run_config(cfg)  # the run folder and the checkpoints' folder say what the run was
         trainer.fit()
     except (BotoCoreError, ClientError, CheckpointUploadError) as err:
         sys.exit(

@@ -27,14 +27,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from data_prep.sample import FASHION_CAPTIONS, FASHION_CLASSES
-
-BUILTIN_CLASSNAMES = {"imagenet": IMAGENET_CLASSNAMES, "fashion_mnist": FASHION_CLASSES}
-BUILTIN_TEMPLATES = {
-    "openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
-    "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES,
-    "fashion_mnist": FASHION_CAPTIONS,  # the built-in sample's caption patterns
-}
+BUILTIN_CLASSNAMES = {"imagenet": IMAGENET_CLASSNAMES}
+BUILTIN_TEMPLATES = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}
 RETRIEVAL_KS = (1, 5, 10)
 QUERY_CHUNK = 4096  # queries scored at once: bounds the (queries x candidates) score matrix
 
@@ -170,22 +164,15 @@ def retrieval_scores(image_features: torch.Tensor, text_features: torch.Tensor, 
 # ---------------------------------------------------------------------------
 
 
-def encode_eval_batch(clip: torch.nn.Module, batch: dict):
-    """(image features, text features or None), L2-normalised, for an eval batch.
-
-    Through open_clip's forward, as in training: FSDP gathers the parameters in its hooks.
-    """
-    return clip(batch["images"], batch.get("texts"))[:2]
-
-
 class ForwardTextEncoder:
-    """What build_zero_shot_classifier needs of a model, through the forward (see encode_eval_batch)."""
+    """What build_zero_shot_classifier needs of a model, through open_clip's forward (whose
+    hooks FSDP uses to gather the parameters), with output_dict=True."""
 
     def __init__(self, clip: torch.nn.Module):
         self.clip = clip
 
     def encode_text(self, texts: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.clip(None, texts)[1]  # always normalised: open_clip's forward does it
+        return self.clip(None, texts)["text_features"]  # always normalised: open_clip's forward does it
 
 
 def first_occurrences(keys: torch.Tensor) -> tuple:
@@ -231,8 +218,8 @@ class ZeroShotClassification(DatasetScores):
         super().reset()
         self.classifier = None  # the weights change between evaluations: rebuilt from the current ones
 
-    def update(self, clip: torch.nn.Module, batch: dict, outputs: tuple) -> None:
-        image_features = outputs[0]
+    def update(self, clip: torch.nn.Module, batch: dict, outputs) -> None:
+        image_features = outputs.image  # pipeline.loss.Features
         if self.classifier is None:
             self.classifier = build_zero_shot_classifier(
                 ForwardTextEncoder(clip), self.tokenizer, self.classnames, self.templates, device=image_features.device
@@ -261,8 +248,8 @@ class ZeroShotRetrieval(DatasetScores):
     def score_names() -> list:
         return retrieval_score_names()
 
-    def update(self, clip: torch.nn.Module, batch: dict, outputs: tuple) -> None:
-        image_features, text_features = outputs
+    def update(self, clip: torch.nn.Module, batch: dict, outputs) -> None:
+        image_features, text_features = outputs.image, outputs.text  # pipeline.loss.Features
         self.image_ids.append(batch["ids"])
         self.image_features.append(image_features.float())
         self.text_keys.append(batch["text_keys"])

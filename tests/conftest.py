@@ -43,6 +43,13 @@ def sample_build(tmp_path_factory, spark):
     return cfg, {s["source"]: s for s in build(cfg)}
 
 
+def demo_model():
+    """The demo recipe's model (what a fresh-model eval needs: eval YAMLs take it from the run)."""
+    from pipeline.config import TrainConfig, load
+
+    return load(TrainConfig, DEMO_YAML).model
+
+
 def train_overrides(cfg, run_dir: str, *extra: str) -> list:
     """Demo recipe on the test shards, small and quick."""
     return [

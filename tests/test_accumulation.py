@@ -44,9 +44,9 @@ def test_recomputed_chunks_replay_the_masks(monkeypatch):
     differences = []
     splice = FeatureCache.splice
 
-    def checked_splice(self, chunk, image_features, text_features):
-        differences.append(float((image_features - self.features[chunk][0]).abs().max()))
-        return splice(self, chunk, image_features, text_features)
+    def checked_splice(self, chunk, live):
+        differences.append(float((live.image - self.features[chunk][0]).abs().max()))
+        return splice(self, chunk, live)
 
     monkeypatch.setattr(FeatureCache, "splice", checked_splice)
     one_batch(8, algorithms=[PatchMasking(0.5)])

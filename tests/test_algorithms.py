@@ -11,8 +11,9 @@ from pipeline.algorithms.grad_checkpointing import GradCheckpointing
 from pipeline.algorithms.patch_masking import PatchMasking
 from pipeline.algorithms.text_masking import TextMasking, install_text_masking
 from pipeline.algorithms.unmasked_tuning import UnmaskedTuning
+from pipeline.config import TextMaskingMode
 from pipeline.model import MAX_LOGIT_SCALE
-from tests.tiny import NUM_PATCHES, GradCapture, RecordInput, make_trainer, synthetic_dataset, tiny_model
+from tests.tiny import NUM_PATCHES, TOKENIZER, GradCapture, RecordInput, make_trainer, synthetic_dataset, tiny_model
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
@@ -60,7 +61,7 @@ def test_unmasked_tuning_switches_masking_off_and_sets_lr():
 
 def test_text_masking_padding_first_keeps_real_tokens_and_pooling_position():
     model = tiny_model().train()
-    hooks = install_text_masking(model.clip, ratio=0.5, mode="padding_first")
+    hooks = install_text_masking(model.clip, 0.5, TextMaskingMode.padding_first, TOKENIZER)
     texts = open_clip.tokenize(["a red cat", "a blue dog", "one big green shoe", "bag"], context_length=16)
     seen = RecordInput(model.clip.transformer)
     model.clip.encode_text(texts)
@@ -75,7 +76,7 @@ def test_text_masking_padding_first_keeps_real_tokens_and_pooling_position():
 
 def test_text_masking_random_always_keeps_end_of_text():
     model = tiny_model().train()
-    hooks = install_text_masking(model.clip, ratio=0.75, mode="random")
+    hooks = install_text_masking(model.clip, 0.75, TextMaskingMode.random, TOKENIZER)
     _, texts = synthetic_dataset()[:16]
     model.clip.encode_text(texts)
     assert hooks.keep.shape == (16, 4)
@@ -86,7 +87,7 @@ def test_text_masking_random_always_keeps_end_of_text():
 
 def test_text_masking_from_the_trainer():
     model = tiny_model()
-    trainer = make_trainer(model, algorithms=[TextMasking(0.5, "random")])
+    trainer = make_trainer(model, algorithms=[TextMasking(0.5, TextMaskingMode.random, TOKENIZER)])
     seen = RecordInput(model.clip.transformer)  # after the masking hook, which INIT installed
     trainer.fit()
     assert seen.inputs == [(16, 8, 64)] * 2
@@ -112,7 +113,7 @@ def test_flash_attention_swap_is_exact_and_uses_is_causal(monkeypatch):
 
 def test_flash_attention_refuses_a_model_it_cannot_change():
     model = tiny_model()
-    swap_attention(model.clip, causal=False)
+    swap_attention(model.clip)
     with pytest.raises(ValueError, match="no nn.MultiheadAttention"):
         make_trainer(model, algorithms=[FlashAttention()])
 
@@ -138,8 +139,8 @@ def test_bf16_autocast_keeps_loss_and_logit_scale_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(batch)
         loss = model.loss(outputs, batch)
-    assert outputs[0].dtype == torch.bfloat16  # autocast really ran the towers in bf16
-    assert outputs[2].dtype == torch.float32 and loss.dtype == torch.float32
+    assert outputs.image.dtype == torch.bfloat16  # autocast really ran the towers in bf16
+    assert outputs.logit_scale.dtype == torch.float32 and loss.dtype == torch.float32
     assert model.clip.logit_scale.dtype == torch.float32
 
 
@@ -147,7 +148,7 @@ def test_logit_scale_is_clamped_at_100():
     model = tiny_model()
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(1000.0))
-    assert float(model(synthetic_dataset()[:4])[2]) == pytest.approx(MAX_LOGIT_SCALE) == 100.0
+    assert float(model(synthetic_dataset()[:4]).logit_scale) == pytest.approx(MAX_LOGIT_SCALE) == 100.0
 
 
 def test_flops_per_batch_counts_only_kept_patches():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from timm.optim import Lamb
 
-from pipeline.config import ConfigError, OptimizerConfig, TowerOptimConfig
+from pipeline.config import ConfigError, OptimizerConfig, OptimizerName, TowerOptimConfig, TrainConfig, load
 from pipeline.optim import build_optimizer, param_groups
 from tests.tiny import tiny_model
 
@@ -49,6 +49,6 @@ def test_per_tower_lr_and_layer_decay():
 
 def test_lamb_is_timms_and_unknown_optimizer_fails():
     model = tiny_model()
-    assert isinstance(build_optimizer(model, OptimizerConfig(name="lamb")), Lamb)
-    with pytest.raises(ConfigError, match="adamw' or 'lamb'"):
-        build_optimizer(model, OptimizerConfig(name="sgdd"))
+    assert isinstance(build_optimizer(model, OptimizerConfig(name=OptimizerName.lamb)), Lamb)
+    with pytest.raises(ConfigError, match=r"expected one of \[adamw, lamb\]"):
+        load(TrainConfig, None, ["optimizer.name=sgdd"])

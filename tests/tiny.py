@@ -24,9 +24,12 @@ TINY = ModelConfig(
 NUM_PATCHES = (32 // 4) ** 2
 
 
-def tiny_model(seed: int = 0) -> CLIPModel:
+TOKENIZER = open_clip.SimpleTokenizer(context_length=16)  # the tiny model's tokenizer
+
+
+def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> CLIPModel:
     reproducibility.seed_all(seed)
-    return CLIPModel(build_clip(TINY)[0], TINY)
+    return CLIPModel(build_clip(cfg)[0], cfg)
 
 
 def synthetic_dataset(num_samples: int = 64, seed: int = 0) -> TensorDataset:

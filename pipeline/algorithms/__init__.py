@@ -10,20 +10,18 @@ from pipeline.algorithms.grad_checkpointing import GradCheckpointing
 from pipeline.algorithms.patch_masking import PatchMasking
 from pipeline.algorithms.text_masking import TextMasking
 from pipeline.algorithms.unmasked_tuning import UnmaskedTuning
-from pipeline.config import AlgorithmsConfig, ConfigError
+from pipeline.config import AlgorithmsConfig
 
 
-def build_algorithms(cfg: AlgorithmsConfig, seed: int) -> list[Algorithm]:
+def build_algorithms(cfg: AlgorithmsConfig, seed: int, tokenizer) -> list[Algorithm]:
     # Always on: keeps the whole batch as negatives when Composer splits it into micro-batches.
     algorithms: list[Algorithm] = [ContrastiveAccumulation()]
     if cfg.patch_masking is not None:
         algorithms.append(PatchMasking(cfg.patch_masking.ratio, seed))
     if cfg.unmasked_tuning is not None:
-        if cfg.patch_masking is None:
-            raise ConfigError("algorithms.unmasked_tuning needs algorithms.patch_masking")
         algorithms.append(UnmaskedTuning(cfg.unmasked_tuning.start, cfg.unmasked_tuning.lr))
     if cfg.text_masking is not None:
-        algorithms.append(TextMasking(cfg.text_masking.ratio, cfg.text_masking.mode))
+        algorithms.append(TextMasking(cfg.text_masking.ratio, cfg.text_masking.mode, tokenizer))
     if cfg.flash_attention:
         algorithms.append(FlashAttention())
     if cfg.grad_checkpointing:

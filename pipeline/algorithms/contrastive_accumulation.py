@@ -17,6 +17,8 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import composer_model_of
+from pipeline.loss import Features
+from pipeline.model import encode
 
 
 def rng_state() -> tuple:
@@ -44,13 +46,14 @@ class FeatureCache:
         set_rng_state(self.rng_states[chunk])
         return chunk
 
-    def splice(self, chunk: int, image_features: torch.Tensor, text_features: torch.Tensor):
-        """The whole batch's features, live (with grad) for `chunk` only; and the grad scale."""
-        images = [f if i != chunk else image_features for i, (f, _) in enumerate(self.features)]
-        texts = [f if i != chunk else text_features for i, (_, f) in enumerate(self.features)]
+    def splice(self, chunk: int, live: Features) -> Features:
+        """The whole batch's features, live (with grad) for `chunk` only, and the grad scale."""
+        images = [f if i != chunk else live.image for i, (f, _) in enumerate(self.features)]
+        texts = [f if i != chunk else live.text for i, (_, f) in enumerate(self.features)]
         # Composer scales each micro-batch's loss by its share of the batch; the cached loss
         # is already the whole batch's, so its gradient is scaled back up.
-        return torch.cat(images), torch.cat(texts), self.batch_size / len(image_features)
+        grad_scale = self.batch_size / len(live.image)
+        return Features(torch.cat(images), torch.cat(texts), live.logit_scale, live.logit_bias, grad_scale)
 
 
 class ContrastiveAccumulation(Algorithm):
@@ -68,5 +71,6 @@ class ContrastiveAccumulation(Algorithm):
         with torch.no_grad(), get_precision_context(state.precision):
             for chunk_images, chunk_texts in zip(images.split(size), texts.split(size)):
                 rng_states.append(rng_state())
-                features.append(model.encode(chunk_images, chunk_texts)[:2])
+                cached = encode(model.clip, chunk_images, chunk_texts)
+                features.append((cached.image, cached.text))
         model.feature_cache = FeatureCache(features, rng_states)

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
+
 from pipeline.algorithms.unwrap import clip_of
+from pipeline.towers import attention_modules
+
 
 class SDPAMultiheadAttention(torch.nn.MultiheadAttention):
     """nn.MultiheadAttention (batch_first, self-attention) computed with one SDPA call."""
@@ -34,15 +37,15 @@ class SDPAMultiheadAttention(torch.nn.MultiheadAttention):
         return self.out_proj(out), None
 
 
-def swap_attention(tower: torch.nn.Module, causal: bool) -> int:
+def swap_attention(clip: torch.nn.Module) -> int:
+    """Every nn.MultiheadAttention of both towers' blocks becomes an SDPAMultiheadAttention."""
     swapped = 0
-    for module in tower.modules():
-        if type(module) is torch.nn.MultiheadAttention:
-            if not module.batch_first or not module._qkv_same_embed_dim:
-                raise ValueError("flash_attention expects open_clip's batch_first self-attention blocks")
-            module.__class__ = SDPAMultiheadAttention
-            module.causal = causal
-            swapped += 1
+    for module, causal in attention_modules(clip):
+        if not module.batch_first or not module._qkv_same_embed_dim:
+            raise ValueError("flash_attention expects open_clip's batch_first self-attention blocks")
+        module.__class__ = SDPAMultiheadAttention
+        module.causal = causal
+        swapped += 1
     return swapped
 
 
@@ -51,8 +54,5 @@ class FlashAttention(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        clip = clip_of(state.model)
-        text = clip.text if hasattr(clip, "text") else clip.transformer
-        swapped = swap_attention(clip.visual, causal=False) + swap_attention(text, causal=True)
-        if swapped == 0:  # timm towers already call SDPA themselves
+        if swap_attention(clip_of(state.model)) == 0:  # timm towers already call SDPA themselves
             raise ValueError("flash_attention found no nn.MultiheadAttention to swap in this model")

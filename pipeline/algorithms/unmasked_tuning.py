@@ -13,8 +13,8 @@ from typing import Optional
 from composer.core import Algorithm, Event, State, Time
 from composer.loggers import Logger
 
-from pipeline.algorithms.patch_masking import find_patch_dropout
 from pipeline.algorithms.unwrap import clip_of
+from pipeline.towers import patch_dropout
 
 
 class UnmaskedTuning(Algorithm):
@@ -32,7 +32,7 @@ class UnmaskedTuning(Algorithm):
         return state.timestamp.get(self.start.unit) >= self.start
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        dropout = find_patch_dropout(clip_of(state.model))
+        dropout = patch_dropout(clip_of(state.model))
         if self.masking_ratio is None:
             self.masking_ratio = dropout.prob
         active = self.active(state)

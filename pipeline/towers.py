@@ -1,0 +1,189 @@
+"""The one place that knows how open_clip builds its towers (torchtitan's parallelize.py idea).
+
+Everything else asks here: which modules are the blocks of each tower (for FSDP units, FLOPs and
+layer-wise lr decay), where the text tower and its embeddings are, where patch dropout goes, which
+attention modules are causal, and which token ids pad and end a caption. Supported:
+
+- vision: open_clip's VisionTransformer, or a timm ViT / EVA trunk inside open_clip's TimmModel;
+- text: CLIP's built-in text transformer, or the TextTransformer of a CustomTextCLIP (`clip.text`).
+
+A new tower type means editing this file only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from open_clip.timm_model import TimmModel
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import PatchDropout, ResidualAttentionBlock, VisionTransformer
+from timm.layers import PatchDropoutWithIndices
+from timm.models.eva import EvaBlock
+from timm.models.vision_transformer import Block as TimmBlock
+
+# Parameters of the logit scale and (SigLIP) bias: the "logit_scale" group of the optimizer.
+LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
+# Attribute names, per tower type, of what comes before the first block (depth 0 for layer decay).
+VISION_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre")
+TIMM_EMBEDDINGS = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")
+TEXT_EMBEDDINGS = ("token_embedding", "positional_embedding")
+# Embedding tables that get no weight decay (patch embeddings are convolutions and do decay).
+NO_DECAY_EMBEDDINGS = ("class_embedding", "positional_embedding", "cls_token", "reg_token", "pos_embed", "token_embedding")
+
+
+@dataclass
+class Tower:
+    name: str  # "visual" or "text"
+    root: torch.nn.Module  # the module holding the tower's embeddings and blocks
+    blocks: torch.nn.ModuleList
+    width: int
+    embeddings: tuple  # attribute names on `root` that come before the first block
+    causal: bool  # does the tower attend causally (the text tower's mask)
+
+
+def vision_tower(clip: torch.nn.Module) -> Tower:
+    visual = clip.visual
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+        return Tower("visual", trunk, trunk.blocks, trunk.embed_dim, TIMM_EMBEDDINGS, causal=False)
+    if isinstance(visual, VisionTransformer):
+        transformer = visual.transformer
+        return Tower("visual", visual, transformer.resblocks, transformer.width, VISION_EMBEDDINGS, causal=False)
+    raise ValueError(f"unsupported vision tower {type(visual).__name__} (see pipeline/towers.py)")
+
+
+def text_tower(clip: torch.nn.Module) -> Tower:
+    root = clip.text if hasattr(clip, "text") else clip  # CustomTextCLIP keeps it apart; CLIP inline
+    transformer = getattr(root, "transformer", None)
+    if transformer is None or not hasattr(root, "token_embedding"):
+        raise ValueError(f"unsupported text tower {type(root).__name__} (see pipeline/towers.py)")
+    return Tower("text", root, transformer.resblocks, transformer.width, TEXT_EMBEDDINGS, root.attn_mask is not None)
+
+
+def towers(clip: torch.nn.Module) -> tuple:
+    return vision_tower(clip), text_tower(clip)
+
+
+def fsdp_unit(module: torch.nn.Module) -> bool:
+    """FSDP shards each transformer block of either tower as its own unit."""
+    return isinstance(module, (ResidualAttentionBlock, TimmBlock, EvaBlock))
+
+
+# ---------------------------------------------------------------------------
+# FLIP patch dropout
+# ---------------------------------------------------------------------------
+
+
+def install_patch_dropout(clip: torch.nn.Module, ratio: float) -> torch.nn.Module:
+    """Put a patch-dropout module of `ratio` where the vision tower applies it; returns it.
+    open_clip's runs after class + position embedding; timm's also keeps RoPE aligned (EVA)."""
+    tower = vision_tower(clip)
+    if isinstance(clip.visual, TimmModel):
+        tower.root.patch_drop = PatchDropoutWithIndices(ratio, num_prefix_tokens=tower.root.num_prefix_tokens)
+        return tower.root.patch_drop
+    tower.root.patch_dropout = PatchDropout(ratio, exclude_first_token=True)
+    return tower.root.patch_dropout
+
+
+def patch_dropout(clip: torch.nn.Module) -> torch.nn.Module:
+    tower = vision_tower(clip)
+    module = tower.root.patch_drop if isinstance(clip.visual, TimmModel) else tower.root.patch_dropout
+    if not isinstance(module, (PatchDropout, PatchDropoutWithIndices)):
+        raise ValueError("no patch masking installed: add algorithms.patch_masking")
+    return module
+
+
+def kept_image_tokens(clip: torch.nn.Module) -> int:
+    """Prefix token(s) + the patches that survive patch masking in training."""
+    tower = vision_tower(clip)
+    if isinstance(clip.visual, TimmModel):
+        patches, prefix, dropout = tower.root.patch_embed.num_patches, tower.root.num_prefix_tokens, tower.root.patch_drop
+    else:
+        patches, prefix, dropout = clip.visual.grid_size[0] * clip.visual.grid_size[1], 1, clip.visual.patch_dropout
+    ratio = getattr(dropout, "prob", 0.0) if clip.training else 0.0
+    return prefix + (max(1, int(patches * (1 - ratio))) if ratio > 0 else patches)
+
+
+# ---------------------------------------------------------------------------
+# Attention, FLOPs
+# ---------------------------------------------------------------------------
+
+
+def attention_modules(clip: torch.nn.Module) -> list:
+    """(nn.MultiheadAttention, causal) of every block of both towers (timm's blocks have none)."""
+    return [
+        (module, tower.causal)
+        for tower in towers(clip)
+        for module in tower.blocks.modules()
+        if type(module) is torch.nn.MultiheadAttention
+    ]
+
+
+def forward_flops(tower: Tower, tokens: int) -> float:
+    """2 FLOPs per weight per token through the blocks, plus the attention products."""
+    weights = sum(p.numel() for p in tower.blocks.parameters() if p.ndim > 1)
+    return 2 * weights * tokens + 4 * len(tower.blocks) * tokens**2 * tower.width
+
+
+# ---------------------------------------------------------------------------
+# Layer ids (optimizer groups)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerId:
+    tower: str  # "visual", "text" or "logit_scale"
+    depth: int  # 0: embeddings, k + 1: block k, num_blocks + 1: final norm / projection
+    num_blocks: int
+    decays: bool  # weight decay applies (not biases, norms, embedding tables, the logit scale)
+
+
+def layer_ids(clip: torch.nn.Module) -> dict:
+    """{parameter name in the CLIP: LayerId} for every parameter."""
+    vision, text = towers(clip)
+    visual = {id(p) for p in clip.visual.parameters()}
+    depths = {tower.name: _depths(tower) for tower in (vision, text)}
+    no_decay = _ids(vision.root, NO_DECAY_EMBEDDINGS) | _ids(text.root, NO_DECAY_EMBEDDINGS)
+    ids = {}
+    for name, param in clip.named_parameters():
+        if name in LOGIT_PARAMETERS:
+            ids[name] = LayerId("logit_scale", 0, 0, decays=False)
+            continue
+        tower = vision if id(param) in visual else text
+        depth = depths[tower.name].get(id(param), len(tower.blocks) + 1)
+        decays = param.ndim >= 2 and id(param) not in no_decay
+        ids[name] = LayerId(tower.name, depth, len(tower.blocks), decays)
+    return ids
+
+
+def _depths(tower: Tower) -> dict:
+    depths = {i: 0 for i in _ids(tower.root, tower.embeddings)}
+    depths.update({id(p): k + 1 for k, block in enumerate(tower.blocks) for p in block.parameters()})
+    return depths
+
+
+def _ids(root: torch.nn.Module, attrs: tuple) -> set:
+    """Ids of the parameters that the attributes `attrs` of `root` are or hold."""
+    found = set()
+    for attr in attrs:
+        value = getattr(root, attr, None)
+        if isinstance(value, torch.nn.Parameter):
+            found.add(id(value))
+        elif isinstance(value, torch.nn.Module):
+            found.update(id(p) for p in value.parameters())
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Text tokens
+# ---------------------------------------------------------------------------
+
+
+def text_token_ids(tokenizer) -> tuple:
+    """(padding id, end-of-text id) of an open_clip tokenizer: what text masking drops first and
+    what it must keep (the token the text tower pools)."""
+    if isinstance(tokenizer, SimpleTokenizer):  # pads with zeros
+        return 0, tokenizer.eot_token_id
+    hf = tokenizer.tokenizer  # open_clip's HFTokenizer
+    return hf.pad_token_id, hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
