@@ -19,12 +19,17 @@ import torch
 from botocore.exceptions import BotoCoreError, ClientError
 from composer.callbacks import CheckpointSaver
 from composer.utils import parse_uri
+# numpy has no public name for the function it pickles arrays with; tests/test_layout.py fails
+# loudly if numpy stops pickling with this one.
 from numpy._core.multiarray import _reconstruct
 from torch.torch_version import TorchVersion
 
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST = "latest-rank{rank}.pt"
 UPLOAD_POLL_SECONDS = 2.0
+# Composer's CheckpointSaver has no public argument for its wait between checks that an upload
+# landed (30 s); tests/test_layout.py fails loudly if this private name disappears.
+UPLOAD_POLL_ATTRIBUTE = "_symlink_upload_wait_before_next_try_in_seconds"
 
 
 class CheckpointUploadError(RuntimeError):
@@ -37,9 +42,9 @@ class PollingCheckpointSaver(CheckpointSaver):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Composer has no argument for this wait; the `latest` pointer is written only after
-        # the checkpoint it names is in the bucket, so a shorter poll is as safe, just quicker.
-        self._symlink_upload_wait_before_next_try_in_seconds = UPLOAD_POLL_SECONDS
+        # The `latest` pointer is written only after the checkpoint it names is in the bucket,
+        # so a shorter poll is as safe, just quicker.
+        setattr(self, UPLOAD_POLL_ATTRIBUTE, UPLOAD_POLL_SECONDS)
 
     def batch_end(self, state, logger) -> None:
         with _upload_errors():

@@ -10,12 +10,12 @@ from composer.loggers import InMemoryLogger
 from pipeline.algorithms.contrastive_accumulation import FeatureCache
 from pipeline.algorithms.patch_masking import PatchMasking
 from tests.conftest import COMPOSER, REPO
-from tests.tiny import GradCapture, make_trainer, tiny_model
+from tests.tiny import TINY, TINY_SIGLIP, GradCapture, make_trainer, tiny_model
 
 
-def one_batch(microbatch, **kwargs):
+def one_batch(microbatch, model_cfg=TINY, **kwargs):
     capture, log = GradCapture(), InMemoryLogger()
-    make_trainer(tiny_model(), batch_size=32, device_train_microbatch_size=microbatch, callbacks=[capture],
+    make_trainer(tiny_model(cfg=model_cfg), batch_size=32, device_train_microbatch_size=microbatch, callbacks=[capture],
                  loggers=[log], max_duration="1ba", **kwargs).fit()  # fmt: skip
     return float(log.data["loss/train/total"][0][1]), capture.grads[0]
 
@@ -26,9 +26,10 @@ def assert_same_gradients(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_four_chunks_equal_one_full_batch():
-    full_loss, full_grads = one_batch(None)
-    chunked_loss, chunked_grads = one_batch(8)
+@pytest.mark.parametrize("model_cfg", [TINY, TINY_SIGLIP], ids=["clip", "siglip"])
+def test_four_chunks_equal_one_full_batch(model_cfg):
+    full_loss, full_grads = one_batch(None, model_cfg)
+    chunked_loss, chunked_grads = one_batch(8, model_cfg)
     assert chunked_loss == pytest.approx(full_loss, rel=1e-6)
     assert_same_gradients(chunked_grads, full_grads)
 
@@ -54,13 +55,14 @@ def test_recomputed_chunks_replay_the_masks(monkeypatch):
 
 
 @pytest.mark.slow
-def test_exact_accumulation_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_exact_accumulation_on_two_ranks(tmp_path, loss):
     env = {**os.environ, "PYTHONPATH": REPO}
     script = os.path.join(REPO, "tests", "accumulation_check.py")
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}.pt"
-        proc = subprocess.run([*COMPOSER, "-n", str(nproc), script, str(out)], env=env, cwd=REPO,
+        proc = subprocess.run([*COMPOSER, "-n", str(nproc), script, str(out), loss], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         results[nproc] = torch.load(out, weights_only=True)

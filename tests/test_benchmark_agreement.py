@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import open_clip
 import pytest
@@ -31,7 +32,7 @@ from data_prep.eval_sets import flickr_to_mds, imagefolder_to_mds, wds_to_mds
 from pipeline.config import EvalConfig, load
 from pipeline.eval import load_clip, main
 from pipeline.export import export
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_model
 from tests.test_images import encoded, in_mode, picture
 
 EVAL_YAML = os.path.join(REPO, "yamls", "eval", "zeroshot.yaml")
@@ -94,8 +95,8 @@ def eval_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The eval YAML's model (fresh, seeded) and its export in open_clip's hub layout."""
-    cfg = load(EvalConfig, EVAL_YAML)
-    clip, _, _ = load_clip(cfg)
+    cfg = replace(load(EvalConfig, EVAL_YAML, ["load_path=null"]), model=demo_model())
+    clip, _, _, _ = load_clip(cfg)
     folder = str(tmp_path_factory.mktemp("export") / "tiny-vit-demo")
     return cfg, clip, folder, export(clip, cfg.model, folder)
 

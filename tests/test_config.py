@@ -52,3 +52,61 @@ def test_every_training_yaml_matches_the_schema(path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "yamls", "data", "*.yaml"))))
 def test_every_sources_yaml_matches_the_schema(path):
     assert load(SourcesConfig, path).sources
+
+
+BAD_CHOICES = [
+    ("optimizer.name=sgd", r"expected one of \[adamw, lamb\]"),
+    ("parallelism.sharding=FULLSHARD", r"expected one of \[ddp, none, FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD\]"),
+    ("parallelism.state_dict_type=dcp", r"expected one of \[full, sharded\]"),
+    ("algorithms.text_masking.mode=prefix", r"expected one of \[random, padding_first\]"),
+    ("precision=fp8", r"expected one of \[fp32, amp_bf16, amp_fp16\]"),
+    ("device=tpu", r"expected one of \[cpu, gpu\]"),
+    ("model.loss=sigmoid", r"expected one of \[clip, siglip\]"),
+    ("data.global_batch_size=0", r"data.global_batch_size must be > 0"),
+    ("algorithms.patch_masking.ratio=1.0", r"patch_masking.ratio must be in \[0, 1\)"),
+    ("data.streams.web.proportion=-1", r"proportion must be > 0"),
+    ("max_duration=10batches", r"max_duration='10batches' is not a Composer time"),
+    ("optimizer.visual.layer_decay=1.5", r"layer_decay must be in \(0, 1\]"),
+    ("algorithms.unmasked_tuning.start=0.9dur", r"unmasked_tuning needs algorithms.patch_masking"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_CHOICES)
+def test_bad_choices_and_ranges_fail_before_the_model_is_built(monkeypatch, override, message):
+    import pipeline.train
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(pipeline.train, "build_clip", never)
+    monkeypatch.setattr(pipeline.train, "build_trainer", never)
+    with pytest.raises(ConfigError, match=message):
+        pipeline.train.main([os.path.join(REPO, "yamls", "demo_cpu.yaml"), override])
+
+
+def test_sharding_none_is_an_alias_of_ddp():
+    from pipeline.config import Sharding
+
+    assert load(TrainConfig, None, ["parallelism.sharding=none"]).parallelism.sharding is Sharding.ddp
+
+
+def test_a_recipe_extends_its_base_and_overrides_keys():
+    b16 = load(TrainConfig, os.path.join(REPO, "yamls", "flip_b16.yaml"))
+    l14 = load(TrainConfig, os.path.join(REPO, "yamls", "flip_l14.yaml"))
+    assert (l14.model.name, l14.run_name, l14.save_folder) == ("ViT-L-14", "flip-l14", "s3://my-bucket/runs/flip-l14")
+    b16.model.name, b16.run_name, b16.save_folder, b16.run_dir = "ViT-L-14", "flip-l14", l14.save_folder, l14.run_dir
+    assert l14 == b16  # everything else comes from the base
+
+
+def test_base_cycles_missing_files_and_typos_in_a_base_fail_clearly(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load(TrainConfig, str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml does not exist \(the base of .*c.yaml\)"):
+        load(TrainConfig, str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("optimizer: {lrr: 1}\n")
+    (tmp_path / "e.yaml").write_text("base: d.yaml\nseed: 3\n")
+    with pytest.raises(ConfigError, match=r"from .*d.yaml.*Did you mean 'optimizer.lr'"):
+        load(TrainConfig, str(tmp_path / "e.yaml"))

@@ -23,18 +23,36 @@ from pipeline.eval import build_scores, evaluate, evaluate_dataset, load_clip, m
 from pipeline.export import export
 from pipeline.train import build_trainer
 from pipeline.zeroshot import retrieval_scores
-from tests.conftest import DEMO_YAML, REPO, train_overrides
+from tests.conftest import DEMO_YAML, REPO, demo_model, train_overrides
 
 EVAL_YAML = os.path.join(REPO, "yamls", "eval", "zeroshot.yaml")
 
 
 def eval_overrides(sample_cfg) -> list:
     """yamls/eval/zeroshot.yaml on the test build of the sample."""
+    coco_test = sample_cfg.sources["coco_test"].out
     return [
-        f"datasets.fashion_mnist.local={sample_cfg.sources['coco_test'].out}",
+        f"datasets.fashion_mnist.local={coco_test}",
+        f"datasets.fashion_mnist.classnames={coco_test}/classnames.txt",
+        f"datasets.fashion_mnist.templates={coco_test}/zeroshot_classification_templates.txt",
         f"datasets.emoji.local={sample_cfg.sources['web_test'].out}",
         "num_workers=0",
+        "load_path=null",
     ]
+
+
+def fresh_eval_config(sample_cfg) -> EvalConfig:
+    """The eval YAML on the test sample, for a fresh demo model (no run to read the model from)."""
+    return replace(load(EvalConfig, EVAL_YAML, eval_overrides(sample_cfg)), model=demo_model())
+
+
+def fresh_eval_yaml(tmp_path) -> str:
+    """The eval YAML extended with the demo's model section, for the command line."""
+    from omegaconf import OmegaConf
+
+    path = str(tmp_path / "fresh_eval.yaml")
+    OmegaConf.save({"base": EVAL_YAML, "model": OmegaConf.to_container(OmegaConf.structured(demo_model()))}, path)
+    return path
 
 
 def score_items(results: dict) -> dict:
@@ -44,7 +62,7 @@ def score_items(results: dict) -> dict:
 def test_fresh_model_scores_chance_level_into_table_and_json(sample_build, tmp_path, capsys):
     cfg, summaries = sample_build
     out = tmp_path / "scores.json"
-    main([EVAL_YAML, *eval_overrides(cfg), f"output={out}"])
+    main([fresh_eval_yaml(tmp_path), *eval_overrides(cfg), f"output={out}"])
     results = json.loads(out.read_text())
     assert results["load_path"] is None
     fashion, emoji = results["datasets"]["fashion_mnist"], results["datasets"]["emoji"]
@@ -93,7 +111,7 @@ def trained(sample_build, tmp_path_factory):
     """Two demo batches with both eval sets as Composer evaluators, evaluated and saved at batch 2."""
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("run")
-    eval_cfg = load(EvalConfig, EVAL_YAML, eval_overrides(cfg))
+    eval_cfg = fresh_eval_config(cfg)
     train_cfg = load(TrainConfig, DEMO_YAML, train_overrides(cfg, run_dir, "data.global_batch_size=32", "scheduler.warmup=0ba",
                      "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba"))  # fmt: skip
     train_cfg.eval_datasets = eval_cfg.datasets
@@ -130,17 +148,17 @@ class Payload:
 
 def test_checkpoint_is_read_as_tensors_only_unless_trusted(trained, tmp_path):
     eval_cfg, checkpoint, _ = trained
-    clip, _, _ = load_clip(replace(eval_cfg, load_path=checkpoint))
+    clip, _, _, _ = load_clip(replace(eval_cfg, load_path=checkpoint))
     saved = torch.load(checkpoint, weights_only=False)
     assert torch.equal(clip.visual.conv1.weight, saved["state"]["model"]["clip.visual.conv1.weight"])
-    fresh, _, _ = load_clip(eval_cfg)
+    fresh, _, _, _ = load_clip(eval_cfg)
     assert not torch.equal(fresh.visual.conv1.weight, clip.visual.conv1.weight)
 
     saved["state"]["callbacks"]["payload"] = Payload()
     torch.save(saved, tmp_path / "odd.pt")
     with pytest.raises(ConfigError, match=r"test_eval.Payload.*set trust_checkpoints=true"):
         load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt")))
-    trusted, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoints=True))
+    trusted, _, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoints=True))
     assert torch.equal(trusted.visual.conv1.weight, clip.visual.conv1.weight)
 
 
@@ -158,7 +176,7 @@ with torch.no_grad():
 def test_export_loads_in_a_fresh_open_clip_with_the_same_embeddings(trained, tmp_path):
     eval_cfg, checkpoint, _ = trained
     cfg = replace(eval_cfg, load_path=checkpoint)
-    clip, transform, tokenizer = load_clip(cfg)
+    clip, transform, tokenizer, _ = load_clip(cfg)
     weights, config = export(clip, cfg.model, str(tmp_path / "export" / "tiny.safetensors"))
     assert load_file(weights)["logit_scale"].shape == ()  # open_clip's own shape
     with open(config) as f:
@@ -191,7 +209,7 @@ def drawing(i: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def fresh_model(sample_build):
     cfg, _ = sample_build
-    return load_clip(load(EvalConfig, EVAL_YAML, eval_overrides(cfg)))
+    return load_clip(fresh_eval_config(cfg))[:3]
 
 
 def test_imagefolder_becomes_a_classification_set_with_its_class_list(tmp_path, fresh_model):

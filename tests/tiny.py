@@ -10,7 +10,7 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import ModelConfig
+from pipeline.config import LossName, ModelConfig
 from pipeline.model import CLIPModel, build_clip
 
 TINY = ModelConfig(
@@ -21,6 +21,7 @@ TINY = ModelConfig(
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
 )
+TINY_SIGLIP = ModelConfig(name=TINY.name, custom=TINY.custom, loss=LossName.siglip)
 NUM_PATCHES = (32 // 4) ** 2
 
 

@@ -1,0 +1,68 @@
+"""The code's shape: tower knowledge in one module, imports one way, private names still there."""
+
+import ast
+import glob
+import os
+import pickle
+import pickletools
+import re
+
+import numpy as np
+from composer.callbacks import CheckpointSaver
+
+from pipeline import checkpointing
+from tests.conftest import REPO
+
+# What only pipeline/towers.py may know: how open_clip and timm lay out their towers.
+TOWER_CHECKS = re.compile(r"hasattr\([^)]*\"(trunk|transformer|text|patch_drop\w*)\"|ResidualAttentionBlock|EvaBlock|\.resblocks\b|\.trunk\b")
+
+
+def python_files(package: str) -> list:
+    return sorted(glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True))
+
+
+def test_tower_structure_is_known_in_one_module_only():
+    offenders = [
+        f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}"
+        for path in python_files("pipeline")
+        if not path.endswith(os.path.join("pipeline", "towers.py"))
+        for n, line in enumerate(open(path, encoding="utf-8"), 1)
+        if TOWER_CHECKS.search(line)
+    ]
+    assert offenders == []
+    with open(os.path.join(REPO, "pipeline", "towers.py"), encoding="utf-8") as f:
+        assert TOWER_CHECKS.search(f.read())  # the pattern does find such checks
+
+
+def imported_packages(path: str) -> set:
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_go_one_way_from_data_prep_to_pipeline():
+    """data_prep may use pipeline's small shared modules (config, tables, images); never the reverse."""
+    assert [p for p in python_files("pipeline") if "data_prep" in imported_packages(p)] == []
+    assert any("pipeline" in imported_packages(p) for p in python_files("data_prep"))
+
+
+def test_composer_still_has_the_private_upload_poll_we_shorten():
+    """PollingCheckpointSaver sets it: Composer has no public argument for the wait between checks
+    that an upload landed. If Composer renames it, this fails instead of the poll silently going
+    back to 30 s."""
+    saver = CheckpointSaver(folder="unused", save_interval="1ba")
+    assert hasattr(saver, checkpointing.UPLOAD_POLL_ATTRIBUTE)
+
+
+def test_numpy_still_pickles_arrays_with_the_reconstructor_we_allow():
+    """Composer checkpoints pickle numpy's RNG state; weights_only loading must allow exactly the
+    function numpy pickles arrays with (numpy has no public name for it)."""
+    pickled = pickle.dumps(np.arange(3, dtype=np.uint32), protocol=2)  # torch.save's protocol
+    names = {arg for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
+    reconstruct = checkpointing._reconstruct
+    assert f"{reconstruct.__module__} {reconstruct.__name__}" in names
