@@ -298,3 +298,30 @@ def test_retrieval_eval_maps_each_caption_to_its_image(caption_files, tmp_path, 
     text_image = torch.tensor([i for i, cs in enumerate(CAPTIONS.values()) for _ in cs])
     assert results["images"] == 5
     assert score_items(results) == pytest.approx(retrieval_scores(image_features, text_features, text_image), abs=1e-6)
+
+
+def test_eval_takes_the_model_from_the_run_so_a_changed_width_needs_no_model_section(sample_build, tmp_path):
+    """yamls/eval/zeroshot.yaml has no model section: a narrower demo model evaluates as trained."""
+    from omegaconf import OmegaConf
+
+    import pipeline.train
+
+    cfg, _ = sample_build
+    run_dir = tmp_path / "narrow"
+    datasets = load(EvalConfig, EVAL_YAML, eval_overrides(cfg)).datasets
+    recipe = tmp_path / "narrow.yaml"
+    OmegaConf.save({"base": DEMO_YAML, "eval_datasets": OmegaConf.to_container(OmegaConf.structured(datasets), enum_to_str=True)}, recipe)
+    pipeline.train.main([str(recipe), *train_overrides(cfg, run_dir, "model.custom.vision_cfg.width=64",
+                         "model.custom.text_cfg.width=64", "data.global_batch_size=32", "scheduler.warmup=0ba",
+                         "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba")])  # fmt: skip
+    with open(run_dir / "summary.json") as f:
+        logged = json.load(f)["eval"]
+    eval_cfg = load(EvalConfig, EVAL_YAML, [*eval_overrides(cfg), f"load_path={run_dir}"])
+    assert eval_cfg.model is None
+    clip, _, _, model = load_clip(eval_cfg)
+    assert model.custom["vision_cfg"]["width"] == 64 and clip.visual.conv1.out_channels == 64
+    results = evaluate(eval_cfg)["datasets"]
+    expected = {f"metrics/{n}/{n}/{score}": v for n, r in results.items() for score, v in score_items(r).items()}
+    assert logged == pytest.approx(expected, abs=1e-6)
+    with open(run_dir / "checkpoints" / "config.yaml") as f:  # the resolved config, next to the checkpoints
+        assert "width: 64" in f.read()
