@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.checkpointing import read_checkpoint
+from pipeline.runs import resolve_run
 from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,9 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
     cfg, _ = sample_build
     run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole"))
     expected = final_weights(s3, s3_bucket, "whole", tmp_path)
+    # The run's resolved config sits next to its checkpoints in the bucket: eval needs no model section.
+    model, checkpoint = resolve_run(f"s3://{s3_bucket}/whole/ep0-ba{MAX_BATCHES}-rank0.pt", None)
+    assert model.custom["vision_cfg"]["width"] == 32 and checkpoint.endswith(f"ba{MAX_BATCHES}-rank0.pt")
 
     kill_after = random.choice([2, 4, 6])
     print(f"killing after the checkpoint at batch {kill_after}")
