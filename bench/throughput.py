@@ -45,7 +45,7 @@ def measure(args, config: dict) -> dict:
     from pipeline.model import CLIPModel, build_clip
 
     model_cfg = ModelConfig(name=args.model, custom=VIT_TI if args.model == "vit-ti" else None, context_length=32)
-    clip = build_clip(model_cfg)[0]
+    clip, _, _, tokenizer = build_clip(model_cfg)
     model = CLIPModel(clip, model_cfg)
     size = clip.visual.image_size if hasattr(clip.visual, "image_size") else 224
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -74,7 +74,7 @@ def measure(args, config: dict) -> dict:
         train_dataloader=loader,
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-4),
         max_duration=f"{args.steps}ba",
-        algorithms=build_algorithms(algorithms, seed=0),
+        algorithms=build_algorithms(algorithms, seed=0, tokenizer=tokenizer),
         callbacks=[timer],
         device=args.device,
         precision=args.precision,

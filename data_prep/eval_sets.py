@@ -32,6 +32,7 @@ import webdataset
 from streaming import MDSWriter
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from data_prep.storage import remove_tree
 from pipeline.images import ImageSource, decode_rgb
 
 CLASSIFICATION_COLUMNS = {"image": "bytes", "key": "str", "label": "int32"}
@@ -56,8 +57,7 @@ def read_image(source: ImageSource, name: Optional[str] = None) -> bytes:
 
 def write_mds(out: str, columns: dict, samples: Iterable[dict]) -> int:
     """Write (replacing) a local MDS stream; returns the number of samples."""
-    if os.path.isdir(out):
-        shutil.rmtree(out)  # MDS shards can't be appended to
+    remove_tree(out)  # MDS shards can't be appended to
     count = 0
     with MDSWriter(out=out, columns=columns) as writer:
         for sample in samples:

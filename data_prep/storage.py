@@ -10,9 +10,7 @@ from urllib.parse import urlparse
 
 from streaming.base.storage.upload import CloudUploader
 
-
-def is_remote(path: str) -> bool:
-    return "://" in path
+from pipeline.paths import is_remote
 
 
 def _s3_client():

@@ -15,7 +15,8 @@ import os
 
 from data_prep.download import finished_shards
 from data_prep.sources import SourceConfig, SourcesConfig
-from data_prep.storage import check_bucket, is_remote, read_json, remove_tree, write_json
+from data_prep.storage import check_bucket, read_json, remove_tree, write_json
+from pipeline.paths import is_remote
 
 # The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
 BASE_COLUMNS = {

@@ -24,6 +24,8 @@ from composer.utils import parse_uri
 from numpy._core.multiarray import _reconstruct
 from torch.torch_version import TorchVersion
 
+from pipeline.paths import is_remote
+
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST = "latest-rank{rank}.pt"
 UPLOAD_POLL_SECONDS = 2.0
@@ -61,10 +63,6 @@ def _upload_errors():
         yield
     except (BotoCoreError, ClientError, RuntimeError) as err:  # RuntimeError: Composer's check timed out
         raise CheckpointUploadError(str(err)) from err
-
-
-def is_remote(folder: str) -> bool:
-    return parse_uri(folder)[0] != ""
 
 
 def build_checkpoint_saver(

@@ -29,6 +29,7 @@ from pipeline.checkpointing import CheckpointError, read_checkpoint
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, ModelConfig, load
 from pipeline.images import decode_rgb
 from pipeline.model import build_clip, encode
+from pipeline.paths import is_remote
 from pipeline.runs import resolve_run
 from pipeline.tables import align_columns
 from pipeline.zeroshot import (
@@ -140,7 +141,7 @@ def build_evaluators(datasets: dict, image_transform, tokenizer, num_workers: in
 
 def read_model_weights(path: str, trust: bool) -> dict:
     """The open_clip weights in a (local or remote) Composer checkpoint, loaded safely."""
-    if "://" in path:  # s3://, gs://, https://...: Composer fetches it
+    if is_remote(path):  # s3://, gs://, https://...: Composer fetches it
         with tempfile.TemporaryDirectory() as folder:
             local = os.path.join(folder, os.path.basename(path))
             get_file(path, local)

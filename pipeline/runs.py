@@ -14,6 +14,7 @@ from typing import Optional
 from composer.utils import get_file, maybe_create_object_store_from_uri, parse_uri
 
 from pipeline.config import ConfigError, ModelConfig, TrainConfig, load, to_yaml
+from pipeline.paths import is_remote
 
 CONFIG_FILE = "config.yaml"
 LATEST_CHECKPOINT = "latest-rank0.pt"
@@ -25,8 +26,7 @@ def write_run_config(cfg: TrainConfig) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, CONFIG_FILE), "w") as f:
         f.write(text)
-    backend, _, path = parse_uri(cfg.save_folder)
-    if not backend:
+    if not is_remote(cfg.save_folder):
         os.makedirs(cfg.save_folder, exist_ok=True)
         with open(os.path.join(cfg.save_folder, CONFIG_FILE), "w") as f:
             f.write(text)
@@ -35,12 +35,13 @@ def write_run_config(cfg: TrainConfig) -> None:
         local = os.path.join(staging, CONFIG_FILE)
         with open(local, "w") as f:
             f.write(text)
-        maybe_create_object_store_from_uri(cfg.save_folder).upload_object(os.path.join(path, CONFIG_FILE), local)
+        object_name = os.path.join(parse_uri(cfg.save_folder)[2], CONFIG_FILE)
+        maybe_create_object_store_from_uri(cfg.save_folder).upload_object(object_name, local)
 
 
 def _saved_config(folder: str) -> Optional[TrainConfig]:
     """The run config saved in a local or remote folder, or None when there is none."""
-    if not parse_uri(folder)[0]:
+    if not is_remote(folder):
         path = os.path.join(folder, CONFIG_FILE)
         return load(TrainConfig, path) if os.path.isfile(path) else None
     with tempfile.TemporaryDirectory() as staging:
@@ -55,7 +56,7 @@ def _saved_config(folder: str) -> Optional[TrainConfig]:
 def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
     """(model config, checkpoint path) for a run folder or a checkpoint. The model is the one
     given, else the one in the config.yaml saved with the run."""
-    is_local_folder = not parse_uri(load_path)[0] and os.path.isdir(load_path)
+    is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
     if is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE)):  # a run folder
         saved = _saved_config(load_path)
         return model or saved.model, os.path.join(saved.save_folder, LATEST_CHECKPOINT)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.config import Device, Precision, TrainConfig, load
+from pipeline.config import ConfigError, Device, Precision, TrainConfig, load
 
 if __name__ == "__main__" and len(sys.argv) > 1:
-    load(TrainConfig, sys.argv[1], sys.argv[2:])  # a bad config fails here, before the heavy imports below
+    try:  # a bad config fails here, in a fraction of a second, before the heavy imports below
+        load(TrainConfig, sys.argv[1], sys.argv[2:])
+    except ConfigError as err:
+        sys.exit(f"ConfigError: {err}")
 
 import torch  # noqa: E402
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
