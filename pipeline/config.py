@@ -77,6 +77,17 @@ class Device(Enum):
     gpu = "gpu"
 
 
+class WeightsLayout(Enum):
+    open_clip = "open_clip"  # an open_clip model's state dict (our exports, open_clip checkpoints)
+    openai = "openai"  # OpenAI CLIP's state dict: the same key names as open_clip's built-in towers
+    timm = "timm"  # a timm ViT / EVA checkpoint (EVA02 MIM weights), into open_clip's TimmModel trunk
+
+
+class ClippingType(Enum):
+    norm = "norm"  # scale all gradients so that their global L2 norm is at most the threshold
+    value = "value"  # clamp each gradient element to [-threshold, threshold]
+
+
 # ---------------------------------------------------------------------------
 # Training schema
 # ---------------------------------------------------------------------------
@@ -96,12 +107,32 @@ class StreamConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training image augmentation; the defaults are open_clip's."""
+
+    # RandomResizedCrop's range of the crop's area (open_clip: (0.9, 1); FLIP: (0.5, 1)).
+    scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
+    hflip: bool = False  # random horizontal flip (FLIP: true)
+    # None: the model's own normalisation (open_clip's config for it).
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+    def __post_init__(self):
+        check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+              f"data.augment.scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")  # fmt: skip
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            check(value is None or len(value) == 3, f"data.augment.{name} needs 3 values (RGB), got {value}")
+
+
+@dataclass
 class DataConfig:
     streams: Dict[str, StreamConfig] = field(default_factory=dict)
     # The contrastive batch over all ranks; each rank gets global_batch_size / world_size.
     global_batch_size: int = 256
     num_workers: int = 2
     shuffle: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Samples per epoch across the mix; None = the streams' natural size.
     epoch_size: Optional[int] = None
     # Shared-memory/local-cache knobs of streaming, passed through when set.
@@ -125,6 +156,26 @@ class DataConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """Weights to start from (pipeline/weights.py): a file or open_clip export folder, local or remote."""
+
+    path: str = MISSING
+    layout: WeightsLayout = WeightsLayout.open_clip
+    # fnmatch patterns of this model's keys that may stay as initialised (heads meant to be new),
+    # and of arriving keys that are dropped (e.g. a MIM checkpoint's decoder head).
+    allow_missing: List[str] = field(default_factory=list)
+    allow_unexpected: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LockConfig:
+    """A frozen tower (open_clip's --lock-image / --lock-text); frozen parameters get no optimizer state."""
+
+    unlocked_groups: int = 0  # the last N layer groups (image) / layers (text) still train
+    freeze_norm_stats: bool = False  # image tower: also freeze BatchNorm statistics (ResNets)
+
+
+@dataclass
 class ModelConfig:
     # An open_clip model name (`open_clip.list_models()`), or the name given to `custom`.
     name: str = "ViT-B-16"
@@ -140,6 +191,13 @@ class ModelConfig:
     # open_clip ClipLoss options: the negatives are the whole global batch when gathering with grad.
     gather_with_grad: bool = True
     local_loss: bool = False
+    # Weights to start from (the model's own init otherwise): a whole open_clip-layout model, then
+    # per tower (EVA-CLIP: EVA02 MIM weights in timm's layout, OpenAI CLIP's text tower).
+    pretrained: Optional[WeightsConfig] = None
+    visual_init: Optional[WeightsConfig] = None
+    text_init: Optional[WeightsConfig] = None
+    lock_image: Optional[LockConfig] = None
+    lock_text: Optional[LockConfig] = None
 
 
 @dataclass
@@ -157,17 +215,38 @@ class TowerOptimConfig:
 
 
 @dataclass
+class LambConfig:
+    """timm's LAMB options. timm clips the global grad norm at max_grad_norm (1.0) inside the step
+    and skips the trust ratio for parameters without weight decay unless always_adapt; trust_clip
+    caps the trust ratio at 1. DeepSpeed's FusedLamb (EVA-CLIP) clips nothing and clamps the trust
+    ratio to [0.01, 10], which timm cannot express."""
+
+    max_grad_norm: Optional[float] = 1.0  # None: no clipping inside LAMB
+    trust_clip: bool = False
+    always_adapt: bool = False
+
+
+@dataclass
 class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw
-    lr: float = 5e-4
+    # The peak lr, or lr_per_256 (FLIP's rule: lr = lr_per_256 * global_batch_size / 256, so the
+    # lr follows the batch); set one of the two, the other null.
+    lr: Optional[float] = 5e-4
+    lr_per_256: Optional[float] = None
     weight_decay: float = 0.2
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
     text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    # The logit scale (and SigLIP bias) group: its own lr (EVA-CLIP: 5e-4); no weight decay.
+    logit_scale: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    lamb: LambConfig = field(default_factory=LambConfig)
 
     def __post_init__(self):
-        check(self.lr >= 0 and self.weight_decay >= 0, "optimizer.lr and weight_decay must be >= 0")
+        check((self.lr is None) != (self.lr_per_256 is None),
+              f"set exactly one of optimizer.lr and optimizer.lr_per_256 (got {self.lr} and {self.lr_per_256}); "
+              "e.g. optimizer.lr=null optimizer.lr_per_256=4e-6")  # fmt: skip
+        check((self.lr or self.lr_per_256) >= 0 and self.weight_decay >= 0, "optimizer.lr and weight_decay must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas: two in [0, 1), got {self.betas}")
         check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
 
@@ -211,6 +290,17 @@ class TextMaskingConfig:
 
 
 @dataclass
+class GradientClippingConfig:
+    """Composer's GradientClipping, after the micro-batches' gradients are summed."""
+
+    type: ClippingType = ClippingType.norm
+    threshold: float = 1.0  # EVA-CLIP: norm 5.0
+
+    def __post_init__(self):
+        check(self.threshold > 0, f"algorithms.gradient_clipping.threshold must be > 0, got {self.threshold}")
+
+
+@dataclass
 class AlgorithmsConfig:
     """Composer algorithms; a section present (or `true`) switches one on."""
 
@@ -219,6 +309,7 @@ class AlgorithmsConfig:
     text_masking: Optional[TextMaskingConfig] = None
     flash_attention: bool = False
     grad_checkpointing: bool = False
+    gradient_clipping: Optional[GradientClippingConfig] = None
 
     def __post_init__(self):
         check(self.unmasked_tuning is None or self.patch_masking is not None,

@@ -8,10 +8,12 @@ import random
 from typing import Callable, Optional, Sequence
 
 import torch
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
+from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import AugmentConfig, ConfigError, DataConfig
 from pipeline.images import decode_rgb
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,17 @@ class CLIPStreamingDataset(StreamingDataset):
                                "data.max_bad_samples: stopping. Rebuild the stream or raise the limit.")  # fmt: skip
         log.warning("%s: replaced by the next sample (%d bad so far)", message, self.bad_samples)
         return self[(index + 1) % self.num_samples]
+
+
+def train_transform(clip: torch.nn.Module, cfg: AugmentConfig) -> Callable:
+    """open_clip's training transform for this model (its size and normalisation), with the crop
+    scale, mean / std and horizontal flip of `data.augment` (FLIP: scale (0.5, 1) and a flip)."""
+    preprocess = merge_preprocess_dict(clip.visual.preprocess_cfg, {"mean": cfg.mean, "std": cfg.std})
+    transform = image_transform_v2(PreprocessCfg(**preprocess), is_train=True, aug_cfg=AugmentationCfg(scale=tuple(cfg.scale)))
+    if cfg.hflip:  # after the crop, as FLIP's pipeline does
+        crop = next(i for i, t in enumerate(transform.transforms) if isinstance(t, RandomResizedCrop))
+        transform.transforms.insert(crop + 1, RandomHorizontalFlip())
+    return transform
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:

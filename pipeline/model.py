@@ -54,6 +54,14 @@ def build_clip(cfg: ModelConfig):
     return clip, train_transform, eval_transform, open_clip.get_tokenizer(cfg.name, cfg.context_length)
 
 
+def lock_towers(clip: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Freeze towers as open_clip's --lock-image / --lock-text do (LiT); the optimizer skips them."""
+    if cfg.lock_image is not None:
+        clip.lock_image_tower(cfg.lock_image.unlocked_groups, cfg.lock_image.freeze_norm_stats)
+    if cfg.lock_text is not None:
+        clip.lock_text_tower(cfg.lock_text.unlocked_groups)
+
+
 def encode(clip: torch.nn.Module, images, texts) -> Features:
     """Features of either input (None skips a tower), through open_clip's own forward, whose hooks
     FSDP uses to gather the parameters."""

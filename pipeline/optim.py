@@ -1,6 +1,9 @@
 """Optimizer parameter groups: per-tower lr / weight decay, layer-wise lr decay, no-decay sets.
 
-Biases, norms, embedding tables and the logit scale get no weight decay. With layer decay d, a
+The peak lr is optimizer.lr, or optimizer.lr_per_256 * global batch / 256 (FLIP's rule), and
+each tower (and the logit scale) may have its own. Frozen parameters (a locked tower) are left
+out, so they get no optimizer state. Biases, norms, embedding tables and the logit scale get no
+weight decay. With layer decay d, a
 parameter at depth i of a tower with n blocks gets lr * d ** (n + 1 - i): embeddings are depth 0,
 block k is depth k + 1, the final norm / projection is depth n + 1 (EVA-CLIP, BEiT). Depths and
 towers come from `pipeline.towers.layer_ids`.
@@ -9,25 +12,31 @@ towers come from `pipeline.towers.layer_ids`.
 from __future__ import annotations
 
 import torch
+from composer.utils import dist
 from timm.optim import Lamb
 
 from pipeline.config import OptimizerConfig, OptimizerName
+from pipeline.tables import align_columns
 from pipeline.towers import layer_ids
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list:
+def peak_lr(cfg: OptimizerConfig, global_batch_size: int) -> float:
+    return cfg.lr if cfg.lr is not None else cfg.lr_per_256 * global_batch_size / 256
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size: int = 256) -> list:
     """One group per (tower, depth, weight decay) of a CLIPModel's trainable parameters."""
+    base_lr = peak_lr(cfg, global_batch_size)
     ids = layer_ids(model.clip)
     groups: dict = {}
     for name, param in model.clip.named_parameters():
         if not param.requires_grad:
             continue
         layer = ids[name]
-        tower_cfg = getattr(cfg, layer.tower, None)  # None: the logit scale follows optimizer.*
-        lr = cfg.lr if tower_cfg is None or tower_cfg.lr is None else tower_cfg.lr
-        wd = cfg.weight_decay if tower_cfg is None or tower_cfg.weight_decay is None else tower_cfg.weight_decay
-        if tower_cfg is not None:
-            lr *= tower_cfg.layer_decay ** (layer.num_blocks + 1 - layer.depth)
+        tower_cfg = getattr(cfg, layer.tower)  # visual, text or logit_scale
+        lr = base_lr if tower_cfg.lr is None else tower_cfg.lr
+        wd = cfg.weight_decay if tower_cfg.weight_decay is None else tower_cfg.weight_decay
+        lr *= tower_cfg.layer_decay ** (layer.num_blocks + 1 - layer.depth)  # logit scale: depth 1 of 0 blocks
         if not layer.decays:
             wd = 0.0
         key = (layer.tower, layer.depth, wd)
@@ -36,9 +45,18 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list:
     return list(groups.values())
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def describe(groups: list) -> str:
+    """The effective lr and weight decay of every group, printed when training starts."""
+    rows = [[g["name"], str(len(g["params"])), f"{g['lr']:.4g}", f"{g['weight_decay']:g}"] for g in groups]
+    return align_columns([["group (tower.depth)", "params", "lr", "weight_decay"], *rows])
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size: int = 256) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, global_batch_size)
+    if dist.get_global_rank() == 0:
+        print(f"Optimizer {cfg.name.value}, peak lr per group:\n{describe(groups)}", flush=True)
+    kwargs = dict(lr=peak_lr(cfg, global_batch_size), betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == OptimizerName.lamb:
-        return Lamb(groups, **kwargs)
+        lamb = cfg.lamb
+        return Lamb(groups, **kwargs, max_grad_norm=lamb.max_grad_norm, trust_clip=lamb.trust_clip, always_adapt=lamb.always_adapt)
     return torch.optim.AdamW(groups, **kwargs)

@@ -13,12 +13,14 @@ A new tower type means editing this file only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import PatchDropout, ResidualAttentionBlock, VisionTransformer
-from timm.layers import PatchDropoutWithIndices
+from timm.layers import PatchDropoutWithIndices, resample_abs_pos_embed
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block as TimmBlock
 
@@ -187,3 +189,59 @@ def text_token_ids(tokenizer) -> tuple:
         return 0, tokenizer.eot_token_id
     hf = tokenizer.tokenizer  # open_clip's HFTokenizer
     return hf.pad_token_id, hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+
+
+# ---------------------------------------------------------------------------
+# State-dict layouts (initialising a tower from another model's weights)
+# ---------------------------------------------------------------------------
+
+# Keys of open_clip's built-in (OpenAI CLIP) text tower, which lives inline in a CLIP.
+CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def tower_of_key(clip: torch.nn.Module, key: str) -> Optional[str]:
+    """'visual', 'text' or None (the logit scale / bias) for a key of the CLIP's state dict."""
+    if key.startswith("visual."):
+        return "visual"
+    if key.split(".")[0] in LOGIT_PARAMETERS:
+        return None
+    return "text"
+
+
+def text_key_in_clip(clip: torch.nn.Module, key: str) -> str:
+    """An open_clip text-tower key (CLIP inline layout, or CustomTextCLIP's `text.`) as this CLIP names it."""
+    bare = key.removeprefix("text.")
+    return f"text.{bare}" if hasattr(clip, "text") else bare
+
+
+def layout_to_clip(clip: torch.nn.Module, tower: str, layout: str, source: dict) -> dict:
+    """The tower's tensors of `source`, keyed as this CLIP names them.
+
+    open_clip / openai: the tower's keys of an open_clip (or OpenAI CLIP) state dict; the other
+    tower's keys are not this tower's and are left out. timm: a timm ViT / EVA state dict, every key
+    the trunk of open_clip's TimmModel."""
+    if layout == "timm":
+        if tower != "visual" or not isinstance(clip.visual, TimmModel):
+            raise ValueError(f"timm-layout weights go into a timm vision tower (open_clip's TimmModel), not the {tower} tower "
+                             f"of this model ({type(clip.visual).__name__})")  # fmt: skip
+        return {f"visual.trunk.{k}": v for k, v in source.items()}
+    if tower == "visual":
+        return {k: v for k, v in source.items() if k.startswith("visual.")}
+    text = {k: v for k, v in source.items() if k.startswith("text.") or k.startswith(CLIP_TEXT_KEYS)}
+    return {text_key_in_clip(clip, k): v for k, v in text.items()}
+
+
+def resample_position_embedding(clip: torch.nn.Module, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """`value` resampled to this CLIP's position embedding at `key`, or None if `key` is none."""
+    if key == "visual.trunk.pos_embed":
+        trunk = clip.visual.trunk
+        return resample_abs_pos_embed(value, list(trunk.patch_embed.grid_size), num_prefix_tokens=trunk.num_prefix_tokens)
+    if key == "visual.positional_embedding":
+        state = {key: value}
+        resize_pos_embed(state, clip)
+        return state[key]
+    if key.removeprefix("text.") == "positional_embedding":
+        state = {key: value}
+        resize_text_pos_embed(state, clip)
+        return state[key]
+    return None

@@ -31,13 +31,14 @@ from pipeline.checkpointing import (  # noqa: E402
     build_checkpoint_saver,
     guard_checkpoint_loading,
 )
-from pipeline.data import build_dataloader  # noqa: E402
+from pipeline.data import build_dataloader, train_transform  # noqa: E402
 from pipeline.eval import build_evaluators  # noqa: E402
-from pipeline.model import CLIPModel, build_clip  # noqa: E402
+from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
 from pipeline.parallel import build_parallelism  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 from pipeline.runs import write_run_config  # noqa: E402
+from pipeline.weights import load_initial_weights  # noqa: E402
 
 
 def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
@@ -46,15 +47,18 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
     guard_checkpoint_loading(cfg.trust_checkpoints)
     device = cfg.device or (Device.gpu if torch.cuda.is_available() else Device.cpu)
     precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
-    clip, train_transform, eval_transform, tokenizer = build_clip(cfg.model)
+    clip, _, eval_transform, tokenizer = build_clip(cfg.model)
+    load_initial_weights(clip, cfg.model)  # EVA-CLIP: pretrained towers (a resumed run then loads its checkpoint)
+    lock_towers(clip, cfg.model)
     evaluators, eval_metrics = build_evaluators(cfg.eval_datasets, eval_transform, tokenizer, cfg.data.num_workers)
     model = CLIPModel(clip, cfg.model, eval_metrics)
-    train_dataloader = build_dataloader(cfg.data, train_transform, tokenizer, dist.get_world_size(), cfg.seed)
+    transform = train_transform(clip, cfg.data.augment)
+    train_dataloader = build_dataloader(cfg.data, transform, tokenizer, dist.get_world_size(), cfg.seed)
     return Trainer(
         model=model,
         train_dataloader=train_dataloader,
         **({"eval_dataloader": evaluators, "eval_interval": cfg.eval_interval} if evaluators else {}),
-        optimizers=build_optimizer(model, cfg.optimizer),
+        optimizers=build_optimizer(model, cfg.optimizer, cfg.data.global_batch_size),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
         algorithms=build_algorithms(cfg.algorithms, cfg.seed, tokenizer),
         max_duration=cfg.max_duration,

@@ -66,7 +66,7 @@ def make_trainer(model: CLIPModel, batch_size: int = 16, **kwargs) -> Trainer:
     return Trainer(
         model=model,
         train_dataloader=synthetic_loader(batch_size),
-        optimizers=torch.optim.SGD(model.parameters(), lr=kwargs.pop("lr", 0.1)),
+        optimizers=kwargs.pop("optimizers", None) or torch.optim.SGD(model.parameters(), lr=kwargs.pop("lr", 0.1)),
         max_duration=kwargs.pop("max_duration", "2ba"),
         algorithms=algorithms,
         device="cpu",

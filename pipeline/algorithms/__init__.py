@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from composer.algorithms import GradientClipping
 from composer.core import Algorithm
 
 from pipeline.algorithms.contrastive_accumulation import ContrastiveAccumulation
@@ -26,4 +27,7 @@ def build_algorithms(cfg: AlgorithmsConfig, seed: int, tokenizer) -> list[Algori
         algorithms.append(FlashAttention())
     if cfg.grad_checkpointing:
         algorithms.append(GradCheckpointing())
+    if cfg.gradient_clipping is not None:  # after the micro-batches' gradients are summed (AFTER_TRAIN_BATCH)
+        clipping = cfg.gradient_clipping
+        algorithms.append(GradientClipping(clipping_type=clipping.type.value, clipping_threshold=clipping.threshold))
     return algorithms

@@ -1,0 +1,185 @@
+"""Weights in (model.pretrained, visual_init, text_init), locked towers, gradient clipping, augmentation."""
+
+import fnmatch
+import os
+import subprocess
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline.config import (AugmentConfig, ConfigError, EvalConfig, LockConfig, ModelConfig, OptimizerConfig, TrainConfig,
+                             WeightsConfig, WeightsLayout, load)  # fmt: skip
+from pipeline.data import train_transform
+from pipeline.eval import build_scores, evaluate, evaluate_dataset, load_clip
+from pipeline.export import export
+from pipeline.model import build_clip, lock_towers
+from pipeline.optim import build_optimizer, param_groups
+from pipeline.weights import load_initial_weights
+from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
+from tests.tiny import TINY, GradCapture, make_trainer, synthetic_dataset, tiny_model
+
+EVA_TINY = ModelConfig(name="tiny-eva", custom={
+    "embed_dim": 32,
+    "vision_cfg": {"timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False, "timm_pool": "token",
+                   "timm_proj": "linear", "image_size": 224},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+})  # fmt: skip
+
+
+def init(path, layout=WeightsLayout.open_clip, **kwargs) -> WeightsConfig:
+    return WeightsConfig(path=str(path), layout=layout, **kwargs)
+
+
+def state(clip, prefix: str) -> dict:
+    return {k: v.clone() for k, v in clip.state_dict().items() if k.startswith(prefix)}
+
+
+def test_a_tower_from_an_open_clip_export_arrives_unchanged_and_the_other_stays(tmp_path):
+    source = tiny_model(seed=1).clip
+    export(source, TINY, str(tmp_path / "other"))  # open_clip's hub layout
+    target = tiny_model(seed=2).clip
+    own_text = {k: v for k, v in state(target, "").items() if not k.startswith("visual.")}
+    load_initial_weights(target, ModelConfig(name=TINY.name, custom=TINY.custom, visual_init=init(tmp_path / "other")))
+    for key, value in state(source, "visual.").items():
+        assert torch.equal(target.state_dict()[key], value), key
+    for key, value in own_text.items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_eva02_mim_weights_in_timms_layout_go_into_the_trunk_with_resampled_positions(tmp_path):
+    mim = timm.create_model("eva02_tiny_patch14_224", img_size=112)  # an 8x8 grid; the model has 16x16
+    save_file({k: v.contiguous() for k, v in mim.state_dict().items()}, tmp_path / "model.safetensors")
+    clip = build_clip(EVA_TINY)[0]
+    weights = init(tmp_path / "model.safetensors", WeightsLayout.timm)
+    with pytest.raises(ConfigError, match=r"missing \['visual.head.proj.weight'\]"):  # the CLIP projection is new
+        load_initial_weights(clip, ModelConfig(name=EVA_TINY.name, custom=EVA_TINY.custom, visual_init=weights))
+    weights.allow_missing = ["visual.head.*"]
+    load_initial_weights(clip, ModelConfig(name=EVA_TINY.name, custom=EVA_TINY.custom, visual_init=weights))
+    trunk = clip.visual.trunk.state_dict()
+    for key, value in mim.state_dict().items():
+        if key != "pos_embed":
+            assert torch.equal(trunk[key], value), key
+    assert trunk["pos_embed"].shape == (1, 1 + 16 * 16, 192)
+    assert torch.equal(trunk["pos_embed"][:, 0], mim.state_dict()["pos_embed"][:, 0])  # class token's kept
+
+
+def test_openai_layout_text_tower_with_a_longer_context(tmp_path):
+    long_text = ModelConfig(name="tiny-77", custom={**TINY.custom, "text_cfg": {**TINY.custom["text_cfg"], "context_length": 77}})
+    source = tiny_model(seed=3, cfg=long_text).clip
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("visual.")}, tmp_path / "openai_text.pt")
+    target = tiny_model(seed=4).clip
+    load_initial_weights(target, ModelConfig(name=TINY.name, custom=TINY.custom,
+                                             text_init=init(tmp_path / "openai_text.pt", WeightsLayout.openai)))  # fmt: skip
+    for key, value in source.state_dict().items():
+        if not key.startswith("visual.") and key not in ("positional_embedding", "logit_scale"):
+            assert torch.equal(target.state_dict()[key], value), key
+    assert target.positional_embedding.shape == (16, 64)  # resampled from 77 positions
+
+
+def test_a_mismatched_key_or_shape_fails_naming_it(tmp_path):
+    weights = {k: v for k, v in tiny_model(seed=1).clip.state_dict().items() if k.startswith("visual.")}
+    weights["visual.extra.weight"] = torch.zeros(2)
+    del weights["visual.proj"]
+    save_file(weights, tmp_path / "odd.safetensors")
+    model = ModelConfig(name=TINY.name, custom=TINY.custom, visual_init=init(tmp_path / "odd.safetensors"))
+    with pytest.raises(ConfigError, match=r"missing \['visual.proj'\], unexpected \['visual.extra.weight'\]"):
+        load_initial_weights(tiny_model().clip, model)
+    del weights["visual.extra.weight"]
+    weights["visual.proj"] = torch.zeros(64, 7)
+    save_file(weights, tmp_path / "odd.safetensors")
+    with pytest.raises(ConfigError, match=r"'visual.proj' has shape \(64, 7\), this model's has \(64, 32\)"):
+        load_initial_weights(tiny_model().clip, model)
+    torch.save({"payload": subprocess.Popen}, tmp_path / "code.pt")  # pickled code is refused, not run
+    with pytest.raises(ConfigError, match="holds more than tensors"):
+        load_initial_weights(tiny_model().clip, ModelConfig(name=TINY.name, custom=TINY.custom, pretrained=init(tmp_path / "code.pt")))
+
+
+def test_a_composer_checkpoint_as_pretrained_scores_as_the_checkpoint_itself(sample_build, tmp_path):
+    from tests.test_eval import eval_overrides
+
+    import pipeline.train
+
+    cfg, _ = sample_build
+    run_dir = tmp_path / "run"
+    pipeline.train.main([DEMO_YAML, *train_overrides(cfg, run_dir, "data.global_batch_size=32", "max_duration=3ba",
+                                                     "save_interval=3ba", "scheduler.warmup=0ba")])  # fmt: skip
+    eval_cfg = load(EvalConfig, os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"), [*eval_overrides(cfg), f"load_path={run_dir}"])
+    direct = evaluate(eval_cfg)["datasets"]["fashion_mnist"]
+    checkpoint = str(run_dir / "checkpoints" / "latest-rank0.pt")
+    model = load(TrainConfig, DEMO_YAML, [f"model.pretrained.path={checkpoint}"]).model
+    clip, _, transform, tokenizer = build_clip(model)
+    load_initial_weights(clip, model)
+    dataset = eval_cfg.datasets["fashion_mnist"]
+    scores = evaluate_dataset(clip.eval(), dataset, build_scores(dataset, tokenizer), transform, tokenizer, num_workers=0)
+    assert scores == direct
+
+
+def test_locked_towers_stay_unchanged_and_get_no_optimizer_state():
+    model = tiny_model()
+    cfg = ModelConfig(name=TINY.name, custom=TINY.custom, lock_image=LockConfig(), lock_text=LockConfig(unlocked_groups=2))
+    lock_towers(model.clip, cfg)
+    before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-2))
+    trainer = make_trainer(model, max_duration="2ba", optimizers=optimizer)
+    trainer.fit()
+    after = model.clip.state_dict()
+    trained = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("visual.") for k in trained)
+    assert any(k.startswith("transformer.resblocks.1.") for k in trained)  # the unlocked last text layer
+    assert not any(k.startswith("transformer.resblocks.0.") or k.startswith("token_embedding") for k in trained)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p not in optimizer.state for p in frozen)
+    assert sum(len(g["params"]) for g in param_groups(model, OptimizerConfig())) == len(list(model.parameters())) - len(frozen)
+
+
+def total_norm(grads: dict) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])))
+
+
+def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
+    from composer.algorithms import GradientClipping
+
+    norms = {}
+    for name, algorithms in (("raw", []), ("clipped", [GradientClipping("norm", 0.05)])):
+        capture = GradCapture()
+        make_trainer(tiny_model(), batch_size=32, device_train_microbatch_size=8, max_duration="1ba",
+                     callbacks=[capture], algorithms=algorithms).fit()  # fmt: skip
+        norms[name] = total_norm(capture.grads[0])
+    assert norms["raw"] > 0.5
+    assert norms["clipped"] == pytest.approx(0.05, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "FULL_SHARD"])
+def test_gradient_clipping_on_two_ranks(tmp_path, parallelism):
+    script = os.path.join(REPO, "tests", "clipping_check.py")
+    out = tmp_path / "norms.pt"
+    proc = subprocess.run([*COMPOSER, "-n", "2", script, str(out), parallelism], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    norms = torch.load(out, weights_only=True)
+    assert norms["raw"] > 0.5 and norms["clipped"] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_augmentation_defaults_to_open_clips_and_flip_runs_after_the_crop():
+    import open_clip
+
+    clip = tiny_model().clip
+    image = Image.new("RGB", (48, 40), (10, 200, 30))
+    image.paste((250, 0, 0), (0, 0, 10, 40))  # a red band on the left: a flip moves it right
+    default, open_clips = train_transform(clip, AugmentConfig()), open_clip.create_model_and_transforms(TINY.name)[1]
+    torch.manual_seed(0)
+    ours = default(image)
+    torch.manual_seed(0)
+    assert torch.equal(ours, open_clips(image))
+    flip = train_transform(clip, AugmentConfig(scale=[1.0, 1.0], hflip=True))
+    sides = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        red = flip(image)[0]
+        sides.add(bool(red[:, :4].mean() > red[:, -4:].mean()))
+    assert sides == {True, False}  # both orientations appear
+    assert fnmatch.fnmatch(str(flip), "*RandomResizedCrop*scale=(1.0, 1.0)*RandomHorizontalFlip*")
