@@ -20,7 +20,7 @@ from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import PatchDropout, ResidualAttentionBlock, VisionTransformer
-from timm.layers import PatchDropoutWithIndices, resample_abs_pos_embed
+from timm.layers import PatchDropoutWithIndices, resample_abs_pos_embed, resample_patch_embed
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block as TimmBlock
 
@@ -231,8 +231,12 @@ def layout_to_clip(clip: torch.nn.Module, tower: str, layout: str, source: dict)
     return {text_key_in_clip(clip, k): v for k, v in text.items()}
 
 
-def resample_position_embedding(clip: torch.nn.Module, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
-    """`value` resampled to this CLIP's position embedding at `key`, or None if `key` is none."""
+def resample_to_fit(clip: torch.nn.Module, key: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """`value` resampled to this CLIP's tensor at `key` when that is a position embedding (another
+    grid or context length) or a timm patch embedding (another patch size: EVA02's MIM weights are
+    14 px, EVA02-CLIP-B/16's patches 16 px, as EVA-CLIP resamples them); else None."""
+    if key == "visual.trunk.patch_embed.proj.weight":
+        return resample_patch_embed(value, list(clip.visual.trunk.patch_embed.patch_size))
     if key == "visual.trunk.pos_embed":
         trunk = clip.visual.trunk
         return resample_abs_pos_embed(value, list(trunk.patch_embed.grid_size), num_prefix_tokens=trunk.num_prefix_tokens)

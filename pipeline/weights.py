@@ -6,8 +6,8 @@ Files are read safely (safetensors, or torch.load with weights_only): an open_cl
 folder or one .safetensors), an open_clip training checkpoint (`state_dict`), a Composer checkpoint,
 or a plain state dict (timm's `model.safetensors`), local or remote. Every key of the tower must
 arrive and every key that arrives must be used, unless `allow_missing` / `allow_unexpected` name it
-(fnmatch patterns); position embeddings are resampled when the grid differs; any other shape
-mismatch fails naming the key.
+(fnmatch patterns); position embeddings are resampled when the grid differs, a timm patch
+embedding when the patch size does; any other shape mismatch fails naming the key.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from pipeline.checkpointing import CheckpointError, read_checkpoint
 from pipeline.config import ConfigError, ModelConfig, WeightsConfig, WeightsLayout
 from pipeline.paths import is_remote
-from pipeline.towers import layout_to_clip, resample_position_embedding, tower_of_key
+from pipeline.towers import layout_to_clip, resample_to_fit, tower_of_key
 
 COMPOSER_MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`
 
@@ -71,7 +71,7 @@ def _fit(clip: torch.nn.Module, what: str, arriving: dict, expected: dict, cfg: 
         if key not in expected:
             continue
         if value.shape != expected[key].shape:
-            value = resample_position_embedding(clip, key, value) if value.ndim > 1 else None
+            value = resample_to_fit(clip, key, value) if value.ndim > 1 else None
             if value is None or value.shape != expected[key].shape:
                 raise ConfigError(f"{what} from {cfg.path}: '{key}' has shape {tuple(arriving[key].shape)}, "
                                   f"this model's has {tuple(expected[key].shape)}")  # fmt: skip

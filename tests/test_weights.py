@@ -183,3 +183,75 @@ def test_augmentation_defaults_to_open_clips_and_flip_runs_after_the_crop():
         sides.add(bool(red[:, :4].mean() > red[:, -4:].mean()))
     assert sides == {True, False}  # both orientations appear
     assert fnmatch.fnmatch(str(flip), "*RandomResizedCrop*scale=(1.0, 1.0)*RandomHorizontalFlip*")
+
+
+def phase_overrides(cfg, run_dir, checkpoint, *extra) -> list:
+    """FLIP's unmasked tuning as its own run on the demo recipe: from a checkpoint's weights, unmasked."""
+    return train_overrides(cfg, run_dir, f"model.pretrained.path={checkpoint}", "algorithms.patch_masking=null",
+                           "data.global_batch_size=16", "max_duration=6ba", "scheduler.warmup=2ba", "save_interval=2ba",
+                           "optimizer.lr=1e-3", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def masked_run(sample_build, tmp_path_factory):
+    """4 masked batches of the demo recipe; its final checkpoint starts the tuning phase."""
+    import pipeline.train
+
+    cfg, _ = sample_build
+    run_dir = tmp_path_factory.mktemp("masked")
+    pipeline.train.main([DEMO_YAML, *train_overrides(cfg, run_dir, "algorithms.patch_masking.ratio=0.5", "max_duration=4ba",
+                                                     "data.global_batch_size=16", "save_interval=4ba")])  # fmt: skip
+    return str(run_dir / "checkpoints" / "ep0-ba4-rank0.pt")
+
+
+def test_unmasked_tuning_phase_starts_fresh_from_the_weights_with_its_own_schedule(sample_build, masked_run, tmp_path):
+    import math
+
+    from composer.loggers import InMemoryLogger
+
+    from pipeline.checkpointing import read_checkpoint
+    from pipeline.train import build_trainer
+
+    cfg, _ = sample_build
+    phase = load(TrainConfig, DEMO_YAML, phase_overrides(cfg, tmp_path / "phase", masked_run))
+    log = InMemoryLogger()
+    trainer = build_trainer(phase, loggers=[log])
+    masked = read_checkpoint(masked_run)["state"]["model"]
+    for key, value in trainer.state.model.state_dict().items():
+        assert torch.equal(value, masked[key]), key  # the masked run's weights...
+    assert all(not state for state in trainer.state.optimizers[0].state.values())  # ...and no Adam moments
+    trainer.fit()
+    lrs = [float(v) for _, v in log.data["lr-AdamW/group0"]]
+    warmup, total = 2, 6
+    expected = [t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) for t in range(total)]
+    base = trainer.state.optimizers[0].param_groups[0]["initial_lr"]
+    assert lrs == pytest.approx([base * f for f in expected], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, tmp_path):
+    import signal
+    import sys
+    import time
+
+    from pipeline.checkpointing import read_checkpoint
+    from tests.conftest import PYTHON, run_train
+
+    cfg, _ = sample_build
+    final = {}
+    for name in ("whole", "killed"):
+        overrides = phase_overrides(cfg, tmp_path / name, masked_run, "autoresume=true", "deterministic=true")
+        if name == "killed":
+            command = [sys.executable, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
+            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            checkpoint = tmp_path / name / "checkpoints" / "ep0-ba2-rank0.pt"
+            deadline = time.time() + 300
+            while not (checkpoint.exists() and (tmp_path / name / "checkpoints" / "latest-rank0.pt").exists()):
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        run_train(PYTHON, overrides)
+        final[name] = read_checkpoint(str(tmp_path / name / "checkpoints" / "ep0-ba6-rank0.pt"))["state"]["model"]
+    for key, value in final["whole"].items():
+        assert torch.equal(final["killed"][key], value), key
