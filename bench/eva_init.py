@@ -81,7 +81,8 @@ def main() -> None:
     run("pipeline/export.py", "yamls/eval/zeroshot.yaml", export, "load_path=runs/demo")
     init_b = [f"model.visual_init.path={export}", f"model.text_init.path={export}"]
     runs = {"B": ["run_name=eva_b", *init_b], "C": ["run_name=eva_c"]}
-    rows = {"A: demo, from scratch (lr 1e-3)": (scores("runs/demo", "runs/eva_a.json"), None)}
+    moved_a = tower_change(initial_weights([]), weights("runs/demo/checkpoints/latest-rank0.pt"))
+    rows = {"A: demo, from scratch (lr 1e-3, 500 batches)": (scores("runs/demo", "runs/eva_a.json"), moved_a)}
     rows["B at step 0: A's towers"] = (scores_of_init(init_b), None)
     for name, overrides in runs.items():
         overrides = [*overrides, *EVA_RATES, f"max_duration={args.batches}ba", f"save_interval={args.batches}ba"]

@@ -12,13 +12,17 @@ import contextlib
 import datetime
 import os
 import pickle
+import re
 import zipfile
+from typing import Optional
+from urllib.parse import urlparse
 
+import boto3
 import numpy as np
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 from composer.callbacks import CheckpointSaver
-from composer.utils import parse_uri
+from composer.utils import dist, parse_uri
 # numpy has no public name for the function it pickles arrays with; tests/test_layout.py fails
 # loudly if numpy stops pickling with this one.
 from numpy._core.multiarray import _reconstruct
@@ -39,22 +43,44 @@ class CheckpointUploadError(RuntimeError):
 
 
 class PollingCheckpointSaver(CheckpointSaver):
-    """Composer's CheckpointSaver, checking every few seconds that an upload has landed, and
-    turning every way an upload can fail into one CheckpointUploadError."""
+    """Composer's CheckpointSaver, checking every few seconds that an upload has landed, turning
+    every way an upload can fail into one CheckpointUploadError, and keeping `keep` checkpoints
+    (plus every `keep_every`-th batch's) in the save folder, local or in the bucket."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, keep: int = -1, keep_every: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.keep, self.keep_every = keep, keep_every
         # The `latest` pointer is written only after the checkpoint it names is in the bucket,
         # so a shorter poll is as safe, just quicker.
         setattr(self, UPLOAD_POLL_ATTRIBUTE, UPLOAD_POLL_SECONDS)
 
     def batch_end(self, state, logger) -> None:
         with _upload_errors():
+            saves = len(self.all_saved_checkpoints_to_timestamp)
             super().batch_end(state, logger)
+            if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save: look at the folder
+                self.rotate()
 
     def fit_end(self, state, logger) -> None:
         with _upload_errors():
             super().fit_end(state, logger)
+            self.rotate()
+
+    def rotate(self) -> None:
+        """Delete checkpoints beyond the newest `keep`, only ever older than the one `latest` names
+        (so never that one, nor one still uploading: `latest` moves only once an upload landed)."""
+        if self.keep < 0 or dist.get_global_rank() != 0:
+            return
+        folder = SaveFolder(self.folder)
+        latest = folder.latest_batch()
+        if latest is None:
+            return
+        saved = sorted(batch for batch in folder.checkpoint_batches() if batch <= latest)
+        kept_for_good = {b for b in saved if self.keep_every and b % self.keep_every == 0}
+        recent = [b for b in saved if b not in kept_for_good][-self.keep:] if self.keep else []
+        for batch in saved:
+            if batch != latest and batch not in kept_for_good and batch not in recent:
+                folder.delete(batch)
 
 
 @contextlib.contextmanager
@@ -65,9 +91,57 @@ def _upload_errors():
         raise CheckpointUploadError(str(err)) from err
 
 
-def build_checkpoint_saver(
-    folder: str, save_interval: str, num_checkpoints_to_keep: int, upload_timeout: int
-) -> CheckpointSaver:
+CHECKPOINT_NAME = re.compile(r"ep\d+-ba(\d+)-rank0\.pt$")
+
+
+class SaveFolder:
+    """The rank-0 checkpoints of a local save folder or a bucket prefix, by batch."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.remote = is_remote(folder)
+        if self.remote:
+            url = urlparse(folder)
+            self.bucket, self.prefix = url.netloc, url.path.strip("/")
+            self.client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
+
+    def names(self) -> list:
+        if not self.remote:
+            return os.listdir(self.folder) if os.path.isdir(self.folder) else []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/")
+        return [obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])]
+
+    def checkpoint_batches(self) -> dict:
+        """{batch: file name} of every rank-0 checkpoint."""
+        return {int(m.group(1)): name for name in self.names() if (m := CHECKPOINT_NAME.search(name))}
+
+    def latest_batch(self) -> Optional[int]:
+        """The batch of the checkpoint `latest` names (a symlink locally, a .symlink object in a bucket)."""
+        latest = LATEST.format(rank=0)
+        if not self.remote:
+            path = os.path.join(self.folder, latest)
+            target = os.readlink(path) if os.path.islink(path) else None
+        else:
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{latest}.symlink")["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                return None
+            target = body.decode().strip()
+        match = CHECKPOINT_NAME.search(target or "")
+        return int(match.group(1)) if match else None
+
+    def delete(self, batch: int) -> None:
+        names = [n for n in self.names() if re.search(rf"ep\d+-ba{batch}-rank\d+\.pt$", n)]  # every rank's file
+        for name in names:
+            if self.remote:
+                self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+            else:
+                os.remove(os.path.join(self.folder, name))
+
+
+def build_checkpoint_saver(cfg) -> CheckpointSaver:
+    """From the TrainConfig's save_* settings."""
+    folder = cfg.save_folder
     # As Composer names them; for a local folder nothing is uploaded, autoresume just needs them.
     path = parse_uri(folder)[2]
     return PollingCheckpointSaver(
@@ -76,12 +150,14 @@ def build_checkpoint_saver(
         latest_filename=LATEST,
         remote_file_name=os.path.join(path, FILENAME),
         latest_remote_file_name=os.path.join(path, LATEST),
-        save_interval=save_interval,
+        save_interval=cfg.save_interval,
         # A checkpoint half-written by a killed run is rewritten when the resumed run reaches it.
         overwrite=True,
-        # For a bucket only the local staging copies rotate; every checkpoint stays in the bucket.
-        num_checkpoints_to_keep=1 if is_remote(folder) else num_checkpoints_to_keep,
-        upload_timeout_in_seconds=upload_timeout,
+        # Composer rotates only the local staging copies (one, for a bucket); rotate() does the rest.
+        num_checkpoints_to_keep=1 if is_remote(folder) else -1,
+        upload_timeout_in_seconds=cfg.checkpoint_upload_timeout,
+        keep=cfg.save_num_checkpoints_to_keep,
+        keep_every=cfg.save_keep_every,
     )
 
 

@@ -352,6 +352,62 @@ class EvalDatasetConfig:
 
 
 @dataclass
+class ConsoleLoggerConfig:
+    log_interval: str = "50ba"  # every metric printed this often (also with progress_bar: false)
+
+
+@dataclass
+class TensorboardLoggerConfig:
+    log_dir: str = "${run_dir}/tensorboard"  # copied next to the checkpoints for an s3:// save_folder
+
+
+@dataclass
+class MlflowLoggerConfig:
+    tracking_uri: str = "file:${run_dir}/mlruns"  # or any MLflow server
+    experiment_name: str = "clipstream"
+    # A resumed run logs into the same MLflow run (found by run_name) instead of a new one.
+    resume: bool = True
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "clipstream"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline needs no network; `wandb sync` uploads later
+    dir: str = "${run_dir}"
+
+
+@dataclass
+class LoggersConfig:
+    """Composer loggers; a section present switches one on. The run's own record (metrics.csv,
+    loss.png, summary.json) is always kept (pipeline/record.py)."""
+
+    console: Optional[ConsoleLoggerConfig] = None
+    tensorboard: Optional[TensorboardLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+
+
+class SpikeAction(Enum):
+    skip = "skip"  # drop the batch's update (all ranks agree) and go on
+    stop = "stop"  # stop the run naming the batch and the last good checkpoint
+
+
+@dataclass
+class LossGuardConfig:
+    """Guards against a non-finite or spiking loss (pipeline/callbacks.py)."""
+
+    window: int = 50  # batches of loss history the spike is measured against
+    factor: float = 3.0  # a spike: loss > factor x the window's median (after the window is full)
+    action: SpikeAction = SpikeAction.skip
+    max_skips: int = 10  # more skipped batches than this in a row stops the run
+
+    def __post_init__(self):
+        check(self.window > 0 and self.factor > 1 and self.max_skips >= 0,
+              f"loss_guard: window > 0, factor > 1, max_skips >= 0; got {self.window}, {self.factor}, {self.max_skips}")  # fmt: skip
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "clip"
     run_dir: str = "runs/${run_name}"
@@ -373,7 +429,10 @@ class TrainConfig:
     device: Optional[Device] = None
     save_folder: str = "${run_dir}/checkpoints"
     save_interval: str = "1000ba"
+    # Checkpoints kept (locally and in the bucket; -1: all). The one `latest` names is never deleted,
+    # and nor is every save_keep_every-th batch's (e.g. 10000: one per 10,000 batches kept for good).
     save_num_checkpoints_to_keep: int = -1
+    save_keep_every: Optional[int] = None
     # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.
     checkpoint_upload_timeout: int = 900
     autoresume: bool = False
@@ -385,6 +444,13 @@ class TrainConfig:
     load_path: Optional[str] = None
     console_log_interval: str = "50ba"
     progress_bar: bool = True
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    # Composer callbacks by name with their keyword arguments, e.g. {memory_monitor: {},
+    # optimizer_monitor: {log_optimizer_metrics: true}, runtime_estimator: {}}.
+    callbacks: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    loss_guard: Optional[LossGuardConfig] = None
+    # Passed to Composer's Trainer (torch.compile), e.g. {} for the defaults or {mode: max-autotune}.
+    compile_config: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
         for key in ("max_duration", "save_interval", "eval_interval", "console_log_interval"):

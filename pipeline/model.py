@@ -83,6 +83,8 @@ class CLIPModel(ComposerModel):
         self.loss_fn = build_loss(cfg)
         # Set by ContrastiveAccumulation while a batch runs as several micro-batches.
         self.feature_cache = None
+        # The whole batch's loss (each exact micro-batch computes it too), for the loss guard.
+        self.last_batch_loss = None
 
     def forward(self, batch) -> Features:
         images, texts = batch
@@ -107,6 +109,7 @@ class CLIPModel(ComposerModel):
 
     def loss(self, outputs: Features, batch):
         loss = contrastive_loss(self.loss_fn, outputs)
+        self.last_batch_loss = loss.detach()
         if outputs.grad_scale == 1.0:
             return loss
         return loss.detach() + (loss - loss.detach()) * outputs.grad_scale

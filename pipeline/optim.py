@@ -46,9 +46,15 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size
 
 
 def describe(groups: list) -> str:
-    """The effective lr and weight decay of every group, printed when training starts."""
-    rows = [[g["name"], str(len(g["params"])), f"{g['lr']:.4g}", f"{g['weight_decay']:g}"] for g in groups]
-    return align_columns([["group (tower.depth)", "params", "lr", "weight_decay"], *rows])
+    """The effective lr and weight decays per tower depth, printed when training starts."""
+    depths: dict = {}
+    for g in groups:
+        row = depths.setdefault(g["name"], {"params": 0, "lr": g["lr"], "wd": []})
+        row["params"] += len(g["params"])
+        row["wd"].append(f"{g['weight_decay']:g}")
+    order = sorted(depths, key=lambda name: (name.rsplit(".", 1)[0], int(name.rsplit(".", 1)[1])))
+    rows = [[name, str(depths[name]["params"]), f"{depths[name]['lr']:.4g}", " / ".join(sorted(depths[name]["wd"]))] for name in order]
+    return align_columns([["tower.depth", "tensors", "lr", "weight_decay"], *rows])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size: int = 256) -> torch.optim.Optimizer:

@@ -1,4 +1,4 @@
-"""What a finished run leaves next to its checkpoints: loss.csv, loss.png and summary.json."""
+"""What a run leaves in its folder, drawn from its whole record: loss.csv, loss.png, summary.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 from composer.core import State  # noqa: E402
-from composer.loggers import InMemoryLogger  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
@@ -38,13 +37,13 @@ def plot_losses(batches: list, losses: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: TrainConfig, state: State, logger: InMemoryLogger) -> dict:
+def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False) -> dict:
+    """loss.csv, loss.png and summary.json from the run's metric rows [(batch, metric, value)]."""
     os.makedirs(cfg.run_dir, exist_ok=True)
-    points = logger.data.get(LOSS_KEY, [])
-    batches = [int(ts.batch) for ts, _ in points]
-    losses = [float(loss) for _, loss in points]
+    points = [(batch, value) for batch, metric, value in rows if metric == LOSS_KEY]
+    batches, losses = [b for b, _ in points], [v for _, v in points]
     with open(os.path.join(cfg.run_dir, "loss.csv"), "w") as f:
-        f.write("batch,loss\n" + "".join(f"{b},{l:.6f}\n" for b, l in zip(batches, losses)))
+        f.write("batch,loss\n" + "".join(f"{b},{l:.6f}\n" for b, l in points))
     if losses:
         plot_losses(batches, losses, os.path.join(cfg.run_dir, "loss.png"), f"{cfg.run_name}: {cfg.model.name}")
     summary = {
@@ -58,14 +57,15 @@ def write_report(cfg: TrainConfig, state: State, logger: InMemoryLogger) -> dict
         "checkpoints": cfg.save_folder,
         "loss_plot": os.path.join(cfg.run_dir, "loss.png"),
         # The last value of every evaluator metric (zero-shot scores), if any ran.
-        "eval": {k: float(v[-1][1]) for k, v in logger.data.items() if k.startswith("metrics/")},
+        "eval": {metric: value for _, metric, value in rows if metric.startswith("metrics/")},
     }
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(
-        f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, "
-        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}\n"
-        f"  checkpoints: {cfg.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
-        f"  loss csv:    {os.path.join(cfg.run_dir, 'loss.csv')}\n  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
-    )
+    if final:
+        trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
+        print(
+            f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
+            f"  checkpoints: {cfg.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
+            f"  metrics:     {os.path.join(cfg.run_dir, 'metrics.csv')}\n  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
+        )
     return summary

@@ -20,11 +20,11 @@ import torch  # noqa: E402
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
 from composer import Trainer  # noqa: E402
 from composer.callbacks import LRMonitor, SpeedMonitor  # noqa: E402
-from composer.loggers import InMemoryLogger  # noqa: E402
 from composer.optim import CosineAnnealingWithWarmupScheduler  # noqa: E402
 from composer.utils import dist, reproducibility  # noqa: E402
 
 from pipeline.algorithms import build_algorithms  # noqa: E402
+from pipeline.callbacks import LossSpikeError, build_loggers, build_run_callbacks  # noqa: E402
 from pipeline.checkpointing import (  # noqa: E402
     CheckpointError,
     CheckpointUploadError,
@@ -36,12 +36,13 @@ from pipeline.eval import build_evaluators  # noqa: E402
 from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
 from pipeline.parallel import build_parallelism  # noqa: E402
-from pipeline.report import write_report  # noqa: E402
+from pipeline.record import RunRecord  # noqa: E402
 from pipeline.runs import write_run_config  # noqa: E402
 from pipeline.weights import load_initial_weights  # noqa: E402
 
 
-def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
+def build_trainer(cfg: TrainConfig, loggers: list = ()) -> Trainer:
+    """The run's Trainer; its record (pipeline/record.py) and the config's loggers are added to `loggers`."""
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
     guard_checkpoint_loading(cfg.trust_checkpoints)
@@ -69,11 +70,11 @@ def build_trainer(cfg: TrainConfig, loggers: list) -> Trainer:
         callbacks=[
             SpeedMonitor(window_size=20),
             LRMonitor(),
-            build_checkpoint_saver(
-                cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, cfg.checkpoint_upload_timeout
-            ),
+            *build_run_callbacks(cfg),
+            build_checkpoint_saver(cfg),
         ],
-        loggers=loggers,
+        loggers=[RunRecord(cfg), *build_loggers(cfg.loggers, cfg.run_name), *loggers],
+        compile_config=cfg.compile_config,
         run_name=cfg.run_name,
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
@@ -88,9 +89,13 @@ def main(argv: list) -> None:
     if not argv:
         sys.exit(__doc__)
     cfg = load(TrainConfig, argv[0], argv[1:])
-    losses = InMemoryLogger()
     try:
-        trainer = build_trainer(cfg, loggers=[losses])
+        trainer = build_trainer(cfg)
+        if already_complete(trainer):  # a scheduler retrying a finished job
+            print(f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
+                  f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do.")  # fmt: skip
+            trainer.close()
+            return
         if dist.get_global_rank() == 0:
             write_run_config(cfg)  # the run folder and the checkpoints' folder say what the run was
         trainer.fit()
@@ -103,9 +108,14 @@ def main(argv: list) -> None:
     except CheckpointError as err:
         source = cfg.load_path or f"the latest checkpoint under {cfg.save_folder}"
         sys.exit(f"Refusing to resume from {source}: {err}")
-    if dist.get_global_rank() == 0:
-        write_report(cfg, trainer.state, losses)
+    except LossSpikeError as err:
+        sys.exit(f"Stopped by the loss guard: {err}")
     trainer.close()
+
+
+def already_complete(trainer: Trainer) -> bool:
+    state = trainer.state
+    return state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration
 
 
 if __name__ == "__main__":  # Composer's remote uploader spawns processes

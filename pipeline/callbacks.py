@@ -1,0 +1,115 @@
+"""Loggers and callbacks from the config, and the project's own loss guard.
+
+Loggers are Composer's (ConsoleLogger, TensorboardLogger, MLFlowLogger, WandBLogger); callbacks are
+Composer's, found by name (`memory_monitor` or `MemoryMonitor`) with their keyword arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import deque
+
+import composer.callbacks
+from composer.core import Callback, State
+from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger, WandBLogger
+from composer.utils import dist
+
+from pipeline.algorithms.unwrap import composer_model_of
+from pipeline.config import ConfigError, LossGuardConfig, LoggersConfig, SpikeAction, TrainConfig
+
+
+def build_loggers(cfg: LoggersConfig, run_name: str) -> list:
+    loggers = []
+    if cfg.console is not None:
+        loggers.append(ConsoleLogger(log_interval=cfg.console.log_interval))
+    if cfg.tensorboard is not None:
+        loggers.append(TensorboardLogger(log_dir=cfg.tensorboard.log_dir, flush_interval=10))
+    if cfg.mlflow is not None:
+        mlflow = cfg.mlflow
+        loggers.append(MLFlowLogger(experiment_name=mlflow.experiment_name, run_name=run_name, tracking_uri=mlflow.tracking_uri,
+                                    resume=mlflow.resume, log_system_metrics=False))  # fmt: skip
+    if cfg.wandb is not None:
+        wandb = cfg.wandb
+        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, name=run_name,
+                                   init_kwargs={"mode": wandb.mode, "dir": wandb.dir}))  # fmt: skip
+    return loggers
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+# Composer's callbacks by snake_case name (its own class names work too).
+COMPOSER_CALLBACKS = {_snake(name): getattr(composer.callbacks, name) for name in composer.callbacks.__all__}
+
+
+def build_callbacks(callbacks: dict) -> list:
+    built = []
+    for name, kwargs in callbacks.items():
+        found = COMPOSER_CALLBACKS.get(name) or COMPOSER_CALLBACKS.get(_snake(name))
+        if found is None:
+            raise ConfigError(f"callbacks.{name} is not a Composer callback; one of: {', '.join(sorted(COMPOSER_CALLBACKS))}")
+        try:
+            built.append(found(**kwargs))
+        except TypeError as err:
+            raise ConfigError(f"callbacks.{name}: {err}") from None
+    return built
+
+
+class LossSpikeError(RuntimeError):
+    """Training stopped on a non-finite or spiking loss."""
+
+
+class LossGuard(Callback):
+    """On a non-finite loss, or one above `factor` x the median of the last `window` batches, skip
+    the batch's update (its gradients are dropped on every rank, so no parameter or optimizer state
+    moves) or stop with a message naming the batch and the last good checkpoint. Runs after the
+    micro-batches' gradients are summed and before the optimizer step."""
+
+    def __init__(self, cfg: LossGuardConfig, save_folder: str):
+        self.cfg, self.save_folder = cfg, save_folder
+        self.history: deque = deque(maxlen=cfg.window)
+        self.skipped_in_a_row = 0
+        self.skipped = 0
+
+    def state_dict(self) -> dict:  # resumed runs judge spikes against the same history
+        return {"history": list(self.history), "skipped_in_a_row": self.skipped_in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.extend(state["history"])
+        self.skipped_in_a_row, self.skipped = state["skipped_in_a_row"], state["skipped"]
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        loss = composer_model_of(state.model).last_batch_loss.float().reshape(1).clone()
+        dist.all_reduce(loss)  # every rank decides on the same, global, value (SigLIP's rank losses differ)
+        loss = float(loss) / dist.get_world_size()
+        full = len(self.history) == self.cfg.window
+        reason = "not finite" if not math.isfinite(loss) else None
+        if reason is None and full and loss > self.cfg.factor * statistics.median(self.history):
+            reason = f"{loss:.4f} > {self.cfg.factor} x the median of the last {self.cfg.window} batches"
+        logger.log_metrics({"loss_guard/skipped": self.skipped + (reason is not None)})
+        if reason is None:
+            self.history.append(loss)
+            self.skipped_in_a_row = 0
+            return
+        batch = int(state.timestamp.batch)
+        if self.cfg.action == SpikeAction.stop or self.skipped_in_a_row >= self.cfg.max_skips:
+            raise LossSpikeError(
+                f"loss at batch {batch} is {reason}. The last good checkpoint is the one `latest` names under "
+                f"{self.save_folder}; resume from it (lower the lr or precision risk) by running the same command."
+            )
+        for param in state.model.parameters():
+            param.grad = None  # optimizers skip parameters without a gradient: no update, no moment decay
+        self.skipped_in_a_row += 1
+        self.skipped += 1
+        print(f"loss guard: skipped batch {batch}: loss {reason}", flush=True)
+
+
+def build_run_callbacks(cfg: TrainConfig) -> list:
+    """The config's Composer callbacks and, when asked, the loss guard."""
+    callbacks = build_callbacks(cfg.callbacks)
+    if cfg.loss_guard is not None:
+        callbacks.append(LossGuard(cfg.loss_guard, cfg.save_folder))
+    return callbacks
