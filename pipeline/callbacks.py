@@ -1,6 +1,6 @@
 """Loggers and callbacks from the config, and the project's own loss guard.
 
-Loggers are Composer's (ConsoleLogger, TensorboardLogger, MLFlowLogger, WandBLogger); callbacks are
+Loggers are Composer's (ConsoleLogger, TensorboardLogger, MLFlowLogger); callbacks are
 Composer's, found by name (`memory_monitor` or `MemoryMonitor`) with their keyword arguments.
 """
 
@@ -13,7 +13,7 @@ from collections import deque
 
 import composer.callbacks
 from composer.core import Callback, State
-from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger, WandBLogger
+from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger
 from composer.utils import dist
 
 from pipeline.algorithms.unwrap import composer_model_of
@@ -23,17 +23,13 @@ from pipeline.config import ConfigError, LossGuardConfig, LoggersConfig, SpikeAc
 def build_loggers(cfg: LoggersConfig, run_name: str) -> list:
     loggers = []
     if cfg.console is not None:
-        loggers.append(ConsoleLogger(log_interval=cfg.console.log_interval))
+        loggers.append(ConsoleLogger(log_interval=cfg.console.log_interval, stream="stderr"))  # resolved now, not at import
     if cfg.tensorboard is not None:
         loggers.append(TensorboardLogger(log_dir=cfg.tensorboard.log_dir, flush_interval=10))
     if cfg.mlflow is not None:
         mlflow = cfg.mlflow
         loggers.append(MLFlowLogger(experiment_name=mlflow.experiment_name, run_name=run_name, tracking_uri=mlflow.tracking_uri,
                                     resume=mlflow.resume, log_system_metrics=False))  # fmt: skip
-    if cfg.wandb is not None:
-        wandb = cfg.wandb
-        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, name=run_name,
-                                   init_kwargs={"mode": wandb.mode, "dir": wandb.dir}))  # fmt: skip
     return loggers
 
 

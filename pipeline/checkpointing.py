@@ -47,31 +47,38 @@ class PollingCheckpointSaver(CheckpointSaver):
     every way an upload can fail into one CheckpointUploadError, and keeping `keep` checkpoints
     (plus every `keep_every`-th batch's) in the save folder, local or in the bucket."""
 
-    def __init__(self, *args, keep: int = -1, keep_every: Optional[int] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, folder: str, *args, keep: int = -1, keep_every: Optional[int] = None, **kwargs):
+        super().__init__(folder, *args, **kwargs)
+        self.save_folder = folder  # Composer's self.folder is the local staging folder for a bucket
         self.keep, self.keep_every = keep, keep_every
         # The `latest` pointer is written only after the checkpoint it names is in the bucket,
         # so a shorter poll is as safe, just quicker.
         setattr(self, UPLOAD_POLL_ATTRIBUTE, UPLOAD_POLL_SECONDS)
 
+    def batch_checkpoint(self, state, logger) -> None:
+        saves = len(self.all_saved_checkpoints_to_timestamp)
+        super().batch_checkpoint(state, logger)
+        if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save: rotate what `latest` allows
+            self.rotate()
+
     def batch_end(self, state, logger) -> None:
         with _upload_errors():
-            saves = len(self.all_saved_checkpoints_to_timestamp)
             super().batch_end(state, logger)
-            if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save: look at the folder
-                self.rotate()
 
     def fit_end(self, state, logger) -> None:
         with _upload_errors():
             super().fit_end(state, logger)
-            self.rotate()
+
+    def post_close(self) -> None:
+        super().post_close()  # every upload, the last `latest` pointer included, has landed
+        self.rotate()
 
     def rotate(self) -> None:
         """Delete checkpoints beyond the newest `keep`, only ever older than the one `latest` names
         (so never that one, nor one still uploading: `latest` moves only once an upload landed)."""
         if self.keep < 0 or dist.get_global_rank() != 0:
             return
-        folder = SaveFolder(self.folder)
+        folder = SaveFolder(self.save_folder)
         latest = folder.latest_batch()
         if latest is None:
             return

@@ -370,14 +370,6 @@ class MlflowLoggerConfig:
 
 
 @dataclass
-class WandbLoggerConfig:
-    project: str = "clipstream"
-    entity: Optional[str] = None
-    mode: str = "offline"  # offline needs no network; `wandb sync` uploads later
-    dir: str = "${run_dir}"
-
-
-@dataclass
 class LoggersConfig:
     """Composer loggers; a section present switches one on. The run's own record (metrics.csv,
     loss.png, summary.json) is always kept (pipeline/record.py)."""
@@ -385,7 +377,8 @@ class LoggersConfig:
     console: Optional[ConsoleLoggerConfig] = None
     tensorboard: Optional[TensorboardLoggerConfig] = None
     mlflow: Optional[MlflowLoggerConfig] = None
-    wandb: Optional[WandbLoggerConfig] = None
+    # No wandb: Composer 0.32.1's WandBLogger needs wandb < 0.19, which needs protobuf < 6, and
+    # the google-cloud packages this dependency set resolves to need protobuf >= 6.
 
 
 class SpikeAction(Enum):
@@ -429,8 +422,8 @@ class TrainConfig:
     device: Optional[Device] = None
     save_folder: str = "${run_dir}/checkpoints"
     save_interval: str = "1000ba"
-    # Checkpoints kept (locally and in the bucket; -1: all). The one `latest` names is never deleted,
-    # and nor is every save_keep_every-th batch's (e.g. 10000: one per 10,000 batches kept for good).
+    # The newest N checkpoints are kept, locally and in the bucket (-1: all), besides those kept for
+    # good: every save_keep_every-th batch's (e.g. 10000) and the one `latest` names.
     save_num_checkpoints_to_keep: int = -1
     save_keep_every: Optional[int] = None
     # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.

@@ -1,5 +1,6 @@
 """Exact resumption from a real S3 server after SIGKILL, an outage, and bad checkpoints."""
 
+import csv
 import json
 import os
 import random
@@ -75,6 +76,21 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
     assert_same_weights(final_weights(s3, s3_bucket, "killed", tmp_path), expected)
     with open(tmp_path / "killed" / "summary.json") as f:
         assert json.load(f)["batches"] == MAX_BATCHES
+    # The whole run's record: every batch once, though the killed run had logged past its checkpoint.
+    with open(tmp_path / "killed" / "loss.csv") as f:
+        assert [int(row["batch"]) for row in csv.DictReader(f)] == list(range(MAX_BATCHES))
+    keys = s3.list_keys(s3_bucket)
+    assert {f"killed/{name}" for name in ("metrics.csv", "loss.csv", "loss.png", "summary.json", "config.yaml")} <= set(keys)
+
+
+def test_bucket_keeps_the_newest_checkpoints_and_every_kth(sample_build, s3, s3_bucket, tmp_path):
+    cfg, _ = sample_build
+    overrides = resumable(cfg, tmp_path, "kept", f"s3://{s3_bucket}/kept", "save_interval=1ba",
+                          "save_num_checkpoints_to_keep=2", "save_keep_every=4")  # fmt: skip
+    run_train(PYTHON, overrides)
+    kept = sorted(k for k in s3.list_keys(s3_bucket) if k.startswith("kept/ep"))
+    # Every 4th for good (4, 8: also `latest`), and the newest 2 of the others (6, 7).
+    assert kept == [f"kept/ep0-ba{b}-rank0.pt" for b in (4, 6, 7, 8)]
 
 
 def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s3_bucket, tmp_path):

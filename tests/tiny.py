@@ -65,7 +65,7 @@ def make_trainer(model: CLIPModel, batch_size: int = 16, **kwargs) -> Trainer:
     algorithms = [*exact, *kwargs.pop("algorithms", [])]
     return Trainer(
         model=model,
-        train_dataloader=synthetic_loader(batch_size),
+        train_dataloader=kwargs.pop("train_dataloader", None) or synthetic_loader(batch_size),
         optimizers=kwargs.pop("optimizers", None) or torch.optim.SGD(model.parameters(), lr=kwargs.pop("lr", 0.1)),
         max_duration=kwargs.pop("max_duration", "2ba"),
         algorithms=algorithms,
