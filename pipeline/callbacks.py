@@ -1,19 +1,21 @@
 """Loggers and callbacks from the config, and the project's own loss guard.
 
-Loggers are Composer's (ConsoleLogger, TensorboardLogger, MLFlowLogger); callbacks are
+Loggers are Composer's (ConsoleLogger, TensorboardLogger, MLFlowLogger, WandBLogger); callbacks are
 Composer's, found by name (`memory_monitor` or `MemoryMonitor`) with their keyword arguments.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
+import time
 from collections import deque
 
 import composer.callbacks
 from composer.core import Callback, State
-from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger
+from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger, WandBLogger
 from composer.utils import dist
 
 from pipeline.algorithms.unwrap import composer_model_of
@@ -30,6 +32,11 @@ def build_loggers(cfg: LoggersConfig, run_name: str) -> list:
         mlflow = cfg.mlflow
         loggers.append(MLFlowLogger(experiment_name=mlflow.experiment_name, run_name=run_name, tracking_uri=mlflow.tracking_uri,
                                     resume=mlflow.resume, log_system_metrics=False))  # fmt: skip
+    if cfg.wandb is not None:
+        wandb = cfg.wandb
+        os.makedirs(wandb.dir, exist_ok=True)  # wandb falls back to a temporary folder otherwise
+        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, name=run_name,
+                                   init_kwargs={"mode": wandb.mode, "dir": wandb.dir}))  # fmt: skip
     return loggers
 
 
@@ -103,9 +110,23 @@ class LossGuard(Callback):
         print(f"loss guard: skipped batch {batch}: loss {reason}", flush=True)
 
 
+class DataLoaderWait(Callback):
+    """Logs `time/dataloader_wait`: seconds each batch waited for the loader (near 0 when the
+    workers keep up; with FLIP masking the loader, not the accelerator, often sets the pace)."""
+
+    def __init__(self):
+        self.started = 0.0
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self.started = time.perf_counter()
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        logger.log_metrics({"time/dataloader_wait": time.perf_counter() - self.started})
+
+
 def build_run_callbacks(cfg: TrainConfig) -> list:
-    """The config's Composer callbacks and, when asked, the loss guard."""
-    callbacks = build_callbacks(cfg.callbacks)
+    """The loader-wait timer, the config's Composer callbacks and, when asked, the loss guard."""
+    callbacks = [DataLoaderWait(), *build_callbacks(cfg.callbacks)]
     if cfg.loss_guard is not None:
         callbacks.append(LossGuard(cfg.loss_guard, cfg.save_folder))
     return callbacks

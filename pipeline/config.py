@@ -370,6 +370,14 @@ class MlflowLoggerConfig:
 
 
 @dataclass
+class WandbLoggerConfig:
+    project: str = "clipstream"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline needs no network (`wandb sync` uploads later); online, disabled
+    dir: str = "${run_dir}"  # the offline run is kept in <dir>/wandb/
+
+
+@dataclass
 class LoggersConfig:
     """Composer loggers; a section present switches one on. The run's own record (metrics.csv,
     loss.png, summary.json) is always kept (pipeline/record.py)."""
@@ -377,8 +385,7 @@ class LoggersConfig:
     console: Optional[ConsoleLoggerConfig] = None
     tensorboard: Optional[TensorboardLoggerConfig] = None
     mlflow: Optional[MlflowLoggerConfig] = None
-    # No wandb: Composer 0.32.1's WandBLogger needs wandb < 0.19, which needs protobuf < 6, and
-    # the google-cloud packages this dependency set resolves to need protobuf >= 6.
+    wandb: Optional[WandbLoggerConfig] = None
 
 
 class SpikeAction(Enum):

@@ -42,7 +42,8 @@ def test_tensorboard_mlflow_and_console_loggers_read_back_with_their_own_readers
     assert len(runs) == 1 and runs[0].info.run_name == "demo"
     history = client.get_metric_history(runs[0].info.run_id, "loss/train/total")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(record)
-    assert "l2_norm/grad/global" in {metric for _, metric, _ in read_metrics(str(run_dir / "metrics.csv"))}
+    logged = {metric for _, metric, _ in read_metrics(str(run_dir / "metrics.csv"))}
+    assert {"l2_norm/grad/global", "time/dataloader_wait"} <= logged
     assert "Train loss/train/total" in "".join(capfd.readouterr())  # progress_bar=false still shows the metrics
 
 
@@ -114,3 +115,11 @@ def test_loss_guard_skips_or_stops_on_a_non_finite_loss(action):
     for key in weights[1]:
         assert torch.equal(weights[2][key], weights[1][key]), key  # the NaN batch changed nothing
     assert all(torch.isfinite(v).all() for v in weights[3].values() if v.is_floating_point())
+
+
+def test_wandb_logs_offline_with_no_network(sample_build, tmp_path):
+    cfg, _ = sample_build
+    run_dir = tmp_path / "wandb_run"
+    pipeline.train.main([DEMO_YAML, *short_run(cfg, run_dir, "loggers.wandb.mode=offline")])
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))[0].stat().st_size > 0

@@ -1,5 +1,6 @@
 """`make shards` on Spark: URL-list checks, a standalone cluster on loopback, and kill -9 resumption."""
 
+import contextlib
 import glob
 import json
 import os
@@ -176,15 +177,25 @@ def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_pa
 
 
 def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
-    """Start cmd in its own process group; SIGKILL the whole group once ready() is true."""
+    """Start cmd in its own process group; once ready() is true, SIGKILL the group and every process
+    it started, as a machine dying would. (Spark's Python workers put themselves in a process group
+    of their own: killed with the group only, they would finish their shards against the sample's
+    HTTP server, which died with the build, and record every URL as failed.)"""
+    import psutil
+
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while not ready():
         assert process.poll() is None, "the build ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.2)
+    descendants = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     process.wait()
+    psutil.wait_procs(descendants, timeout=30)
 
 
 @pytest.mark.slow
