@@ -26,7 +26,7 @@ from composer.utils import get_file, reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
 
 from pipeline.checkpointing import CheckpointError, read_checkpoint
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, ModelConfig, load
+from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.images import decode_rgb
 from pipeline.model import build_clip, encode
 from pipeline.paths import is_remote

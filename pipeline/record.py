@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 from typing import Optional
 

@@ -118,8 +118,10 @@ def test_loss_guard_skips_or_stops_on_a_non_finite_loss(action):
 
 
 def test_wandb_logs_offline_with_no_network(sample_build, tmp_path):
+    from tests.conftest import PYTHON, run_train
+
     cfg, _ = sample_build
     run_dir = tmp_path / "wandb_run"
-    pipeline.train.main([DEMO_YAML, *short_run(cfg, run_dir, "loggers.wandb.mode=offline")])
+    run_train(PYTHON, short_run(cfg, run_dir, "loggers.wandb.mode=offline"))  # its own process: wandb flushes at exit
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))[0].stat().st_size > 0

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from streaming import StreamingDataset
 
-from data_prep.sources import SourceConfig, load_sources
+from data_prep.sources import SourceConfig
 from data_prep.url_lists import SourceError, prepare_url_list
 from tests.conftest import REPO, SAMPLE_YAML, sample_overrides
 from tests.s3server import free_ports

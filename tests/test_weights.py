@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 from pipeline.config import (AugmentConfig, ConfigError, EvalConfig, LockConfig, ModelConfig, OptimizerConfig, TrainConfig,
                              WeightsConfig, WeightsLayout, load)  # fmt: skip
 from pipeline.data import train_transform
-from pipeline.eval import build_scores, evaluate, evaluate_dataset, load_clip
+from pipeline.eval import build_scores, evaluate, evaluate_dataset
 from pipeline.export import export
 from pipeline.model import build_clip, lock_towers
 from pipeline.optim import build_optimizer, param_groups
 from pipeline.weights import load_initial_weights
 from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
-from tests.tiny import TINY, GradCapture, make_trainer, synthetic_dataset, tiny_model
+from tests.tiny import TINY, GradCapture, make_trainer, tiny_model
 
 EVA_TINY = ModelConfig(name="tiny-eva", custom={
     "embed_dim": 32,
