@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pipeline.paths import is_remote
+
 
 class ConfigError(ValueError):
     """A config that does not match its schema."""
@@ -457,7 +459,7 @@ class TrainConfig:
             check_time(key, getattr(self, key))
         micro = self.device_train_microbatch_size
         check(micro is None or micro > 0, f"device_train_microbatch_size must be > 0, got {micro}")
-        check(not (self.parallelism.state_dict_type == StateDictType.sharded and "://" in self.save_folder and self.autoresume),
+        check(not (self.parallelism.state_dict_type == StateDictType.sharded and is_remote(self.save_folder) and self.autoresume),
               "parallelism.state_dict_type=sharded with a bucket save_folder and autoresume: Composer's autoresume "
               "looks for sharded checkpoints in the saver's local staging folder and would start again from scratch "
               "(tests/test_parallel.py). Use state_dict_type=full, or a shared filesystem as save_folder.")  # fmt: skip
