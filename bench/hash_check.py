@@ -1,5 +1,5 @@
 """What training's shard check (`data.validate_hash`) costs: one epoch over an MDS stream through
-CLIPStreamingDataset with open_clip's train transform, with the check off, xxh64 (the default) and sha1.
+CLIPStreamingDataset with ViT-B/16's train augmentation, with the check off, xxh64 (the default) and sha1.
 
     python bench/hash_check.py data/sample/web        # after `make shards`
 
@@ -14,10 +14,10 @@ import os
 import time
 
 
-def epoch_seconds(local: str, validate_hash, transform, tokenizer) -> float:
+def epoch_seconds(local: str, validate_hash, augment, tokenizer) -> float:
     from pipeline.data import CLIPStreamingDataset
 
-    dataset = CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, image_transform=transform,
+    dataset = CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=augment.cpu,
                                    tokenizer=tokenizer, validate_hash=validate_hash)  # fmt: skip
     start = time.perf_counter()
     for i in range(dataset.num_samples):
@@ -34,13 +34,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    _, transform, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None)
+    from pipeline.augment import build_augment
+    from pipeline.config import AugmentConfig
+
+    augment = build_augment(open_clip.create_model("ViT-B-16", pretrained=None), AugmentConfig())
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.local) for f in files if f.endswith(".mds"))
     results = {name: [] for name in ("off", "xxh64", "sha1")}
     for _ in range(args.repeats):  # interleaved, so drift hits every setting alike
         for name in results:
-            results[name].append(epoch_seconds(args.local, None if name == "off" else name, transform, tokenizer))
+            results[name].append(epoch_seconds(args.local, None if name == "off" else name, augment, tokenizer))
     base = min(results["off"])
     print(f"{args.local}: {size / 2**20:.1f} MiB of shards, 1 thread, best of {args.repeats}\n")
     print("| validate_hash | epoch seconds | vs off |")

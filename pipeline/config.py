@@ -79,6 +79,11 @@ class Device(Enum):
     gpu = "gpu"
 
 
+class AugmentOn(Enum):
+    cpu = "cpu"  # the loader workers crop, resize, flip and normalise
+    device = "device"  # the workers decode and crop; resize, flip, normalise run batched on the device
+
+
 class WeightsLayout(Enum):
     open_clip = "open_clip"  # an open_clip model's state dict (our exports, open_clip checkpoints)
     openai = "openai"  # OpenAI CLIP's state dict: the same key names as open_clip's built-in towers
@@ -135,6 +140,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_on: AugmentOn = AugmentOn.cpu
+    # With augment_on: device, JPEGs are decoded on the device too (nvjpeg on a GPU), batched.
+    decode_on_device: bool = False
     # Samples per epoch across the mix; None = the streams' natural size.
     epoch_size: Optional[int] = None
     # Shared-memory/local-cache knobs of streaming, passed through when set.
@@ -155,6 +163,8 @@ class DataConfig:
         check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         check(self.epoch_size is None or self.epoch_size > 0, f"data.epoch_size must be > 0, got {self.epoch_size}")
         check(self.max_bad_samples >= 0, f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+        check(not self.decode_on_device or self.augment_on == AugmentOn.device,
+              "data.decode_on_device needs data.augment_on=device (the device then finishes each batch)")  # fmt: skip
 
 
 @dataclass

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import random
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from composer.core import DataSpec
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
-from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 
-from pipeline.config import AugmentConfig, ConfigError, DataConfig
-from pipeline.images import decode_rgb
+from pipeline.augment import Augment, collate_device_parts
+from pipeline.config import AugmentOn, ConfigError, DataConfig, Device
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +24,17 @@ class CorruptShardError(RuntimeError):
 
 
 class CLIPStreamingDataset(StreamingDataset):
-    """Decodes each sample's image to RGB, applies the image transform and tokenizes a caption.
+    """Augments each sample's image (pipeline/augment.py) and tokenizes one of its captions.
 
     Every shard is checked against its build-time hash the first time this process reads it. A
     sample that still cannot be decoded is replaced by the next one (the same one on every run, so
     resumption stays exact), logged and counted.
     """
 
-    def __init__(self, *, image_transform: Callable, tokenizer: Callable, stream_names: Sequence[str] = (),
+    def __init__(self, *, augment: Callable, tokenizer: Callable, stream_names: Sequence[str] = (),
                  validate_hash: Optional[str] = "xxh64", max_bad_samples: int = 100, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
-        self.image_transform = image_transform
+        self.augment = augment  # (image bytes, the sample's random.Random) -> image (pipeline/augment.py)
         self.tokenizer = tokenizer
         self.stream_names = list(stream_names) or [s.remote or s.local for s in self.streams]
         self.validate_hash = validate_hash
@@ -50,16 +50,16 @@ class CLIPStreamingDataset(StreamingDataset):
             self._check_shard(shard_id)
             return self._replace(index, shard_id, err)
         self._check_shard(shard_id)
-        # Augmentation noise and the caption choice are functions of (seed, epoch, sample), not
-        # of worker RNG history, so a resumed run sees exactly what an uninterrupted one would.
-        seed = hash((self.shuffle_seed, self.next_epoch, index)) & (2**63 - 1)
-        torch.manual_seed(seed)
+        # Augmentation and the caption choice are functions of (seed, epoch, sample), not of
+        # worker RNG history, so a resumed run sees exactly what an uninterrupted one would.
+        rng = random.Random(hash((self.shuffle_seed, self.next_epoch, index)))
+        captions = sample.get("captions") or [sample["caption"]]  # COCO-style streams keep all
+        caption = rng.choice(captions)
         try:
-            image = decode_rgb(sample["image"], self.image_transform)
+            image = self.augment(sample["image"], rng)
         except Exception as err:  # noqa: BLE001 - any decoder error
             return self._replace(index, shard_id, err)
-        captions = sample.get("captions") or [sample["caption"]]  # COCO-style streams keep all
-        return image, self.tokenizer(random.Random(seed).choice(captions))[0]
+        return image, self.tokenizer(caption)[0]
 
     def _shard_file(self, shard_id: int) -> tuple:
         shard = self.shards[shard_id]
@@ -100,17 +100,6 @@ class CLIPStreamingDataset(StreamingDataset):
         return self[(index + 1) % self.num_samples]
 
 
-def train_transform(clip: torch.nn.Module, cfg: AugmentConfig) -> Callable:
-    """open_clip's training transform for this model (its size and normalisation), with the crop
-    scale, mean / std and horizontal flip of `data.augment` (FLIP: scale (0.5, 1) and a flip)."""
-    preprocess = merge_preprocess_dict(clip.visual.preprocess_cfg, {"mean": cfg.mean, "std": cfg.std})
-    transform = image_transform_v2(PreprocessCfg(**preprocess), is_train=True, aug_cfg=AugmentationCfg(scale=tuple(cfg.scale)))
-    if cfg.hflip:  # after the crop, as FLIP's pipeline does
-        crop = next(i for i, t in enumerate(transform.transforms) if isinstance(t, RandomResizedCrop))
-        transform.transforms.insert(crop + 1, RandomHorizontalFlip())
-    return transform
-
-
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     if global_batch_size % world_size:
         raise ConfigError(
@@ -119,9 +108,10 @@ def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     return global_batch_size // world_size
 
 
-def build_dataloader(
-    cfg: DataConfig, image_transform: Callable, tokenizer: Callable, world_size: int, seed: int
-) -> StreamingDataLoader:
+def build_dataloader(cfg: DataConfig, augment: Augment, tokenizer: Callable, world_size: int, seed: int,
+                     device: Device = Device.cpu) -> DataSpec:  # fmt: skip
+    """The run's training data: with `data.augment_on: device`, the workers' parts of each batch
+    are finished on `device` (Composer's batch_transforms, before the batch is split)."""
     if not cfg.streams:
         raise ConfigError("data.streams is empty: name at least one MDS stream (local: and/or remote:)")
     streams = [
@@ -130,6 +120,7 @@ def build_dataloader(
         for s in cfg.streams.values()
     ]
     batch_size = per_rank_batch_size(cfg.global_batch_size, world_size)
+    on_device = cfg.augment_on == AugmentOn.device
     dataset = CLIPStreamingDataset(
         streams=streams,
         batch_size=batch_size,
@@ -138,16 +129,30 @@ def build_dataloader(
         epoch_size=cfg.epoch_size,
         predownload=cfg.predownload,
         cache_limit=cfg.cache_limit,
-        image_transform=image_transform,
+        augment=partial(augment.worker_part, decode_on_device=cfg.decode_on_device) if on_device else augment.cpu,
         tokenizer=tokenizer,
         stream_names=list(cfg.streams),
         validate_hash=cfg.validate_hash,
         max_bad_samples=cfg.max_bad_samples,
     )
-    return StreamingDataLoader(
+    loader = StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=cfg.num_workers,
         drop_last=True,  # every step sees the full contrastive batch
         persistent_workers=cfg.num_workers > 0,
+        **({"collate_fn": collate_device_parts} if on_device else {}),
     )
+    return DataSpec(loader, batch_transforms=FinishOnDevice(augment, device) if on_device else None)
+
+
+class FinishOnDevice:
+    """Composer batch transform of `augment_on: device`: ((payloads, boxes, flips), tokens) -> (images, tokens)."""
+
+    def __init__(self, augment: Augment, device: Device):
+        self.augment, self.device = augment, device
+
+    def __call__(self, batch: tuple) -> tuple:
+        (payloads, boxes, flips), tokens = batch
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device == Device.gpu else torch.device("cpu")
+        return self.augment.on_device(payloads, boxes, flips, device), tokens

@@ -16,10 +16,36 @@ from typing import Callable, Optional, Union
 from PIL import Image
 
 ImageSource = Union[bytes, str, os.PathLike]
+Box = tuple  # (left, top, right, bottom) in pixels, as Pillow's
+
+
+def _open(source: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def decode_rgb(source: ImageSource, transform: Optional[Callable] = None):
     """An image's bytes or path -> RGB PIL image, or `transform` of it when one is given."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+    with _open(source) as image:
         rgb = image.convert("RGB")  # decodes the whole image; a corrupt one raises here
     return rgb if transform is None else transform(rgb)
+
+
+def decode_rgb_region(source: ImageSource, choose_box: Callable, size: tuple) -> tuple:
+    """Decode only the detail a crop resized to `size` (w, h) keeps: (RGB image, box in its pixels).
+
+    `choose_box(width, height)` picks the crop in stored pixels from the header alone. A JPEG whose
+    crop is at least twice `size` is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (Pillow's `draft`, libjpeg's scaled IDCT), as far as the crop stays at least `size`; other
+    formats decode in full. The same RGB conversion as `decode_rgb`.
+    """
+    with _open(source) as image:
+        width, height = image.size
+        box = choose_box(width, height)
+        box_w, box_h = box[2] - box[0], box[3] - box[1]
+        # draft keeps the decoded image at least this large, so the crop keeps at least `size`
+        drafted = image.draft(None, (-(-width * size[0] // box_w), -(-height * size[1] // box_h)))
+        rgb = image.convert("RGB")
+    if drafted is None:  # not a JPEG
+        return rgb, box
+    reduction = width / drafted[1][2]
+    return rgb, tuple(c / reduction for c in box)

@@ -31,7 +31,8 @@ from pipeline.checkpointing import (  # noqa: E402
     build_checkpoint_saver,
     guard_checkpoint_loading,
 )
-from pipeline.data import build_dataloader, train_transform  # noqa: E402
+from pipeline.augment import build_augment  # noqa: E402
+from pipeline.data import build_dataloader  # noqa: E402
 from pipeline.eval import build_evaluators  # noqa: E402
 from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
@@ -53,8 +54,8 @@ def build_trainer(cfg: TrainConfig, loggers: list = ()) -> Trainer:
     lock_towers(clip, cfg.model)
     evaluators, eval_metrics = build_evaluators(cfg.eval_datasets, eval_transform, tokenizer, cfg.data.num_workers)
     model = CLIPModel(clip, cfg.model, eval_metrics)
-    transform = train_transform(clip, cfg.data.augment)
-    train_dataloader = build_dataloader(cfg.data, transform, tokenizer, dist.get_world_size(), cfg.seed)
+    augment = build_augment(clip, cfg.data.augment)
+    train_dataloader = build_dataloader(cfg.data, augment, tokenizer, dist.get_world_size(), cfg.seed, device)
     return Trainer(
         model=model,
         train_dataloader=train_dataloader,

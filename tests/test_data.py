@@ -13,14 +13,15 @@ from PIL import Image
 from streaming import MDSWriter
 
 from pipeline.data import CLIPStreamingDataset, CorruptShardError
+from pipeline.images import decode_rgb
 
 
-def _to_tensor(image):
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+def _to_tensor(data: bytes, rng):
+    return torch.from_numpy(np.array(decode_rgb(data)))
 
 
 def _dataset(local: str, name: str = "unit", **kwargs) -> CLIPStreamingDataset:
-    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, image_transform=_to_tensor,
+    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=_to_tensor,
                                 tokenizer=lambda text: [text], stream_names=[name], **kwargs)  # fmt: skip
 
 
