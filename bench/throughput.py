@@ -2,10 +2,16 @@
 
     python bench/throughput.py                      # CPU, a ViT-Ti/16-sized CLIP at 224 px
     python bench/throughput.py --model ViT-B-16 --device gpu --precision amp_bf16 --batch 128
+    python bench/throughput.py --peer --batch 64 --steps 12   # against open_clip_train.main
 
 Each configuration trains in a fresh subprocess (same model, same synthetic batches) through
 the real Composer Trainer with the algorithms switched on; the first batches are warm-up.
 Prints a markdown table of samples/s and peak memory, with ratios against unmasked training.
+
+`--peer`: the whole training step, loader included, against open_clip's own trainer on the same
+images (the built-in sample's, written out as files for its csv dataset), the same model, batch,
+optimizer and one loader worker each, at masking 0 / 0.5 / 0.75 (its --force-patch-dropout):
+this project's `pipeline/train.py` path (build_trainer) against `open_clip_train.main`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -92,6 +101,102 @@ def measure(args, config: dict) -> dict:
     return {**config, "samples_per_sec": args.batch / seconds, "peak_mib": peak}
 
 
+def sample_images(folder: str, count: int) -> str:
+    """The built-in sample's images as JPEG files and a tab-separated csv (open_clip_train's format)."""
+    from streaming import StreamingDataset
+
+    streams = [StreamingDataset(local=f"data/sample/{name}", shuffle=False, batch_size=1) for name in ("web", "coco")]
+    csv_path = os.path.join(folder, "train.csv")
+    with open(csv_path, "w") as f:
+        f.write("filepath\ttitle\n")
+        for i in range(count):
+            sample = streams[i % 2][i // 2]
+            path = os.path.join(folder, f"{i:06d}.jpg")
+            with open(path, "wb") as image:
+                image.write(sample["image"])
+            caption = sample.get("caption") or sample["captions"][0]
+            f.write(f"{path}\t{caption}\n")
+    return csv_path
+
+
+def measure_peer(args, config: dict) -> dict:
+    """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
+    folder = tempfile.mkdtemp()
+    csv_path = sample_images(folder, args.batch * args.steps)
+    custom = {**VIT_TI, "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
+              "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0}}  # fmt: skip
+    ratio = config["masking"]
+    if config["trainer"] == "open_clip_train":
+        import open_clip
+        from open_clip_train.main import main as open_clip_main
+
+        with open(os.path.join(folder, "vit-ti-bench.json"), "w") as f:
+            json.dump(custom, f)
+        open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
+        log = os.path.join(folder, "logs")
+        open_clip_main(["--train-data", csv_path, "--dataset-type", "csv", "--model", "vit-ti-bench",
+                        "--batch-size", str(args.batch), "--workers", "1", "--epochs", "1", "--lr", "1e-4",
+                        "--wd", "0.1", "--warmup", "1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
+                        "--precision", "fp32", "--log-every-n-steps", "1", "--logs", log, "--name", "peer",
+                        "--save-frequency", "0", "--seed", "0", *(["--force-patch-dropout", str(ratio)] if ratio else [])])  # fmt: skip
+        with open(os.path.join(log, "peer", "out.log")) as f:
+            steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
+        seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])
+        return {**config, "samples_per_sec": args.batch / seconds}
+    from composer import Callback
+
+    from pipeline.config import TrainConfig, load
+    from pipeline.train import build_trainer
+
+    mds = os.path.join(folder, "mds")  # the same files, as an MDS stream
+    write_mds(csv_path, mds)
+    recipe = {
+        "run_name": "bench", "run_dir": f"{folder}/run", "save_folder": f"{folder}/checkpoints", "device": "cpu",
+        "precision": "fp32", "max_duration": f"{args.steps}ba", "save_interval": "100000ba", "progress_bar": False,
+        "console_log_interval": "100000ba", "model": {"name": "vit-ti-bench", "custom": custom},
+        "data": {"global_batch_size": args.batch, "num_workers": 1, "streams": {"images": {"local": mds}}},
+        "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6},
+        "scheduler": {"warmup": "1ba"},
+        "algorithms": {"patch_masking": {"ratio": ratio} if ratio else None},
+    }  # fmt: skip
+    with open(os.path.join(folder, "recipe.yaml"), "w") as f:
+        json.dump(recipe, f)  # JSON is YAML
+    cfg = load(TrainConfig, os.path.join(folder, "recipe.yaml"))
+
+    class Timer(Callback):
+        def __init__(self):
+            self.times = []
+
+        def batch_end(self, state, logger):
+            self.times.append(time.perf_counter())
+
+    trainer, timer = build_trainer(cfg), Timer()
+    trainer.state.callbacks.append(timer)
+    trainer.fit()
+    measured = timer.times[args.warmup - 1 :]
+    return {**config, "samples_per_sec": args.batch / ((measured[-1] - measured[0]) / (len(measured) - 1))}
+
+
+def write_mds(csv_path: str, out: str) -> None:
+    from streaming import MDSWriter
+
+    with open(csv_path) as f, MDSWriter(out=out, columns={"image": "bytes", "caption": "str"}, hashes=["xxh64"]) as writer:
+        for line in list(f)[1:]:
+            path, caption = line.rstrip("\n").split("\t")
+            with open(path, "rb") as image:
+                writer.write({"image": image.read(), "caption": caption})
+
+
+def peer_table(results: list[dict]) -> str:
+    lines = ["| masking | open_clip_train samples/s | this project samples/s | this project vs open_clip_train |",
+             "|---|---|---|---|"]  # fmt: skip
+    for ratio in sorted({r["masking"] for r in results}):
+        peer, ours = (next(r for r in results if r["masking"] == ratio and r["trainer"] == t)["samples_per_sec"]
+                      for t in ("open_clip_train", "pipeline"))  # fmt: skip
+        lines.append(f"| {ratio:.2f} | {peer:.1f} | {ours:.1f} | {ours / peer:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     base = next(r for r in results if r["masking"] == 0 and not r["grad_checkpointing"] and not r["flash_attention"])
     lines = [
@@ -116,13 +221,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--peer", action="store_true", help="against open_clip_train.main, loader included")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args()
     if args.only:
-        print("RESULT " + json.dumps(measure(args, json.loads(args.only))))
+        config = json.loads(args.only)
+        print("RESULT " + json.dumps(measure_peer(args, config) if args.peer else measure(args, config)))
         return
+    if args.peer:  # interleaved, so drift on a shared machine hits both trainers alike
+        configs = [{"masking": r, "trainer": t} for r in (0.0, 0.5, 0.75) for t in ("open_clip_train", "pipeline")]
+    else:
+        configs = configurations()
     results = []
-    for config in configurations():
+    for config in configs:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--only", json.dumps(config)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.split("RESULT ", 1)[1]))
@@ -130,7 +241,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device}; "
           f"{args.steps - args.warmup} timed batches after {args.warmup} warm-up\n")  # fmt: skip
-    print(table(results))
+    print(peer_table(results) if args.peer else table(results))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def _to_tensor(data: bytes, rng):
     return torch.from_numpy(np.array(decode_rgb(data)))
 
 
-def _dataset(local: str, name: str = "unit", **kwargs) -> CLIPStreamingDataset:
-    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=_to_tensor,
+def _dataset(local: str, name: str = "unit", augment=_to_tensor, **kwargs) -> CLIPStreamingDataset:
+    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=augment,
                                 tokenizer=lambda text: [text], stream_names=[name], **kwargs)  # fmt: skip
 
 
@@ -85,3 +85,21 @@ def test_coco_captions_are_chosen_per_epoch_deterministically(sample_build):
         captions = dataset.get_item(i)["captions"]
         assert {chosen[e][i] for e in chosen} <= set(captions)
     assert sum(len({chosen[e][i] for e in chosen}) == 2 for i in range(40)) > 30  # both captions get used
+
+
+def test_augmentation_depends_on_the_sample_not_on_what_the_worker_read_before(tmp_path):
+    """What exact resumption with any number of workers needs: no RNG history between samples."""
+    from pipeline.augment import Augment
+
+    buffers = []
+    for i in range(6):
+        buffer = io.BytesIO()
+        Image.effect_noise((64, 48), 40 + 10 * i).convert("RGB").save(buffer, "JPEG")
+        buffers.append(buffer.getvalue())
+    augment = Augment(32, (0.5, 1.0), True, (0.5,) * 3, (0.25,) * 3)
+    dataset = _dataset(_write(tmp_path / "mds", buffers), augment=augment.cpu)
+    forward = [dataset[i][0] for i in range(6)]
+    backward = [dataset[i][0] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    dataset.next_epoch = 1  # another epoch, other crops
+    assert not torch.equal(dataset[0][0], forward[0])

@@ -55,10 +55,13 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[name], expected[name]), name  # bitwise
 
 
-@pytest.mark.parametrize("launcher", [PYTHON, [*COMPOSER, "-n", "2"]], ids=["1rank", "2ranks"])
-def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, tmp_path, launcher):
+@pytest.mark.parametrize("launcher,data", [
+    (PYTHON, []), ([*COMPOSER, "-n", "2"], []),
+    (PYTHON, ["data.augment_on=device", "data.decode_on_device=true"]),  # batches finished on the device
+], ids=["1rank", "2ranks", "1rank-augment-on-device"])  # fmt: skip
+def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, tmp_path, launcher, data):
     cfg, _ = sample_build
-    run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole"))
+    run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *data))
     expected = final_weights(s3, s3_bucket, "whole", tmp_path)
     # The run's resolved config sits next to its checkpoints in the bucket: eval needs no model section.
     model, checkpoint = resolve_run(f"s3://{s3_bucket}/whole/ep0-ba{MAX_BATCHES}-rank0.pt", None)
@@ -66,7 +69,7 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
 
     kill_after = random.choice([2, 4, 6])
     print(f"killing after the checkpoint at batch {kill_after}")
-    overrides = resumable(cfg, tmp_path, "killed", f"s3://{s3_bucket}/killed")
+    overrides = resumable(cfg, tmp_path, "killed", f"s3://{s3_bucket}/killed", *data)
     with open(tmp_path / "killed.log", "w") as log:
         proc = start(launcher, overrides, log)
         wait_for_key(s3, s3_bucket, f"killed/ep0-ba{kill_after}-rank0.pt", proc)
