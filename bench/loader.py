@@ -2,6 +2,7 @@
 
     python bench/loader.py                     # after `make shards`; 1,500 JPEGs at 256 and 512 px
     python bench/loader.py --samples 600 --sizes 512 --repeats 1
+    python bench/loader.py --device cuda       # the device part on a GPU (nvjpeg), timed by the clock
 
 The same JPEGs (the sample's images on a noisy background, 5:4, stored at a short side of 256 and
 512, quality 90) are written once as a webdataset tar and once as an MDS stream. Each loader then
@@ -13,9 +14,9 @@ sample. Loaders:
 - previous: this project's loader before this benchmark (torch.manual_seed per sample + open_clip's transform);
 - augment_on=cpu: the default path (pipeline/augment.py `Augment.cpu`);
 - augment_on=device: the workers' part (decode at the crop's scale, cut the crop, tokenize), and
-  separately the device part (resize, flip, normalise, batched) run on this CPU;
+  separately the device part (resize, flip, normalise, batched), on `--device`;
 - augment_on=device, decode_on_device: the workers pass JPEG bytes on; the device part decodes too
-  (nvjpeg on a GPU; libjpeg-turbo on this CPU).
+  (nvjpeg on a GPU; libjpeg-turbo on a CPU).
 """
 
 from __future__ import annotations
@@ -78,7 +79,18 @@ def cpu_seconds(items) -> tuple:
     return time.process_time() - start, out
 
 
-def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer) -> dict:
+def device_seconds(augment, payloads, boxes, flips, device: torch.device) -> float:
+    """The device's part, batched by 64 as training does: CPU-seconds on a CPU, wall seconds on a GPU."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start = clock()
+    for i in range(0, len(payloads), 64):
+        augment.on_device(list(payloads[i : i + 64]), torch.stack(boxes[i : i + 64]), torch.tensor(flips[i : i + 64]), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - start
+
+
+def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer, device: torch.device) -> dict:
     import webdataset as wds
 
     from pipeline.data import CLIPStreamingDataset
@@ -102,12 +114,8 @@ def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer) -> dict
         workers, items = cpu_seconds(dataset(lambda d, r, flag=decode_on_device: augment.worker_part(d, r, flag)))
         parts, _ = zip(*items)
         payloads, boxes, flips = zip(*parts)
-        start = time.process_time()
-        for i in range(0, len(items), 64):  # the device's part, batched as training does, on this CPU
-            augment.on_device(list(payloads[i : i + 64]), torch.stack(boxes[i : i + 64]),
-                              torch.tensor(flips[i : i + 64]), torch.device("cpu"))  # fmt: skip
         results[f"{name}: workers"] = workers
-        results[f"{name}: device part (on this CPU)"] = time.process_time() - start
+        results[f"{name}: device part (on {device.type})"] = device_seconds(augment, payloads, boxes, flips, device)
     results["tokenizer alone"], _ = cpu_seconds(tokenizer(caption)[0] for caption in captions_of(tar_path))
     return results
 
@@ -123,6 +131,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the device part of augment_on=device runs")
     args = parser.parse_args()
     import open_clip
 
@@ -137,7 +146,8 @@ def main() -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as folder:
             tar_path, mds = write_both(make_jpegs(args.source, args.samples, size), folder)
-            runs = [run_loaders(tar_path, mds, preprocess, augment, tokenizer) for _ in range(args.repeats)]
+            device = torch.device(args.device)
+            runs = [run_loaders(tar_path, mds, preprocess, augment, tokenizer, device) for _ in range(args.repeats)]
         peer = [r["webdataset + open_clip"] for r in runs]
         print(f"### stored at {size * 5 // 4}x{size}\n")
         print("| loader | samples/s per core | CPU ms per sample | CPU per sample vs webdataset + open_clip |")
