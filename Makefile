@@ -5,6 +5,9 @@
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
 # make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=RUN_DIR_OR_CHECKPOINT"]  (default: runs/demo)
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
+# make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample, then its power-law fits
+# make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal wall-clock,
+#                                             then their table and plot (runs/sweeps/flip_ablation/report.*)
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -15,12 +18,15 @@ EVAL    ?= yamls/eval/zeroshot.yaml
 NPROC   ?= 1
 ARGS    ?=
 SHARDS_ARGS ?=
+SWEEP_ARGS ?=
+# The last part of the built-in sample that `make shards` writes: the sweeps train and evaluate on it.
+SAMPLE  := data/sample/eval/coco_test/index.json
 DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # img2dataset otherwise checks the internet for an albumentations update.
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install debian-packages shards train demo eval test bench clean
+.PHONY: install debian-packages shards train demo eval test bench scaling ablate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -55,6 +61,18 @@ test: install
 
 bench: install
 	$(PY) bench/throughput.py $(ARGS)
+
+$(SAMPLE):
+	$(MAKE) shards
+
+# A killed sweep, started again, continues the run it was in; finished runs are skipped.
+scaling: install $(SAMPLE)
+	$(PY) -m pipeline.sweep yamls/sweeps/scaling.yaml $(SWEEP_ARGS)
+	$(PY) -m pipeline.scaling yamls/sweeps/scaling.yaml
+
+ablate: install $(SAMPLE)
+	$(PY) -m pipeline.sweep yamls/sweeps/flip_ablation.yaml $(SWEEP_ARGS)
+	$(PY) -m pipeline.sweep --report yamls/sweeps/flip_ablation.yaml $(SWEEP_ARGS)
 
 clean:
 	rm -rf data runs

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 import composer.callbacks
-from composer.core import Callback, State
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger, WandBLogger
 from composer.utils import dist
 
@@ -124,9 +124,43 @@ class DataLoaderWait(Callback):
         logger.log_metrics({"time/dataloader_wait": time.perf_counter() - self.started})
 
 
+class TrainingFlops(Callback):
+    """Logs `flops/batch`: the training FLOPs of each batch over all ranks (the model's
+    flops_per_batch, so masked patches are not counted). The run's total is their sum over
+    metrics.csv, which keeps every batch once across resumptions (pipeline/record.py)."""
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:  # before the step counter moves on
+        flops = composer_model_of(state.model).flops_per_batch(state.batch)
+        logger.log_metrics({"flops/batch": flops * dist.get_world_size()})
+
+
+class WallClockBudget(Callback):
+    """Ends training when `seconds` of Composer's training wall-clock (timestamp.total_wct,
+    restored on resume, evaluation excluded) are spent. After every batch it sets max_duration to
+    the batch where the budget runs out at the pace so far (at most `max_batches`), so the elapsed
+    "dur" fraction is the budget's, and the run stops once it is spent."""
+
+    def __init__(self, seconds: float, max_batches: int):
+        self.seconds, self.max_batches = seconds, max_batches
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.batch_end(state, logger)  # a resumed run: the fraction already spent
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        spent, batch = state.timestamp.total_wct.total_seconds(), int(state.timestamp.batch)
+        if batch == 0 or spent <= 0:
+            return
+        # ceil: past `batch` exactly while budget remains, so the run ends as it is spent
+        at_pace = math.ceil(batch * self.seconds / spent)
+        state.max_duration = Time(max(batch, min(self.max_batches, at_pace)), TimeUnit.BATCH)
+
+
 def build_run_callbacks(cfg: TrainConfig) -> list:
-    """The loader-wait timer, the config's Composer callbacks and, when asked, the loss guard."""
-    callbacks = [DataLoaderWait(), *build_callbacks(cfg.callbacks)]
+    """The loader-wait timer, the FLOPs count, the config's Composer callbacks and, when asked,
+    the loss guard and the wall-clock budget."""
+    callbacks = [DataLoaderWait(), TrainingFlops(), *build_callbacks(cfg.callbacks)]
     if cfg.loss_guard is not None:
         callbacks.append(LossGuard(cfg.loss_guard, cfg.save_folder))
+    if cfg.max_wall_clock is not None:
+        callbacks.append(WallClockBudget(cfg.max_wall_clock, int(Time.from_timestring(cfg.max_duration).value)))
     return callbacks

@@ -433,6 +433,10 @@ class TrainConfig:
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     max_duration: str = "1ep"
+    # A training wall-clock budget in seconds (Composer's total_wct: evaluation excluded, carried
+    # across resumptions). The run then ends when it is spent, max_duration (in batches) only caps
+    # it, and "dur" times (the lr schedule, unmasked_tuning.start) are fractions of the budget.
+    max_wall_clock: Optional[float] = None
     # Split each rank's batch into chunks of this size; the loss still sees the whole batch.
     device_train_microbatch_size: Optional[int] = None
     # Composer precision; None picks fp32 on CPU, amp_bf16 on GPU.
@@ -467,6 +471,9 @@ class TrainConfig:
     def __post_init__(self):
         for key in ("max_duration", "save_interval", "eval_interval", "console_log_interval"):
             check_time(key, getattr(self, key))
+        check(self.max_wall_clock is None or (self.max_wall_clock > 0 and self.max_duration.endswith("ba")),
+              f"max_wall_clock (seconds, > 0; got {self.max_wall_clock}) caps the run with max_duration in batches "
+              f"(got {self.max_duration}), e.g. max_duration=100000ba")  # fmt: skip
         micro = self.device_train_microbatch_size
         check(micro is None or micro > 0, f"device_train_microbatch_size must be > 0, got {micro}")
         check(not (self.parallelism.state_dict_type == StateDictType.sharded and is_remote(self.save_folder) and self.autoresume),
@@ -493,6 +500,43 @@ class EvalConfig:
     datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
     num_workers: int = 2
     output: str = "zeroshot.json"
+    # FLIP's masked inference: drop this fraction of image patches at eval too, through the same
+    # patch-dropout module training installs (seeded by `seed`); None: full images.
+    patch_masking: Optional[float] = None
+
+    def __post_init__(self):
+        check(self.patch_masking is None or 0 <= self.patch_masking < 1,
+              f"patch_masking must be in [0, 1), got {self.patch_masking}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Sweep schema
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SweepConfig:
+    """Runs of one training recipe (pipeline/sweep.py): common overrides, then each run's own."""
+
+    name: str = MISSING
+    train: str = MISSING  # the training YAML every run starts from
+    # Each run's run_dir is <folder>/<run name>.
+    folder: str = "runs/sweeps/${name}"
+    # Checkpoints under <save_folder>/<run name> (local or s3://); None: in each run's run_dir.
+    save_folder: Optional[str] = None
+    # Training keys (dotted or nested) for every run, e.g. {max_wall_clock: 120, data.num_workers: 1}.
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # One run per point of the cartesian product of these {key: [values]} (a value that is a
+    # mapping is a group of keys set together, named in run names by its `name`) ...
+    grid: Dict[str, List[Any]] = field(default_factory=dict)
+    # ... and/or one run per entry: its own keys, and optionally `name` (else named by its keys).
+    runs: List[Dict[str, Any]] = field(default_factory=list)
+    # Short names of keys in run names, e.g. {algorithms.patch_masking.ratio: masking}; else the last part.
+    labels: Dict[str, str] = field(default_factory=dict)
+    # How --print launches each run on a cluster.
+    launcher: str = "composer -n 8"
+    # The scores `--report` shows and plots, as <dataset>/<score>; empty: all.
+    metrics: List[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 The model is the one the run saved with its config (config.yaml in the run folder and next to the
 checkpoints); an eval YAML's `model:` section is needed only for a checkpoint from elsewhere.
 Prints a table and writes the scores as JSON (`output`). The same datasets can be Composer
-evaluators during training: see `build_evaluators`.
+evaluators during training: see `build_evaluators`. `patch_masking=0.5` scores FLIP's masked
+inference: half of each image's patches dropped by training's own patch-dropout module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pipeline.model import build_clip, encode
 from pipeline.paths import is_remote
 from pipeline.runs import resolve_run
 from pipeline.tables import align_columns
+from pipeline.towers import install_patch_dropout
 from pipeline.zeroshot import (
     DatasetScores,
     ZeroShotClassification,
@@ -216,14 +218,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.datasets:
         raise ConfigError("datasets is empty: name at least one eval MDS stream")
     clip, image_transform, tokenizer, model = load_clip(cfg)
+    if cfg.patch_masking is not None:
+        # Training's module, where training puts it; in training mode, the one mode in which it drops.
+        install_patch_dropout(clip, cfg.patch_masking).train()
     clip.to("cuda" if torch.cuda.is_available() else "cpu")
     scores = {name: build_scores(dataset, tokenizer) for name, dataset in cfg.datasets.items()}  # fail before encoding
     results = {}
     for name, dataset in cfg.datasets.items():
         start = time.time()
+        reproducibility.seed_all(cfg.seed)  # the same masks whatever the datasets' order
         results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
         print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
-    return {"model": model.name, "load_path": cfg.load_path or None, "datasets": results}
+    return {"model": model.name, "load_path": cfg.load_path or None, "patch_masking": cfg.patch_masking, "datasets": results}
 
 
 def format_table(results: dict) -> str:
@@ -250,7 +256,8 @@ def main(argv: list) -> None:
     os.makedirs(os.path.dirname(cfg.output) or ".", exist_ok=True)
     with open(cfg.output, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"{results['model']} from {cfg.load_path or 'a fresh initialisation'}\n")
+    masked = f", {cfg.patch_masking:.0%} of image patches dropped" if cfg.patch_masking is not None else ""
+    print(f"{results['model']} from {cfg.load_path or 'a fresh initialisation'}{masked}\n")
     print(f"{format_table(results)}\n\nscores: {cfg.output}")
 
 

@@ -3,10 +3,10 @@
 `<run_dir>/metrics.csv` holds one row per (batch, metric, value) for every metric any part of the
 run logs (loss, lr per group, throughput, MFU, masking ratio, zero-shot scores, ...). A resumed run
 first drops the rows logged after the checkpoint it resumed from (they are logged again), so every
-batch appears exactly once however often the run was killed. At every checkpoint and at the end,
-loss.csv, loss.png and summary.json are drawn from that file, and for an `s3://` save folder they,
-the metrics file and any TensorBoard events are copied next to the checkpoints (where
-pipeline/runs.py put the resolved config).
+batch appears exactly once however often the run was killed. At every checkpoint and at the end
+(after the final evaluation), loss.csv, loss.png and summary.json are drawn from that file, and
+for an `s3://` save folder they, the metrics file and any TensorBoard events are copied next to
+the checkpoints (where pipeline/runs.py put the resolved config).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class RunRecord(LoggerDestination):
         self.path = os.path.join(cfg.run_dir, METRICS_FILE)
         self.pending: list = []
         self.is_save_batch = create_interval_scheduler(cfg.save_interval)
+        self.fit_ended = False
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
@@ -76,7 +77,15 @@ class RunRecord(LoggerDestination):
             self.publish(state)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0:
+        self.fit_ended = True
+        # Composer evaluates once more after FIT_END when eval_interval does not divide the run
+        # (asking at FIT_END changes no scheduler state): then the final record waits for its scores.
+        final_eval_follows = any(evaluator.eval_interval(state, Event.FIT_END) for evaluator in state.evaluators)
+        if dist.get_global_rank() == 0 and not final_eval_follows:
+            self.publish(state, final=True)
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0 and self.fit_ended:
             self.publish(state, final=True)
 
     def publish(self, state: State, final: bool = False) -> None:

@@ -15,6 +15,7 @@ from composer.utils import dist  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 
 LOSS_KEY = "loss/train/total"
+FLOPS_KEY = "flops/batch"  # pipeline.callbacks.TrainingFlops
 
 
 def moving_average(values: list, window: int) -> list:
@@ -50,6 +51,12 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         "run_name": cfg.run_name,
         "batches": int(state.timestamp.batch),
         "samples": int(state.timestamp.sample),
+        # Training only (Composer's total_wct: evaluation excluded), across resumptions.
+        "wall_seconds": state.timestamp.total_wct.total_seconds(),
+        "flops": sum(value for _, metric, value in rows if metric == FLOPS_KEY),
+        "params": sum(p.numel() for p in state.model.parameters()),
+        # Fit ends only at max_duration, which a wall-clock budget moves to where it is spent.
+        "complete": final,
         "world_size": dist.get_world_size(),
         "global_batch_size": cfg.data.global_batch_size,
         "first_loss": losses[0] if losses else None,

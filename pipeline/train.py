@@ -92,7 +92,7 @@ def main(argv: list) -> None:
     cfg = load(TrainConfig, argv[0], argv[1:])
     try:
         trainer = build_trainer(cfg)
-        if already_complete(trainer):  # a scheduler retrying a finished job
+        if already_complete(trainer, cfg):  # a scheduler retrying a finished job
             print(f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
                   f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do.")  # fmt: skip
             trainer.close()
@@ -114,8 +114,10 @@ def main(argv: list) -> None:
     trainer.close()
 
 
-def already_complete(trainer: Trainer) -> bool:
+def already_complete(trainer: Trainer, cfg: TrainConfig) -> bool:
     state = trainer.state
+    if cfg.max_wall_clock is not None and state.timestamp.total_wct.total_seconds() >= cfg.max_wall_clock:
+        return True  # the budget is spent (pipeline.callbacks.WallClockBudget)
     return state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration
 
 
