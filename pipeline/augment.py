@@ -15,7 +15,6 @@ Two places to apply it (`data.augment_on`):
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import AugmentConfig
-from pipeline.images import decode_rgb_region
+from pipeline.images import decode_rgb_region, open_image
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as open_clip uses it
 JPEG_MAGIC = b"\xff\xd8"
@@ -86,7 +85,7 @@ class Augment:
         JPEG's own bytes with the crop in its pixels (other images are decoded here, as always).
         """
         if decode_on_device and data[:2] == JPEG_MAGIC:
-            with Image.open(io.BytesIO(data)) as header:
+            with open_image(data) as header:
                 if header.mode in ("RGB", "L"):
                     box = self.crop_box(rng, *header.size)
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box), self.flips(rng)

@@ -16,16 +16,14 @@ from typing import Callable, Optional, Union
 from PIL import Image
 
 ImageSource = Union[bytes, str, os.PathLike]
-Box = tuple  # (left, top, right, bottom) in pixels, as Pillow's
-
-
-def _open(source: ImageSource) -> Image.Image:
+def open_image(source: ImageSource) -> Image.Image:
+    """Opened, not decoded: the header (size, mode) is read; pixels decode on first use."""
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def decode_rgb(source: ImageSource, transform: Optional[Callable] = None):
     """An image's bytes or path -> RGB PIL image, or `transform` of it when one is given."""
-    with _open(source) as image:
+    with open_image(source) as image:
         rgb = image.convert("RGB")  # decodes the whole image; a corrupt one raises here
     return rgb if transform is None else transform(rgb)
 
@@ -38,7 +36,7 @@ def decode_rgb_region(source: ImageSource, choose_box: Callable, size: tuple) ->
     (Pillow's `draft`, libjpeg's scaled IDCT), as far as the crop stays at least `size`; other
     formats decode in full. The same RGB conversion as `decode_rgb`.
     """
-    with _open(source) as image:
+    with open_image(source) as image:
         width, height = image.size
         box = choose_box(width, height)
         box_w, box_h = box[2] - box[0], box[3] - box[1]

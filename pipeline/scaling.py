@@ -23,6 +23,9 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.sweep import read_summary, run_dirs  # noqa: E402
+from pipeline.tables import markdown_table  # noqa: E402
+
 X_AXES = {"flops": "training compute (FLOPs)", "samples": "samples seen", "params": "model parameters"}
 
 
@@ -105,12 +108,10 @@ def collect(run_dirs) -> list:
     """The summary.json of each finished run, with its folder; unfinished or unsummarised runs are skipped."""
     rows = []
     for run_dir in run_dirs:
-        path = os.path.join(run_dir, "summary.json")
-        if not os.path.isfile(path):
+        summary = read_summary(run_dir)
+        if summary is None:
             print(f"skipping {run_dir}: no summary.json")
             continue
-        with open(path) as f:
-            summary = json.load(f)
         if summary.get("complete") is not True:
             print(f"skipping {run_dir}: not marked complete")
             continue
@@ -217,8 +218,6 @@ def find_runs(source: str) -> tuple:
         return sorted(p for p in glob.glob(os.path.join(source, "*")) if os.path.isdir(p)), source
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: neither a folder of runs nor a sweep YAML")
-    from pipeline.sweep import run_dirs  # only sweeps need it
-
     dirs = list(run_dirs(source))
     if not dirs:
         raise ValueError(f"sweep {source} has no runs")
@@ -226,13 +225,12 @@ def find_runs(source: str) -> tuple:
 
 
 def format_table(reports: dict) -> str:
-    lines = ["| x | alpha | CI | beta | extrapolation rel. error | runs | frontier |", "|---|---|---|---|---|---|---|"]
+    rows = [["x", "alpha", "CI", "beta", "extrapolation rel. error", "runs", "frontier"]]
     for x, r in reports.items():
         ext = "-" if r["extrapolation"] is None else f"{100 * r['extrapolation']['relative_error']:.1f}%"
         low, high = r["alpha_ci"]
-        cells = [x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext, r["n_runs"], r["n_frontier"]]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+        rows.append([x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext, r["n_runs"], r["n_frontier"]])
+    return markdown_table(rows)
 
 
 def main(argv: list | None = None) -> None:

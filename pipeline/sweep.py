@@ -16,7 +16,6 @@ collectors such as pipeline/scaling.py.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -28,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, load
+from pipeline.tables import markdown_table
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-SUMMARY, METRICS, MASKED_SCORES = "summary.json", "metrics.csv", "zeroshot_masked.json"
+SUMMARY, MASKED_SCORES = "summary.json", "zeroshot_masked.json"
 TRAIN_HOURS = "time/train"  # SpeedMonitor's training wall-clock (Composer's total_wct), in hours
 
 
@@ -189,8 +189,9 @@ def masked_scores(run: Run, cfg: TrainConfig) -> dict:
 
 def eval_curves(run_dir: str, offset: float) -> dict:
     """{dataset/score: [(training seconds, value)]} from the run's metrics.csv."""
-    with open(os.path.join(run_dir, METRICS), newline="") as f:
-        rows = [(int(r["batch"]), r["metric"], float(r["value"])) for r in csv.DictReader(f)]
+    from pipeline.record import METRICS_FILE, read_metrics  # Composer: only when a report is drawn
+
+    rows = read_metrics(os.path.join(run_dir, METRICS_FILE))
     seconds = {batch: offset + 3600 * value for batch, metric, value in rows if metric == TRAIN_HOURS}
     curves: dict = {}
     for batch, metric, value in rows:
@@ -237,7 +238,7 @@ def report(sweep: SweepConfig, runs: list) -> str:
                       f"{seconds:.0f}", f"{samples / seconds:.0f}", f"{summary['flops']:.3g}", f"{summary['params'] / 1e6:.2f}",
                       *(percent(full, m) for m in metrics), *(percent(masked, m) for m in masked_columns)])  # fmt: skip
         curves[run.name] = eval_curves(run.run_dir, offset)
-    text = "\n".join("| " + " | ".join(row) + " |" for row in [table[0], ["---"] * len(header), *table[1:]])
+    text = markdown_table(table)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, run_curves in curves.items():

@@ -1,8 +1,6 @@
 """Scaling laws: the fit, its bootstrap interval, the Pareto frontier, the extrapolation check, runs -> JSON + plots."""
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from pipeline.scaling import (
     main,
     pareto_frontier,
 )
+from tests.conftest import DEMO_YAML
 
 TOP1 = "metrics/fashion_mnist/fashion_mnist/top1"
 
@@ -84,18 +83,17 @@ def test_runs_folder_to_json_and_plots_through_the_cli(tmp_path, capsys):
         assert f"| {x} |" in printed
 
 
-def test_a_sweep_yaml_finds_its_runs_through_pipeline_sweep_and_writes_next_to_them(tmp_path, monkeypatch):
+def test_a_sweep_yaml_finds_its_runs_through_pipeline_sweep_and_writes_next_to_them(tmp_path):
     runs = tmp_path / "sweep"
     runs.mkdir()
-    write_runs(runs)
+    write_runs(runs)  # the summaries the sweep's four runs left (d, crashed, no_summary are not its runs)
     sweep_yaml = tmp_path / "sweep.yaml"
-    sweep_yaml.write_text("grid: {}\n")
-    fake = types.ModuleType("pipeline.sweep")
-    fake.run_dirs = lambda path: [str(runs / name) for name in ("a", "b", "c", "slow")]
-    monkeypatch.setitem(sys.modules, "pipeline.sweep", fake)
+    entries = "".join(f"  - {{name: {name}, seed: {seed}}}\n" for seed, name in enumerate(("a", "b", "c", "slow")))
+    sweep_yaml.write_text(f"name: toy\ntrain: {DEMO_YAML}\nfolder: {runs}\nruns:\n{entries}")
     main([str(sweep_yaml), "--x", "flops"])
     assert (runs / "scaling_flops.png").exists() and not (runs / "scaling_samples.png").exists()
-    assert json.loads((runs / "scaling.json").read_text())["fits"]["flops"]["n_frontier"] == 3
+    fits = json.loads((runs / "scaling.json").read_text())["fits"]["flops"]
+    assert fits["n_frontier"] == 3 and {p["run_name"] for p in fits["points"]} == {"a", "b", "c", "slow"}
 
 
 def test_missing_metric_or_too_few_frontier_points_are_clear_errors(tmp_path):
