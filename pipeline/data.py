@@ -1,4 +1,4 @@
-"""MDS streams -> (image tensor, token ids) batches: StreamingDataset over weighted Streams."""
+"""MDS streams -> (image tensor, token ids, sample ids) batches: StreamingDataset over weighted Streams."""
 
 from __future__ import annotations
 
@@ -51,15 +51,17 @@ class CLIPStreamingDataset(StreamingDataset):
             return self._replace(index, shard_id, err)
         self._check_shard(shard_id)
         # Augmentation and the caption choice are functions of (seed, epoch, sample), not of
-        # worker RNG history, so a resumed run sees exactly what an uninterrupted one would.
+        # worker RNG history or rank, so a resumed run sees exactly what an uninterrupted one would.
         rng = random.Random(hash((self.shuffle_seed, self.next_epoch, index)))
+        # The sample's id, unique across epochs: the masks' noise is drawn from it (pipeline/sample_noise.py).
+        sample_id = self.next_epoch * self.num_samples + index
         captions = sample.get("captions") or [sample["caption"]]  # COCO-style streams keep all
         caption = rng.choice(captions)
         try:
             image = self.augment(sample["image"], rng)
         except Exception as err:  # noqa: BLE001 - any decoder error
             return self._replace(index, shard_id, err)
-        return image, self.tokenizer(caption)[0]
+        return image, self.tokenizer(caption)[0], sample_id
 
     def _shard_file(self, shard_id: int) -> tuple:
         shard = self.shards[shard_id]
@@ -147,12 +149,12 @@ def build_dataloader(cfg: DataConfig, augment: Augment, tokenizer: Callable, wor
 
 
 class FinishOnDevice:
-    """Composer batch transform of `augment_on: device`: ((payloads, boxes, flips), tokens) -> (images, tokens)."""
+    """Composer batch transform of `augment_on: device`: ((payloads, boxes, flips), tokens, ids) -> (images, tokens, ids)."""
 
     def __init__(self, augment: Augment, device: Device):
         self.augment, self.device = augment, device
 
     def __call__(self, batch: tuple) -> tuple:
-        (payloads, boxes, flips), tokens = batch
+        (payloads, boxes, flips), tokens, sample_ids = batch
         device = torch.device("cuda", torch.cuda.current_device()) if self.device == Device.gpu else torch.device("cpu")
-        return self.augment.on_device(payloads, boxes, flips, device), tokens
+        return self.augment.on_device(payloads, boxes, flips, device), tokens, sample_ids

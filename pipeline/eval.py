@@ -208,9 +208,12 @@ def evaluate_dataset(
     device = next(clip.parameters()).device
     loader = build_eval_dataloader(cfg, image_transform, tokenizer, num_workers)
     scores = scores.to(device)
+    seen = 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores.update(clip, batch, encode(clip, batch["images"], batch.get("texts")))
+        sample_ids = torch.arange(seen, seen + len(batch["images"]))  # masked inference's noise, per image
+        scores.update(clip, batch, encode(clip, batch["images"], batch.get("texts"), sample_ids))
+        seen += len(batch["images"])
     return {"task": cfg.type.value, "images": len(loader.dataset), **scores.compute()}
 
 
@@ -220,13 +223,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     clip, image_transform, tokenizer, model = load_clip(cfg)
     if cfg.patch_masking is not None:
         # Training's module, where training puts it; in training mode, the one mode in which it drops.
-        install_patch_dropout(clip, cfg.patch_masking).train()
+        install_patch_dropout(clip, cfg.patch_masking, cfg.seed).train()
     clip.to("cuda" if torch.cuda.is_available() else "cpu")
     scores = {name: build_scores(dataset, tokenizer) for name, dataset in cfg.datasets.items()}  # fail before encoding
     results = {}
     for name, dataset in cfg.datasets.items():
         start = time.time()
-        reproducibility.seed_all(cfg.seed)  # the same masks whatever the datasets' order
         results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
         print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
     return {"model": model.name, "load_path": cfg.load_path or None, "patch_masking": cfg.patch_masking, "datasets": results}

@@ -13,6 +13,7 @@ from composer.models import ComposerModel
 
 from pipeline.config import LossName, ModelConfig
 from pipeline.loss import Features, build_loss, contrastive_loss
+from pipeline.sample_noise import samples
 from pipeline.towers import forward_flops, fsdp_unit, kept_image_tokens, towers
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale), the inverse temperature, at 100
@@ -62,14 +63,16 @@ def lock_towers(clip: torch.nn.Module, cfg: ModelConfig) -> None:
         clip.lock_text_tower(cfg.lock_text.unlocked_groups)
 
 
-def encode(clip: torch.nn.Module, images, texts) -> Features:
+def encode(clip: torch.nn.Module, images, texts, sample_ids=None) -> Features:
     """Features of either input (None skips a tower), through open_clip's own forward, whose hooks
-    FSDP uses to gather the parameters."""
-    return Features.from_open_clip(clip(images, texts), MAX_LOGIT_SCALE)
+    FSDP uses to gather the parameters. Masking in training draws its noise from `sample_ids`."""
+    with samples(sample_ids):
+        return Features.from_open_clip(clip(images, texts), MAX_LOGIT_SCALE)
 
 
 class CLIPModel(ComposerModel):
-    """Batches are (images, token ids); the loss sees every sample of the global batch.
+    """Batches are (images, token ids, sample ids); the loss sees every sample of the global batch,
+    and the masks' noise comes from the sample ids (pipeline/sample_noise.py).
 
     Eval batches are dicts from `pipeline.eval.build_evaluators`, scored by its `eval_metrics`.
     """
@@ -87,11 +90,11 @@ class CLIPModel(ComposerModel):
         self.last_batch_loss = None
 
     def forward(self, batch) -> Features:
-        images, texts = batch
+        images, texts, sample_ids = batch
         if self.feature_cache is None or not self.training:
-            return encode(self.clip, images, texts)
+            return encode(self.clip, images, texts, sample_ids)
         chunk = self.feature_cache.start_chunk()  # before encoding: it replays the chunk's RNG
-        features = encode(self.clip, images, texts)
+        features = encode(self.clip, images, texts, sample_ids)
         spliced = self.feature_cache.splice(chunk, features)
         # The logit scale's (and bias's) gradient is counted once, in the last micro-batch: the
         # one whose backward DDP synchronises, which must give every parameter a gradient.
@@ -102,7 +105,7 @@ class CLIPModel(ComposerModel):
 
     def flops_per_batch(self, batch) -> float:
         """Training FLOPs of this rank's batch (backward = 2x forward), for SpeedMonitor's MFU."""
-        images, texts = batch
+        images, texts, _ = batch
         vision, text = towers(self.clip)
         per_sample = forward_flops(vision, kept_image_tokens(self.clip)) + forward_flops(text, texts.shape[1])
         return 3 * per_sample * len(images)

@@ -19,10 +19,12 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import PatchDropout, ResidualAttentionBlock, VisionTransformer
-from timm.layers import PatchDropoutWithIndices, resample_abs_pos_embed, resample_patch_embed
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block as TimmBlock
+
+from pipeline.sample_noise import PATCH_STREAM, sample_uniform
 
 # Parameters of the logit scale and (SigLIP) bias: the "logit_scale" group of the optimizer.
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
@@ -77,21 +79,40 @@ def fsdp_unit(module: torch.nn.Module) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def install_patch_dropout(clip: torch.nn.Module, ratio: float) -> torch.nn.Module:
+class SamplePatchDropout(torch.nn.Module):
+    """open_clip's PatchDropout (timm's, `with_indices`, for EVA's RoPE), its noise drawn per sample
+    (pipeline/sample_noise.py): in training, drops `prob` of the tokens after the `prefix` (class)
+    token(s), the same ones for a sample whichever rank or micro-batch encodes it."""
+
+    def __init__(self, prob: float, seed: int, prefix: int = 1, with_indices: bool = False):
+        super().__init__()
+        self.prob, self.seed, self.prefix, self.with_indices = prob, seed, prefix, with_indices
+
+    def forward(self, x: torch.Tensor):
+        keep = None
+        if self.training and self.prob > 0:
+            prefix, patches = x[:, : self.prefix], x[:, self.prefix :]
+            num_keep = max(1, int(patches.shape[1] * (1 - self.prob)))
+            keep = sample_uniform(self.seed, PATCH_STREAM, patches.shape[1], x.device).topk(num_keep, dim=1).indices
+            x = torch.cat((prefix, patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))), dim=1)
+        return (x, keep) if self.with_indices else x
+
+
+def install_patch_dropout(clip: torch.nn.Module, ratio: float, seed: int) -> SamplePatchDropout:
     """Put a patch-dropout module of `ratio` where the vision tower applies it; returns it.
     open_clip's runs after class + position embedding; timm's also keeps RoPE aligned (EVA)."""
     tower = vision_tower(clip)
     if isinstance(clip.visual, TimmModel):
-        tower.root.patch_drop = PatchDropoutWithIndices(ratio, num_prefix_tokens=tower.root.num_prefix_tokens)
+        tower.root.patch_drop = SamplePatchDropout(ratio, seed, tower.root.num_prefix_tokens, with_indices=True)
         return tower.root.patch_drop
-    tower.root.patch_dropout = PatchDropout(ratio, exclude_first_token=True)
+    tower.root.patch_dropout = SamplePatchDropout(ratio, seed)
     return tower.root.patch_dropout
 
 
-def patch_dropout(clip: torch.nn.Module) -> torch.nn.Module:
+def patch_dropout(clip: torch.nn.Module) -> SamplePatchDropout:
     tower = vision_tower(clip)
     module = tower.root.patch_drop if isinstance(clip.visual, TimmModel) else tower.root.patch_dropout
-    if not isinstance(module, (PatchDropout, PatchDropoutWithIndices)):
+    if not isinstance(module, SamplePatchDropout):
         raise ValueError("no patch masking installed: add algorithms.patch_masking")
     return module
 

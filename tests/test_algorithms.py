@@ -12,7 +12,8 @@ from pipeline.algorithms.patch_masking import PatchMasking
 from pipeline.algorithms.text_masking import TextMasking, install_text_masking
 from pipeline.algorithms.unmasked_tuning import UnmaskedTuning
 from pipeline.config import TextMaskingMode
-from pipeline.model import MAX_LOGIT_SCALE
+from pipeline.model import MAX_LOGIT_SCALE, encode
+from pipeline.towers import install_patch_dropout
 from tests.tiny import NUM_PATCHES, TOKENIZER, GradCapture, RecordInput, make_trainer, synthetic_dataset, tiny_model
 
 
@@ -24,24 +25,28 @@ def test_patch_masking_drops_tokens_in_training_only(ratio):
     kept = 1 + int(NUM_PATCHES * (1 - ratio))  # class token + kept patches
     assert tokens.inputs == [(16, kept, 64)] * 2
     model.eval()
-    images, texts = synthetic_dataset()[:4]
+    images, _, _ = synthetic_dataset()[:4]
     model.clip.encode_image(images)
     assert tokens.inputs[-1] == (4, 1 + NUM_PATCHES, 64)
 
 
-def test_patch_masks_depend_on_step_not_on_rng_history():
-    """A resumed run masks the same patches: noise is a function of (seed, step, rank)."""
-    runs = []
-    for disturb in (False, True):
-        model = tiny_model()
-        tokens = RecordInput(model.clip.visual.transformer, keep_values=True)
-        trainer = make_trainer(model, algorithms=[PatchMasking(0.5)], lr=0.0)
-        trainer.fit(duration="1ba")
-        if disturb:
-            torch.rand(1000)  # e.g. a restart, or anything else drawing random numbers
-        trainer.fit(duration="1ba")
-        runs.append(tokens.inputs[1])
-    assert torch.equal(runs[0], runs[1])
+def test_patch_masks_belong_to_the_sample_not_to_rng_history_or_batch_position():
+    """A sample is masked the same way after a resume, on another rank or in another micro-batch:
+    the noise is a function of (seed, sample id) only."""
+    model = tiny_model().train()
+    install_patch_dropout(model.clip, 0.5, seed=3)
+    tokens = RecordInput(model.clip.visual.transformer, keep_values=True)
+    images, texts, ids = synthetic_dataset()[:8]
+    encode(model.clip, images, texts, ids)
+    torch.rand(1000)  # e.g. a restart, or anything else drawing random numbers
+    order = torch.tensor([5, 2, 7, 0])  # the same samples, elsewhere in a smaller batch
+    encode(model.clip, images[order], texts[order], ids[order])
+    torch.testing.assert_close(tokens.inputs[1], tokens.inputs[0][order], rtol=0, atol=0)
+    encode(model.clip, images[order], texts[order], ids[order] + 64)  # the same images in the next epoch
+    assert not torch.equal(tokens.inputs[2], tokens.inputs[1])
+    install_patch_dropout(model.clip, 0.5, seed=4)  # another run seed
+    encode(model.clip, images[order], texts[order], ids[order])
+    assert not torch.equal(tokens.inputs[3], tokens.inputs[1])
 
 
 def test_unmasked_tuning_switches_masking_off_and_sets_lr():
@@ -61,10 +66,10 @@ def test_unmasked_tuning_switches_masking_off_and_sets_lr():
 
 def test_text_masking_padding_first_keeps_real_tokens_and_pooling_position():
     model = tiny_model().train()
-    hooks = install_text_masking(model.clip, 0.5, TextMaskingMode.padding_first, TOKENIZER)
+    hooks = install_text_masking(model.clip, 0.5, TextMaskingMode.padding_first, TOKENIZER, seed=0)
     texts = open_clip.tokenize(["a red cat", "a blue dog", "one big green shoe", "bag"], context_length=16)
     seen = RecordInput(model.clip.transformer)
-    model.clip.encode_text(texts)
+    encode(model.clip, None, texts, torch.arange(4))
     assert seen.inputs[-1] == (4, 8, 64)  # 16 tokens, half dropped before the transformer
     lengths = texts.argmax(dim=-1) + 1  # through the end-of-text token
     for row, length in zip(hooks.keep, lengths):
@@ -76,18 +81,21 @@ def test_text_masking_padding_first_keeps_real_tokens_and_pooling_position():
 
 def test_text_masking_random_always_keeps_end_of_text():
     model = tiny_model().train()
-    hooks = install_text_masking(model.clip, 0.75, TextMaskingMode.random, TOKENIZER)
-    _, texts = synthetic_dataset()[:16]
-    model.clip.encode_text(texts)
+    hooks = install_text_masking(model.clip, 0.75, TextMaskingMode.random, TOKENIZER, seed=0)
+    _, texts, ids = synthetic_dataset()[:16]
+    encode(model.clip, None, texts, ids)
     assert hooks.keep.shape == (16, 4)
     eot = texts.argmax(dim=-1)
     assert all(int(e) in row.tolist() for e, row in zip(eot, hooks.keep))
     assert not all(set(range(4)) == set(row.tolist()) for row in hooks.keep)  # not simply a prefix
+    first = hooks.keep.clone()
+    encode(model.clip, None, texts.flip(0), ids.flip(0))  # each caption keeps its own tokens wherever it is
+    assert torch.equal(hooks.keep, first.flip(0))
 
 
 def test_text_masking_from_the_trainer():
     model = tiny_model()
-    trainer = make_trainer(model, algorithms=[TextMasking(0.5, TextMaskingMode.random, TOKENIZER)])
+    trainer = make_trainer(model, algorithms=[TextMasking(0.5, TextMaskingMode.random, TOKENIZER, seed=0)])
     seen = RecordInput(model.clip.transformer)  # after the masking hook, which INIT installed
     trainer.fit()
     assert seen.inputs == [(16, 8, 64)] * 2
@@ -100,7 +108,7 @@ def test_flash_attention_swap_is_exact_and_uses_is_causal(monkeypatch):
     assert set(model.state_dict()) == keys
     swapped = [m for m in model.modules() if isinstance(m, SDPAMultiheadAttention)]
     assert len(swapped) == 4 and sum(m.causal for m in swapped) == 2
-    images, texts = synthetic_dataset()[:8]
+    images, texts, _ = synthetic_dataset()[:8]
     expected = [reference.clip.encode_image(images), reference.clip.encode_text(texts)]
     calls = []
     sdpa = F.scaled_dot_product_attention

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
-from open_clip.transformer import PatchDropout
+from pipeline.towers import SamplePatchDropout
 
 import pipeline.eval
 import pipeline.sweep
@@ -141,8 +141,8 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
     installed, kept_tokens = [], []
     install = pipeline.eval.install_patch_dropout
 
-    def spy(clip, ratio):
-        module = install(clip, ratio)
+    def spy(clip, ratio, seed):
+        module = install(clip, ratio, seed)
         installed.append((module, ratio))
         module.register_forward_hook(lambda m, args, out: kept_tokens.append((m.training, clip.training, out.shape[1])))
         return module
@@ -152,7 +152,7 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
     assert not installed
     masked = evaluate_scores(replace(full_cfg, patch_masking=0.75))
     (module, ratio), = installed  # fmt: skip
-    assert isinstance(module, PatchDropout) and ratio == 0.75
+    assert isinstance(module, SamplePatchDropout) and ratio == 0.75
     # Only the dropout module is in training mode; each image keeps its class token + 25% of its patches.
     assert kept_tokens and set(kept_tokens) == {(True, False, 1 + NUM_PATCHES // 4)}
     assert masked != full

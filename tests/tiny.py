@@ -38,7 +38,7 @@ def synthetic_dataset(num_samples: int = 64, seed: int = 0) -> TensorDataset:
     images = torch.randn(num_samples, 3, 32, 32, generator=generator)
     words = ["red", "blue", "cat", "dog", "shoe", "bag", "tree", "car"]
     captions = [f"a photo of a {words[i % 8]} {words[(i // 8) % 8]} number {i}" for i in range(num_samples)]
-    return TensorDataset(images, open_clip.tokenize(captions, context_length=16))
+    return TensorDataset(images, open_clip.tokenize(captions, context_length=16), torch.arange(num_samples))
 
 
 def synthetic_loader(batch_size: int, num_samples: int = 64) -> DataLoader:

@@ -22,7 +22,7 @@ def build_algorithms(cfg: AlgorithmsConfig, seed: int, tokenizer) -> list[Algori
     if cfg.unmasked_tuning is not None:
         algorithms.append(UnmaskedTuning(cfg.unmasked_tuning.start, cfg.unmasked_tuning.lr))
     if cfg.text_masking is not None:
-        algorithms.append(TextMasking(cfg.text_masking.ratio, cfg.text_masking.mode, tokenizer))
+        algorithms.append(TextMasking(cfg.text_masking.ratio, cfg.text_masking.mode, tokenizer, seed))
     if cfg.flash_attention:
         algorithms.append(FlashAttention())
     if cfg.grad_checkpointing:

@@ -63,14 +63,14 @@ class ContrastiveAccumulation(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = composer_model_of(state.model)
         model.feature_cache = None  # forward without a cache: plain encoding
-        images, texts = state.batch
+        images, texts, sample_ids = state.batch
         size = state.device_train_microbatch_size
         if event == Event.AFTER_TRAIN_BATCH or size is None or size >= len(images):
             return
         features, rng_states = [], []
         with torch.no_grad(), get_precision_context(state.precision):
-            for chunk_images, chunk_texts in zip(images.split(size), texts.split(size)):
+            for chunk in zip(images.split(size), texts.split(size), sample_ids.split(size)):
                 rng_states.append(rng_state())
-                cached = encode(model.clip, chunk_images, chunk_texts)
+                cached = encode(model.clip, *chunk)
                 features.append((cached.image, cached.text))
         model.feature_cache = FeatureCache(features, rng_states)

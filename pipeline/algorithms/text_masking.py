@@ -15,14 +15,15 @@ from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import clip_of
 from pipeline.config import TextMaskingMode
+from pipeline.sample_noise import TEXT_STREAM, sample_uniform
 from pipeline.towers import text_token_ids, text_tower
 
 
 class TextTokenDropout:
     """Hooks on a text tower's token embedding and transformer; active only in training."""
 
-    def __init__(self, ratio: float, mode: TextMaskingMode, pad_id: int, eot_id: int):
-        self.ratio, self.mode = ratio, TextMaskingMode(mode)
+    def __init__(self, ratio: float, mode: TextMaskingMode, pad_id: int, eot_id: int, seed: int):
+        self.ratio, self.mode, self.seed = ratio, TextMaskingMode(mode), seed
         self.pad_id, self.eot_id = pad_id, eot_id
         self.tokens = self.keep = None
 
@@ -36,7 +37,7 @@ class TextTokenDropout:
             return None
         batch, length, width = x.shape
         num_keep = max(1, int(length * (1 - self.ratio)))
-        score = torch.rand(batch, length, device=x.device)
+        score = sample_uniform(self.seed, TEXT_STREAM, length, x.device)  # the sample's own noise
         if self.mode == TextMaskingMode.padding_first:
             score += (self.tokens != self.pad_id).float()  # every real token outranks every pad
         end_of_text = (self.tokens == self.eot_id).int().argmax(dim=-1, keepdim=True)  # the first one
@@ -56,9 +57,9 @@ class TextTokenDropout:
         return full.scatter(1, self.keep.unsqueeze(-1).expand(-1, -1, width), output)
 
 
-def install_text_masking(clip: torch.nn.Module, ratio: float, mode: TextMaskingMode, tokenizer) -> TextTokenDropout:
+def install_text_masking(clip: torch.nn.Module, ratio: float, mode: TextMaskingMode, tokenizer, seed: int) -> TextTokenDropout:
     root = text_tower(clip).root
-    hooks = TextTokenDropout(ratio, mode, *text_token_ids(tokenizer))
+    hooks = TextTokenDropout(ratio, mode, *text_token_ids(tokenizer), seed)
     root.token_embedding.register_forward_pre_hook(hooks.remember_tokens)
     root.transformer.register_forward_pre_hook(hooks.drop, with_kwargs=True)
     root.transformer.register_forward_hook(hooks.restore, with_kwargs=True)
@@ -66,11 +67,11 @@ def install_text_masking(clip: torch.nn.Module, ratio: float, mode: TextMaskingM
 
 
 class TextMasking(Algorithm):
-    def __init__(self, ratio: float, mode: TextMaskingMode, tokenizer):
-        self.ratio, self.mode, self.tokenizer = ratio, mode, tokenizer
+    def __init__(self, ratio: float, mode: TextMaskingMode, tokenizer, seed: int):
+        self.ratio, self.mode, self.tokenizer, self.seed = ratio, mode, tokenizer, seed
 
     def match(self, event: Event, state: State) -> bool:
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        install_text_masking(clip_of(state.model), self.ratio, self.mode, self.tokenizer)
+        install_text_masking(clip_of(state.model), self.ratio, self.mode, self.tokenizer, self.seed)
