@@ -6,6 +6,7 @@ Composer's, found by name (`memory_monitor` or `MemoryMonitor`) with their keywo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from collections import deque
 
 import composer.callbacks
+import torch
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLogger, WandBLogger
 from composer.utils import dist
@@ -124,6 +126,17 @@ class DataLoaderWait(Callback):
         logger.log_metrics({"time/dataloader_wait": time.perf_counter() - self.started})
 
 
+class SampleHash(Callback):
+    """Logs `data/sample_hash`: a 48-bit hash (exact as a float) of the sorted sample ids of the
+    whole global batch, gathered from every rank, so two runs on any world sizes, or a run and
+    its resumption, can be compared batch by batch in metrics.csv."""
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        ids = torch.cat(dist.all_gather(state.batch[2].contiguous())).sort().values
+        digest = hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=6).digest()
+        logger.log_metrics({"data/sample_hash": int.from_bytes(digest, "big")})
+
+
 class TrainingFlops(Callback):
     """Logs `flops/batch`: the training FLOPs of each batch over all ranks (the model's
     flops_per_batch, so masked patches are not counted). The run's total is their sum over
@@ -156,9 +169,9 @@ class WallClockBudget(Callback):
 
 
 def build_run_callbacks(cfg: TrainConfig) -> list:
-    """The loader-wait timer, the FLOPs count, the config's Composer callbacks and, when asked,
-    the loss guard and the wall-clock budget."""
-    callbacks = [DataLoaderWait(), TrainingFlops(), *build_callbacks(cfg.callbacks)]
+    """The loader-wait timer, the global batch's sample hash, the FLOPs count, the config's
+    Composer callbacks and, when asked, the loss guard and the wall-clock budget."""
+    callbacks = [DataLoaderWait(), SampleHash(), TrainingFlops(), *build_callbacks(cfg.callbacks)]
     if cfg.loss_guard is not None:
         callbacks.append(LossGuard(cfg.loss_guard, cfg.save_folder))
     if cfg.max_wall_clock is not None:

@@ -1,18 +1,37 @@
 """Checkpoints to a folder or a bucket, resumed from where they stopped, loaded safely.
 
-Composer's own `save_folder=s3://...` handling keeps a `./s3:/bucket/...` copy in the working
-directory and prefers it on autoresume, so a second resume can pick a stale checkpoint; and it
-polls for each upload every 30 s. A CheckpointSaver built here stages in a temporary folder,
-finds the latest checkpoint in the bucket itself, and polls every few seconds.
+Composer's CheckpointSaver writes them: a full checkpoint is one file from rank 0; a sharded one
+is a torch.distributed.checkpoint (DCP) folder, `ep0-ba20/`, with each rank's `__<rank>_0.distcp`
+and rank 0's `.metadata`, uploaded in the background while training goes on. The `latest` pointer
+moves only once every rank's files have landed.
+
+What is built here:
+- Resuming: Composer's own autoresume looks in its local staging folder (and keeps a stale
+  `./s3:/bucket/...` copy), so `resume_checkpoint` finds the newest whole checkpoint in the save
+  folder itself, local or in the bucket, and the Trainer loads it as its load_path. DCP reshards
+  model and optimizer state onto whatever world size loads it.
+- Signing: DCP's `.metadata` and the non-tensor parts of each shard are pickles. After every
+  sharded save each rank hashes its own shard and rank 0 writes `manifest.json` (the sha256 of
+  every file, HMAC-signed with the run's key, `checkpoints.key` in the save folder) before the
+  pointer can move. A shard is unpickled only if its digest is in a manifest this run's key
+  signed; anything else needs trust_checkpoints.
+- Retention, and upload errors turned into one clear CheckpointUploadError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import hmac
+import json
 import os
 import pickle
 import re
+import secrets
+import shutil
+import sys
+import tempfile
 import zipfile
 from typing import Optional
 from urllib.parse import urlparse
@@ -58,8 +77,28 @@ class PollingCheckpointSaver(CheckpointSaver):
     def batch_checkpoint(self, state, logger) -> None:
         saves = len(self.all_saved_checkpoints_to_timestamp)
         super().batch_checkpoint(state, logger)
-        if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save: rotate what `latest` allows
-            self.rotate()
+        if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save (on every rank)
+            if state.fsdp_sharded_state_dict_enabled:
+                self.sign(os.path.dirname(list(self.all_saved_checkpoints_to_timestamp)[-1]))
+            self.rotate()  # what `latest` allows
+
+    def sign(self, local_checkpoint: str) -> None:
+        """Each rank hashes the shard it wrote; rank 0 writes the signed manifest of them all into the
+        checkpoint folder, and uploads it now (before `latest` can move, in a later batch_end)."""
+        rank = dist.get_global_rank()
+        own = [f"__{rank}_0.distcp"] + ([DCP_METADATA] if rank == 0 else [])
+        digests = {name: file_digest(os.path.join(local_checkpoint, name)) for name in own
+                   if os.path.isfile(os.path.join(local_checkpoint, name))}  # fmt: skip
+        every = dist.all_gather_object(digests)  # HYBRID_SHARD: replicas other than the first write nothing
+        if rank != 0:
+            return
+        folder = SaveFolder(self.save_folder)
+        manifest = signed_manifest({k: v for d in every for k, v in d.items()}, folder.run_key(create=True))
+        path = os.path.join(local_checkpoint, MANIFEST)
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        if folder.remote:
+            folder.upload(path, f"{os.path.basename(local_checkpoint)}/{MANIFEST}")
 
     def batch_end(self, state, logger) -> None:
         with _upload_errors():
@@ -98,11 +137,29 @@ def _upload_errors():
         raise CheckpointUploadError(str(err)) from err
 
 
-CHECKPOINT_NAME = re.compile(r"ep\d+-ba(\d+)-rank0\.pt$")
+# ep0-ba20-rank0.pt (full, rank 0's file) or ep0-ba20 (a sharded checkpoint's folder)
+CHECKPOINT_NAME = re.compile(r"^ep\d+-ba(\d+)(-rank0\.pt)?$")
+DCP_METADATA = ".metadata"
+MANIFEST = "manifest.json"  # in each sharded checkpoint's folder
+KEY_FILE = "checkpoints.key"  # the run's signing key, in the save folder next to config.yaml
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _signature(files: dict, key: bytes) -> str:
+    return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def signed_manifest(files: dict, key: bytes) -> dict:
+    return {"files": files, "signature": _signature(files, key)}
 
 
 class SaveFolder:
-    """The rank-0 checkpoints of a local save folder or a bucket prefix, by batch."""
+    """The checkpoints of a local save folder or a bucket prefix, by batch: rank 0's file of a
+    full checkpoint, or a sharded checkpoint's folder."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -112,14 +169,49 @@ class SaveFolder:
             self.bucket, self.prefix = url.netloc, url.path.strip("/")
             self.client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
 
+    def path(self, name: str) -> str:
+        return f"{self.folder.rstrip('/')}/{name}"
+
     def names(self) -> list:
+        """What is directly in the folder (files and sub-folders)."""
         if not self.remote:
             return os.listdir(self.folder) if os.path.isdir(self.folder) else []
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/")
-        return [obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])]
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
+        return [item[key].rstrip("/").rsplit("/", 1)[-1] for page in pages
+                for item, key in [*((o, "Key") for o in page.get("Contents", [])), *((p, "Prefix") for p in page.get("CommonPrefixes", []))]]  # fmt: skip
+
+    def read(self, name: str) -> Optional[bytes]:
+        """A file's bytes (name relative to the folder), or None when it is not there."""
+        if not self.remote:
+            path = os.path.join(self.folder, name)
+            if not os.path.isfile(path):
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def upload(self, local: str, name: str) -> None:
+        self.client.upload_file(local, self.bucket, f"{self.prefix}/{name}")
+
+    def run_key(self, create: bool = False) -> Optional[bytes]:
+        """The run's signing key (made by its rank 0 at its first sharded save)."""
+        key = self.read(KEY_FILE)
+        if key is not None or not create:
+            return key
+        key = secrets.token_bytes(32)
+        if self.remote:
+            self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{KEY_FILE}", Body=key)
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(os.path.join(self.folder, KEY_FILE), "wb") as f:
+                f.write(key)
+        return key
 
     def checkpoint_batches(self) -> dict:
-        """{batch: file name} of every rank-0 checkpoint."""
+        """{batch: name} of every checkpoint."""
         return {int(m.group(1)): name for name in self.names() if (m := CHECKPOINT_NAME.search(name))}
 
     def latest_batch(self) -> Optional[int]:
@@ -129,21 +221,65 @@ class SaveFolder:
             path = os.path.join(self.folder, latest)
             target = os.readlink(path) if os.path.islink(path) else None
         else:
-            try:
-                body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{latest}.symlink")["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                return None
-            target = body.decode().strip()
-        match = CHECKPOINT_NAME.search(target or "")
+            body = self.read(f"{latest}.symlink")
+            target = None if body is None else body.decode().strip()
+        match = CHECKPOINT_NAME.search(os.path.basename((target or "").rstrip("/")))
         return int(match.group(1)) if match else None
 
     def delete(self, batch: int) -> None:
-        names = [n for n in self.names() if re.search(rf"ep\d+-ba{batch}-rank\d+\.pt$", n)]  # every rank's file
-        for name in names:
-            if self.remote:
-                self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
-            else:
-                os.remove(os.path.join(self.folder, name))
+        pattern = re.compile(rf"^ep\d+-ba{batch}(-rank\d+\.pt)?$")  # every rank's file, or the sharded folder
+        for name in (n for n in self.names() if pattern.match(n)):
+            if not self.remote:
+                path = os.path.join(self.folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                continue
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{name}")
+            for obj in (o for page in pages for o in page.get("Contents", [])):
+                if obj["Key"] == f"{self.prefix}/{name}" or obj["Key"].startswith(f"{self.prefix}/{name}/"):
+                    self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+    def signed_files(self, name: str, key: Optional[bytes]) -> Optional[dict]:
+        """{file: sha256} of a sharded checkpoint whose manifest `key` signed; None when it has no
+        manifest (a save that did not finish). Raises CheckpointError when the signature or a file is wrong."""
+        manifest = self.read(f"{name}/{MANIFEST}")
+        if manifest is None:
+            return None
+        files = json.loads(manifest).get("files", {})
+        signature = json.loads(manifest).get("signature", "")
+        if key is None or not hmac.compare_digest(_signature(files, key), signature):
+            raise CheckpointError(f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
+                                  "this run did not write it. If you trust it, set trust_checkpoints=true.")  # fmt: skip
+        present = set(self.shard_files(name))
+        missing = sorted(set(files) - present)
+        if missing or DCP_METADATA not in files:
+            raise CheckpointError(f"{self.path(name)}/{(missing or [DCP_METADATA])[0]} is missing from the checkpoint")
+        return files
+
+    def shard_files(self, name: str) -> list:
+        if not self.remote:
+            return os.listdir(os.path.join(self.folder, name))
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{name}/")
+        return [o["Key"].rsplit("/", 1)[-1] for page in pages for o in page.get("Contents", [])]
+
+
+def resume_checkpoint(save_folder: str) -> Optional[str]:
+    """The newest whole checkpoint in `save_folder` (at or before the one `latest` names), or None.
+    A sharded one must be signed by this run; its shards' digests are then trusted when loaded.
+    A sharded save without its manifest (killed while saving) is skipped, saying so."""
+    folder = SaveFolder(save_folder)
+    latest = folder.latest_batch()
+    if latest is None:
+        return None
+    candidates = sorted(((b, n) for b, n in folder.checkpoint_batches().items() if b <= latest), reverse=True)
+    for batch, name in candidates:
+        if name.endswith(".pt"):
+            return folder.path(name)
+        files = folder.signed_files(name, folder.run_key())
+        if files is not None:
+            _signed_digests.update(files)
+            return folder.path(name)
+        print(f"Skipping {folder.path(name)}: it has no {MANIFEST}, so its save did not finish.", file=sys.stderr)
+    return None
 
 
 def build_checkpoint_saver(cfg) -> CheckpointSaver:
@@ -179,9 +315,13 @@ class CheckpointError(ValueError):
 
 
 SHARDED_REFUSAL = (
-    "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles. "
-    "Use parallelism.state_dict_type=full, or set trust_checkpoints=true if you trust it."
+    "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles, and this run did not "
+    "sign it. Set trust_checkpoints=true if you trust it."
 )
+# {file name: sha256} of the sharded checkpoint being resumed, from its signed manifest; and the
+# files of it already checked in this process (Composer validates a shard at each read).
+_signed_digests: dict = {}
+_verified: set = set()
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict:
@@ -207,9 +347,15 @@ def validate_checkpoint(path, specs=None) -> bool:
     """Composer's CHECKPOINT_VALIDATION_FUNCTION: runs before every checkpoint load."""
     trust = os.environ.get(TRUST_ENV) == "1"
     # Composer passes byte ranges (specs) for .distcp shards, and the sharded .metadata file.
-    if specs is not None or str(path).endswith(".metadata"):
-        if not trust:
+    if specs is not None or str(path).endswith(DCP_METADATA):
+        name = os.path.basename(str(path))
+        if str(path) in _verified or trust:
+            return True
+        if name not in _signed_digests:
             raise CheckpointError(f"{path} {SHARDED_REFUSAL}")
+        if file_digest(str(path)) != _signed_digests[name]:
+            raise CheckpointError(f"{path} does not match the digest its run signed for it: corrupt, or replaced")
+        _verified.add(str(path))
         return True
     read_checkpoint(str(path), trust)
     return True

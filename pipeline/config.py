@@ -19,8 +19,6 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.paths import is_remote
-
 
 class ConfigError(ValueError):
     """A config that does not match its schema."""
@@ -60,7 +58,7 @@ class Sharding(Enum):
 
 class StateDictType(Enum):
     full = "full"  # one gathered file, loaded safely
-    sharded = "sharded"  # one file per rank (needs trust_checkpoints)
+    sharded = "sharded"  # torch.distributed.checkpoint: each rank writes its own shard, signed by the run
 
 
 class TextMaskingMode(Enum):
@@ -145,6 +143,13 @@ class DataConfig:
     decode_on_device: bool = False
     # Samples per epoch across the mix; None = the streams' natural size.
     epoch_size: Optional[int] = None
+    # streaming's sample order: the same for any number of ranks, nodes and workers as long as
+    # these stay the same. None: pinned at a run's first start (num_canonical_nodes to the node
+    # count then, as streaming does; shuffle_block_size to streaming's default for it) and kept in
+    # its config.yaml, so a resume on other nodes reads them from there (pipeline/runs.py).
+    num_canonical_nodes: Optional[int] = None
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: Optional[int] = None
     # Shared-memory/local-cache knobs of streaming, passed through when set.
     predownload: Optional[int] = None
     cache_limit: Optional[str] = None
@@ -162,6 +167,9 @@ class DataConfig:
         check(self.global_batch_size > 0, f"data.global_batch_size must be > 0, got {self.global_batch_size}")
         check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         check(self.epoch_size is None or self.epoch_size > 0, f"data.epoch_size must be > 0, got {self.epoch_size}")
+        for key in ("num_canonical_nodes", "shuffle_block_size"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"data.{key} must be > 0, got {value}")
         check(self.max_bad_samples >= 0, f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
         check(not self.decode_on_device or self.augment_on == AugmentOn.device,
               "data.decode_on_device needs data.augment_on=device (the device then finishes each batch)")  # fmt: skip
@@ -451,8 +459,10 @@ class TrainConfig:
     save_keep_every: Optional[int] = None
     # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.
     checkpoint_upload_timeout: int = 900
+    # Resume from the newest whole checkpoint in save_folder (full or sharded), on any world size.
     autoresume: bool = False
-    # Checkpoints are loaded as tensors and plain data only; true allows any pickled object.
+    # Full checkpoints are loaded as tensors and plain data only; sharded ones only when this run
+    # signed them (pipeline/checkpointing.py). true allows any pickled object from anywhere.
     trust_checkpoints: bool = False
     # Zero-shot eval sets (as in yamls/eval/*.yaml), run as Composer evaluators every eval_interval.
     eval_datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
@@ -476,10 +486,6 @@ class TrainConfig:
               f"(got {self.max_duration}), e.g. max_duration=100000ba")  # fmt: skip
         micro = self.device_train_microbatch_size
         check(micro is None or micro > 0, f"device_train_microbatch_size must be > 0, got {micro}")
-        check(not (self.parallelism.state_dict_type == StateDictType.sharded and is_remote(self.save_folder) and self.autoresume),
-              "parallelism.state_dict_type=sharded with a bucket save_folder and autoresume: Composer's autoresume "
-              "looks for sharded checkpoints in the saver's local staging folder and would start again from scratch "
-              "(tests/test_parallel.py). Use state_dict_type=full, or a shared filesystem as save_folder.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -7,11 +7,13 @@ checkpoints (local or in a bucket) when it starts, and eval / export read the mo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from functools import reduce
 from typing import Optional
 
-from composer.utils import get_file, maybe_create_object_store_from_uri, parse_uri
+from composer.utils import dist, get_file, maybe_create_object_store_from_uri, parse_uri
 
 from pipeline.config import ConfigError, ModelConfig, TrainConfig, load, to_yaml
 from pipeline.paths import is_remote
@@ -39,7 +41,7 @@ def write_run_config(cfg: TrainConfig) -> None:
         maybe_create_object_store_from_uri(cfg.save_folder).upload_object(object_name, local)
 
 
-def _saved_config(folder: str) -> Optional[TrainConfig]:
+def saved_config(folder: str) -> Optional[TrainConfig]:
     """The run config saved in a local or remote folder, or None when there is none."""
     if not is_remote(folder):
         path = os.path.join(folder, CONFIG_FILE)
@@ -53,16 +55,51 @@ def _saved_config(folder: str) -> Optional[TrainConfig]:
         return load(TrainConfig, local)
 
 
+# What decides which samples make up each global batch, in which epoch (streaming's elastic
+# determinism keeps the order for any number of ranks, nodes and workers while these stay).
+SAMPLE_ORDER_KEYS = ("seed", "data.global_batch_size", "data.streams", "data.shuffle", "data.epoch_size",
+                     "data.num_canonical_nodes", "data.shuffle_algo", "data.shuffle_block_size")  # fmt: skip
+PINNED_AT_FIRST_START = ("data.num_canonical_nodes", "data.shuffle_block_size")
+
+
+def _sample_order_value(cfg: TrainConfig, key: str):
+    value = reduce(getattr, key.split("."), cfg)
+    if key == "data.streams":  # where a node caches a stream (local) does not change the order
+        return {name: (s.remote or s.local, s.proportion) for name, s in value.items()}
+    return value
+
+
+def pin_sample_order(cfg: TrainConfig, saved: Optional[TrainConfig]) -> TrainConfig:
+    """`cfg` with num_canonical_nodes and shuffle_block_size fixed: those the run started with when
+    it resumes (`saved`: its config.yaml), else the node count now (as streaming would pick) and
+    streaming's block size for it. A resume that would change the sample order fails naming the key."""
+    data = cfg.data
+    if saved is None:
+        nodes = data.num_canonical_nodes or max(1, dist.get_world_size() // dist.get_local_world_size())
+        block = data.shuffle_block_size or max(4_000_000 // nodes, 1 << 18)  # streaming's default
+        return dataclasses.replace(cfg, data=dataclasses.replace(data, num_canonical_nodes=nodes, shuffle_block_size=block))
+    pinned = {key.split(".")[1]: getattr(data, key.split(".")[1]) or _sample_order_value(saved, key) for key in PINNED_AT_FIRST_START}
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, **pinned))
+    for key in SAMPLE_ORDER_KEYS:
+        now, then = _sample_order_value(cfg, key), _sample_order_value(saved, key)
+        if now != then:
+            raise ConfigError(
+                f"{key}={now} would change the sample order of the run being resumed, which started with "
+                f"{key}={then} (its {CONFIG_FILE} in {cfg.save_folder}). Resume with the same value, or start a new run."
+            )
+    return cfg
+
+
 def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
     """(model config, checkpoint path) for a run folder or a checkpoint. The model is the one
     given, else the one in the config.yaml saved with the run."""
     is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
     if is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE)):  # a run folder
-        saved = _saved_config(load_path)
+        saved = saved_config(load_path)
         return model or saved.model, os.path.join(saved.save_folder, LATEST_CHECKPOINT)
     if model is not None:
         return model, load_path
-    saved = _saved_config(os.path.dirname(load_path.rstrip("/")))
+    saved = saved_config(os.path.dirname(load_path.rstrip("/")))
     if saved is None:
         raise ConfigError(
             f"No model section, and no {CONFIG_FILE} next to {load_path} to read it from: add a `model:` "

@@ -30,6 +30,7 @@ from pipeline.checkpointing import (  # noqa: E402
     CheckpointUploadError,
     build_checkpoint_saver,
     guard_checkpoint_loading,
+    resume_checkpoint,
 )
 from pipeline.augment import build_augment  # noqa: E402
 from pipeline.data import build_dataloader  # noqa: E402
@@ -38,12 +39,13 @@ from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
 from pipeline.parallel import build_parallelism, sharded_gradient_fixes  # noqa: E402
 from pipeline.record import RunRecord  # noqa: E402
-from pipeline.runs import write_run_config  # noqa: E402
+from pipeline.runs import pin_sample_order, saved_config, write_run_config  # noqa: E402
 from pipeline.weights import load_initial_weights  # noqa: E402
 
 
-def build_trainer(cfg: TrainConfig, loggers: list = ()) -> Trainer:
-    """The run's Trainer; its record (pipeline/record.py) and the config's loggers are added to `loggers`."""
+def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None = None) -> Trainer:
+    """The run's Trainer, resuming from `resume_path` if given; its record (pipeline/record.py) and
+    the config's loggers are added to `loggers`."""
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
     guard_checkpoint_loading(cfg.trust_checkpoints)
@@ -77,8 +79,7 @@ def build_trainer(cfg: TrainConfig, loggers: list = ()) -> Trainer:
         loggers=[RunRecord(cfg), *build_loggers(cfg.loggers, cfg.run_name), *loggers],
         compile_config=cfg.compile_config,
         run_name=cfg.run_name,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
+        load_path=resume_path or cfg.load_path,
         seed=cfg.seed,
         deterministic_mode=cfg.deterministic,
         progress_bar=cfg.progress_bar,
@@ -91,7 +92,11 @@ def main(argv: list) -> None:
         sys.exit(__doc__)
     cfg = load(TrainConfig, argv[0], argv[1:])
     try:
-        trainer = build_trainer(cfg)
+        # autoresume: the newest whole checkpoint this run wrote, on whatever world size runs now,
+        # and the sample order the run started with (a change to it fails here, naming the key).
+        resume_path = resume_checkpoint(cfg.save_folder) if cfg.autoresume else None
+        cfg = pin_sample_order(cfg, saved_config(cfg.save_folder) if resume_path else None)
+        trainer = build_trainer(cfg, resume_path=resume_path)
         if already_complete(trainer, cfg):  # a scheduler retrying a finished job
             print(f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
                   f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do.")  # fmt: skip
@@ -109,6 +114,8 @@ def main(argv: list) -> None:
     except CheckpointError as err:
         source = cfg.load_path or f"the latest checkpoint under {cfg.save_folder}"
         sys.exit(f"Refusing to resume from {source}: {err}")
+    except ConfigError as err:  # a resume that would change the run's sample order
+        sys.exit(f"ConfigError: {err}")
     except LossSpikeError as err:
         sys.exit(f"Stopped by the loss guard: {err}")
     trainer.close()
