@@ -39,12 +39,14 @@ from urllib.parse import urlparse
 import boto3
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from botocore.exceptions import BotoCoreError, ClientError
 from composer.callbacks import CheckpointSaver
-from composer.utils import dist, parse_uri
+from composer.utils import dist, get_file, parse_uri
 # numpy has no public name for the function it pickles arrays with; tests/test_layout.py fails
 # loudly if numpy stops pickling with this one.
 from numpy._core.multiarray import _reconstruct
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.torch_version import TorchVersion
 
 from pipeline.paths import is_remote
@@ -365,3 +367,44 @@ def guard_checkpoint_loading(trust: bool) -> None:
     """Make Composer check every checkpoint with `validate_checkpoint` before it loads one."""
     os.environ["CHECKPOINT_VALIDATION_FUNCTION"] = f"{__name__}.validate_checkpoint"
     os.environ[TRUST_ENV] = "1" if trust else "0"
+
+
+MODEL_KEYS = "state.model."  # where a Composer checkpoint keeps the model (DCP flattens nested keys with dots)
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """A sharded checkpoint's folder (it holds DCP's .metadata), local or in an S3 bucket."""
+    if is_remote(path) and not path.startswith("s3://"):
+        return False
+    folder, name = SaveFolder(os.path.dirname(path.rstrip("/"))), os.path.basename(path.rstrip("/"))
+    return folder.read(f"{name}/{DCP_METADATA}") is not None
+
+
+def read_checkpoint_model(path: str, trust: bool = False) -> dict:
+    """The Composer model state ({key: tensor}) of a checkpoint, local or remote: a full checkpoint
+    file, or a sharded checkpoint's folder gathered on this one process. A sharded one must be signed
+    by the key of the save folder it sits in (a copy that is corrupt, half-uploaded or mixed from
+    several saves is refused) unless `trust`."""
+    folder, name = SaveFolder(os.path.dirname(path.rstrip("/"))), os.path.basename(path.rstrip("/"))
+    if not is_sharded_checkpoint(path):
+        if not is_remote(path):
+            return read_checkpoint(path, trust)["state"]["model"]
+        with tempfile.TemporaryDirectory() as staging:
+            get_file(path, os.path.join(staging, name))
+            return read_checkpoint(os.path.join(staging, name), trust)["state"]["model"]
+    signed = None if trust else folder.signed_files(name, folder.run_key())
+    if signed is None and not trust:
+        raise CheckpointError(f"{folder.path(name)} has no {MANIFEST}: its save did not finish")
+    with tempfile.TemporaryDirectory() as staging:
+        local = os.path.join(folder.folder, name) if not folder.remote else staging
+        for file in folder.shard_files(name) if folder.remote else []:
+            folder.client.download_file(folder.bucket, f"{folder.prefix}/{name}/{file}", os.path.join(staging, file))
+        for file, digest in (signed or {}).items():
+            if file_digest(os.path.join(local, file)) != digest:
+                raise CheckpointError(f"{folder.path(name)}/{file} does not match the digest its run signed for it")
+        reader = dcp.FileSystemReader(local)
+        model = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in reader.read_metadata().state_dict_metadata.items()
+                 if key.startswith(MODEL_KEYS) and isinstance(meta, TensorStorageMetadata)}  # fmt: skip
+        dcp.load(model, storage_reader=reader, no_dist=True)
+        return {key.removeprefix(MODEL_KEYS): value for key, value in model.items()}

@@ -18,19 +18,17 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
 from composer.core import DataSpec, Evaluator
-from composer.utils import get_file, reproducibility
+from composer.utils import reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
 
-from pipeline.checkpointing import CheckpointError, read_checkpoint
+from pipeline.checkpointing import CheckpointError, read_checkpoint_model
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.images import decode_rgb
 from pipeline.model import build_clip, encode
-from pipeline.paths import is_remote
 from pipeline.runs import resolve_run
 from pipeline.tables import align_columns
 from pipeline.towers import install_patch_dropout
@@ -142,14 +140,9 @@ def build_evaluators(datasets: dict, image_transform, tokenizer, num_workers: in
 
 
 def read_model_weights(path: str, trust: bool) -> dict:
-    """The open_clip weights in a (local or remote) Composer checkpoint, loaded safely."""
-    if is_remote(path):  # s3://, gs://, https://...: Composer fetches it
-        with tempfile.TemporaryDirectory() as folder:
-            local = os.path.join(folder, os.path.basename(path))
-            get_file(path, local)
-            return read_model_weights(local, trust)
+    """The open_clip weights in a Composer checkpoint (local or remote, full or sharded), loaded safely."""
     try:
-        state = read_checkpoint(path, trust)["state"]["model"]
+        state = read_checkpoint_model(path, trust)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     except (KeyError, TypeError):

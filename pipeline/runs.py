@@ -15,11 +15,11 @@ from typing import Optional
 
 from composer.utils import dist, get_file, maybe_create_object_store_from_uri, parse_uri
 
+from pipeline.checkpointing import resume_checkpoint
 from pipeline.config import ConfigError, ModelConfig, TrainConfig, load, to_yaml
 from pipeline.paths import is_remote
 
 CONFIG_FILE = "config.yaml"
-LATEST_CHECKPOINT = "latest-rank0.pt"
 
 
 def write_run_config(cfg: TrainConfig) -> None:
@@ -96,7 +96,10 @@ def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
     is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
     if is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE)):  # a run folder
         saved = saved_config(load_path)
-        return model or saved.model, os.path.join(saved.save_folder, LATEST_CHECKPOINT)
+        checkpoint = resume_checkpoint(saved.save_folder)
+        if checkpoint is None:
+            raise ConfigError(f"The run in {load_path} has no finished checkpoint in {saved.save_folder} yet")
+        return model or saved.model, checkpoint
     if model is not None:
         return model, load_path
     saved = saved_config(os.path.dirname(load_path.rstrip("/")))

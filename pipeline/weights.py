@@ -22,7 +22,7 @@ from composer.utils import get_file
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from pipeline.checkpointing import CheckpointError, read_checkpoint
+from pipeline.checkpointing import CheckpointError, is_sharded_checkpoint, read_checkpoint, read_checkpoint_model
 from pipeline.config import ConfigError, ModelConfig, WeightsConfig, WeightsLayout
 from pipeline.paths import is_remote
 from pipeline.towers import layout_to_clip, resample_to_fit, tower_of_key
@@ -32,6 +32,11 @@ COMPOSER_MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.
 
 def read_weights(path: str) -> dict:
     """{key: tensor} of a weights file or export folder, local or remote, never unpickling code."""
+    if is_sharded_checkpoint(path):  # a sharded Composer checkpoint, signed by its run
+        try:
+            return _composer_model(read_checkpoint_model(path))
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
     if is_remote(path):
         with tempfile.TemporaryDirectory() as folder:
             local = os.path.join(folder, os.path.basename(path.rstrip("/")))
@@ -46,10 +51,13 @@ def read_weights(path: str) -> dict:
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     if isinstance(data.get("state"), dict) and "model" in data["state"]:  # Composer
-        model = data["state"]["model"]
-        return {k.removeprefix(COMPOSER_MODEL_PREFIX): v for k, v in model.items() if k.startswith(COMPOSER_MODEL_PREFIX)}
+        return _composer_model(data["state"]["model"])
     state = data.get("state_dict", data)  # open_clip's training checkpoints keep it under state_dict
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _composer_model(model: dict) -> dict:
+    return {k.removeprefix(COMPOSER_MODEL_PREFIX): v for k, v in model.items() if k.startswith(COMPOSER_MODEL_PREFIX)}
 
 
 def _matches(key: str, patterns) -> bool:
