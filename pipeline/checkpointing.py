@@ -278,6 +278,7 @@ def resume_checkpoint(save_folder: str) -> Optional[str]:
             return folder.path(name)
         files = folder.signed_files(name, folder.run_key())
         if files is not None:
+            _signed_digests.clear()
             _signed_digests.update(files)
             return folder.path(name)
         print(f"Skipping {folder.path(name)}: it has no {MANIFEST}, so its save did not finish.", file=sys.stderr)

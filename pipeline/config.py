@@ -343,9 +343,12 @@ class ParallelismConfig:
     sharding: Sharding = Sharding.ddp
     fsdp_version: int = 2  # FSDP2 runs on CPU (gloo) and GPU; FSDP1 needs CUDA
     state_dict_type: StateDictType = StateDictType.full
+    # HYBRID_SHARD: the ranks each replica is sharded over; None: one node's ranks.
+    shard_size: Optional[int] = None
 
     def __post_init__(self):
         check(self.fsdp_version in (1, 2), f"parallelism.fsdp_version must be 1 or 2, got {self.fsdp_version}")
+        check(self.shard_size is None or self.shard_size > 0, f"parallelism.shard_size must be > 0, got {self.shard_size}")
 
 
 class EvalTask(Enum):

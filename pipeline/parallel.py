@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
-from pipeline.config import ConfigError, Device, ParallelismConfig, Sharding
-
-
-class GlooShardedGradientMean(Algorithm):
-    """FSDP2 reduce-scatters gradients with ReduceOp.AVG; gloo (the CPU backend) sums instead, so on
-    CPU every sharded gradient arrives world_size times too large (measured: exactly 2x on 2 ranks;
-    tests/test_parallel.py compares each mode with DDP). Divides them once per batch, after the
-    micro-batches' gradients are summed and before clipping and the optimizer step. NCCL averages
-    correctly and is left alone."""
-
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.AFTER_TRAIN_BATCH and torch.distributed.get_backend() == "gloo"
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        for param in state.model.parameters():
-            if param.grad is not None and isinstance(param.grad, DTensor):
-                param.grad.div_(dist.get_world_size())
+from pipeline.config import ConfigError, ParallelismConfig, Sharding
 
 
-def sharded_gradient_fixes(cfg: ParallelismConfig) -> list:
-    """Algorithms that must run first at AFTER_TRAIN_BATCH for this parallelism."""
-    return [GlooShardedGradientMean()] if cfg.sharding != Sharding.ddp and cfg.fsdp_version == 2 else []
+def _divide_after_summing_on_gloo(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
+    """FSDP2 averages gradients with ReduceOp.AVG, which gloo (the CPU backend) silently treats as a
+    sum in reduce-scatter (gradients world_size times too large, measured) and refuses in HSDP's
+    all-reduce. On gloo, sum and divide by the data-parallel size instead, as FSDP2 itself does
+    for fp16 (tests/test_parallel.py compares every mode with DDP). NCCL is left alone."""
+    factors = _fsdp_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
+    if factors != (None, None) or torch.distributed.get_backend(reduce_scatter_group) != "gloo":
+        return factors
+    replicas = all_reduce_group.size() if all_reduce_group is not None else 1
+    return 1.0, float(reduce_scatter_group.size() * replicas)
 
 
-def build_parallelism(cfg: ParallelismConfig, device: Device) -> Optional[dict]:
+# torch 2.7's FSDP2 asks this private function how to average; tests/test_layout.py fails loudly if it goes.
+_fsdp_divide_factors = _fsdp_collectives._get_gradient_divide_factors
+_fsdp_collectives._get_gradient_divide_factors = _divide_after_summing_on_gloo
+
+
+@dataclass
+class HybridShardConfig(FSDP2Config):
+    """FSDP2 over a 2-D (replicate, shard) mesh. Composer builds the mesh from these two degrees,
+    named so that its checkpointing saves from the first replica only and loads once per replica;
+    a 2-D `device_mesh` given to a plain FSDP2Config is replaced by a 1-D one (full sharding)."""
+
+    replicas: int = 1
+
+    @property
+    def data_parallel_replicate_degree(self) -> Optional[int]:
+        return self.replicas
+
+    @property
+    def data_parallel_shard_degree(self) -> int:
+        return -1  # the rest of the world
+
+
+def build_parallelism(cfg: ParallelismConfig) -> Optional[dict]:
     """None for DDP (Composer wraps the model itself when there is more than one rank)."""
     if cfg.sharding == Sharding.ddp:
         return None
@@ -45,18 +56,17 @@ def build_parallelism(cfg: ParallelismConfig, device: Device) -> Optional[dict]:
         if not torch.cuda.is_available():
             raise ConfigError("parallelism.fsdp_version=1 needs CUDA; FSDP2 (fsdp_version=2) also runs on CPU")
         return {"fsdp": {"sharding_strategy": cfg.sharding.value, "state_dict_type": state_dict_type}}
-    mesh = None
-    if cfg.sharding == Sharding.HYBRID_SHARD:
-        # Replicate across nodes, shard within a node.
-        dist.initialize_dist(device.value)
-        nodes, per_node = dist.get_world_size() // dist.get_local_world_size(), dist.get_local_world_size()
-        mesh_device = "cuda" if device == Device.gpu else "cpu"
-        mesh = init_device_mesh(mesh_device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
-    return {
-        "fsdp": FSDP2Config(
-            device_mesh=mesh,
-            # SHARD_GRAD_OP keeps parameters gathered between forward and backward (ZeRO-2-like).
-            reshard_after_forward=cfg.sharding != Sharding.SHARD_GRAD_OP,
-            state_dict_type=state_dict_type,
+    # SHARD_GRAD_OP keeps parameters gathered between forward and backward (ZeRO-2-like).
+    options = {"reshard_after_forward": cfg.sharding != Sharding.SHARD_GRAD_OP, "state_dict_type": state_dict_type}
+    if cfg.sharding != Sharding.HYBRID_SHARD:
+        return {"fsdp": FSDP2Config(**options)}
+    # Shard within a node (or within shard_size ranks), replicate across them.
+    world, shard_size = dist.get_world_size(), cfg.shard_size or dist.get_local_world_size()
+    if world % shard_size:
+        raise ConfigError(f"parallelism.shard_size={shard_size} does not divide the world size {world}")
+    if world > shard_size and not torch.cuda.is_available():
+        raise ConfigError(
+            f"parallelism.sharding=HYBRID_SHARD with {world // shard_size} replicas needs GPUs: torch 2.7's FSDP2 "
+            f"cannot all-reduce across replicas on CPU. On CPU use FULL_SHARD, or parallelism.shard_size={world}."
         )
-    }
+    return {"fsdp": HybridShardConfig(replicas=world // shard_size, **options)}

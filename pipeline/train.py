@@ -37,7 +37,7 @@ from pipeline.data import build_dataloader  # noqa: E402
 from pipeline.eval import build_evaluators  # noqa: E402
 from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.parallel import build_parallelism, sharded_gradient_fixes  # noqa: E402
+from pipeline.parallel import build_parallelism  # noqa: E402
 from pipeline.record import RunRecord  # noqa: E402
 from pipeline.runs import pin_sample_order, saved_config, write_run_config  # noqa: E402
 from pipeline.weights import load_initial_weights  # noqa: E402
@@ -64,10 +64,10 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
         **({"eval_dataloader": evaluators, "eval_interval": cfg.eval_interval} if evaluators else {}),
         optimizers=build_optimizer(model, cfg.optimizer, cfg.data.global_batch_size),
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f),
-        algorithms=[*sharded_gradient_fixes(cfg.parallelism), *build_algorithms(cfg.algorithms, cfg.seed, tokenizer)],
+        algorithms=build_algorithms(cfg.algorithms, cfg.seed, tokenizer),
         max_duration=cfg.max_duration,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config=build_parallelism(cfg.parallelism, device),
+        parallelism_config=build_parallelism(cfg.parallelism),
         device=device.value,
         precision=precision.value,
         callbacks=[

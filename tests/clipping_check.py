@@ -23,7 +23,7 @@ def main(out: str, sharding: str) -> None:
     norms = {}
     for name, algorithms in (("raw", []), ("clipped", [GradientClipping("norm", 0.05)])):
         capture = GradCapture()
-        parallelism = build_parallelism(ParallelismConfig(sharding=Sharding(sharding)), "cpu")
+        parallelism = build_parallelism(ParallelismConfig(sharding=Sharding(sharding)))
         make_trainer(tiny_model(), batch_size=16, device_train_microbatch_size=4, max_duration="1ba", callbacks=[capture],
                      algorithms=algorithms, parallelism_config=parallelism).fit()  # fmt: skip
         norms[name] = global_norm(capture.grads[0])

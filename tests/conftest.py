@@ -50,6 +50,11 @@ def demo_model():
     return load(TrainConfig, DEMO_YAML).model
 
 
+# A small model keeps each checkpoint (weights + Adam state) a few MB.
+SMALL_MODEL = ["model.custom.embed_dim=32", "model.custom.vision_cfg.width=32", "model.custom.vision_cfg.layers=2",
+               "model.custom.text_cfg.width=32", "model.custom.text_cfg.heads=2", "model.custom.text_cfg.layers=2"]  # fmt: skip
+
+
 def train_overrides(cfg, run_dir: str, *extra: str) -> list:
     """Demo recipe on the test shards, small and quick."""
     return [

@@ -1,4 +1,5 @@
-"""Run under `composer -n 2`: 3 batches of the tiny CLIP under one parallelism mode (argv[2]).
+"""Run under `composer -n 2`: 3 batches of the tiny CLIP under one parallelism mode (argv[2]), with
+HYBRID_SHARD's shard size (argv[3], optional).
 
 Writes (rank 0) {"losses": [...], "local": parameters held by this rank, "total": all parameters}.
 """
@@ -9,18 +10,17 @@ import torch
 from composer.loggers import InMemoryLogger
 from composer.utils import dist
 
-from pipeline.config import Device, ParallelismConfig, Sharding
-from pipeline.parallel import build_parallelism, sharded_gradient_fixes
+from pipeline.config import ParallelismConfig, Sharding
+from pipeline.parallel import build_parallelism
 from tests.tiny import make_trainer, tiny_model
 
 
-def main(out: str, sharding: str) -> None:
+def main(out: str, sharding: str, shard_size: str = "") -> None:
     log = InMemoryLogger()
-    cfg = ParallelismConfig(sharding=Sharding(sharding))
+    cfg = ParallelismConfig(sharding=Sharding(sharding), shard_size=int(shard_size) if shard_size else None)
     model = tiny_model()
     total = sum(p.numel() for p in model.parameters())
-    trainer = make_trainer(model, batch_size=8, max_duration="3ba", loggers=[log], parallelism_config=build_parallelism(cfg, Device.cpu),
-                           algorithms=sharded_gradient_fixes(cfg))  # as train.py adds them  # fmt: skip
+    trainer = make_trainer(model, batch_size=8, max_duration="3ba", loggers=[log], parallelism_config=build_parallelism(cfg))  # fmt: skip
     trainer.fit()
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.state.model.parameters())
     losses = [float(v) for _, v in log.data["loss/train/total"]]
@@ -29,4 +29,4 @@ def main(out: str, sharding: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

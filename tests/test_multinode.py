@@ -1,4 +1,5 @@
-"""Two "nodes" on one machine: two composer launchers, one rank each, one job (HYBRID_SHARD).
+"""Two "nodes" on one machine: two composer launchers, one rank each, one job; killed, and
+resumed on the one node left from the sharded checkpoint both wrote to the bucket.
 
 Real nodes each have their own /dev/shm, where streaming keeps its per-node shared memory; here
 each launcher gets a private one through a mount namespace (`unshare -m`, needs root).
@@ -6,12 +7,16 @@ each launcher gets a private one through a mount namespace (`unshare -m`, needs 
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
-from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
+from pipeline.config import TrainConfig, load
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train, train_overrides
 from tests.s3server import free_ports
+from tests.test_elastic import latest_names
 
 
 def own_dev_shm() -> list:
@@ -23,11 +28,12 @@ def own_dev_shm() -> list:
 
 
 @pytest.mark.slow
-def test_two_launchers_form_one_hybrid_sharded_job(sample_build, tmp_path):
+def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    overrides = train_overrides(cfg, run_dir, "max_duration=3ba", "data.global_batch_size=32",
-                                "parallelism.sharding=HYBRID_SHARD", "save_interval=3ba")  # fmt: skip
+    overrides = train_overrides(cfg, run_dir, "max_duration=6ba", "data.global_batch_size=32", "save_interval=2ba",
+                                "parallelism.sharding=FULL_SHARD", "parallelism.state_dict_type=sharded",
+                                f"save_folder=s3://{s3_bucket}/run", "autoresume=true", "loggers.console.log_interval=1ba")  # fmt: skip
     port = free_ports(1)[0]
     node = own_dev_shm()
     launchers = []
@@ -35,11 +41,24 @@ def test_two_launchers_form_one_hybrid_sharded_job(sample_build, tmp_path):
         command = [*node, *COMPOSER, "--world_size", "2", "--nproc", "1", "--node_rank", str(node_rank),
                    "--master_addr", "127.0.0.1", "--master_port", str(port),
                    os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]  # fmt: skip
-        launchers.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [proc.communicate(timeout=300)[0] for proc in launchers]
-    assert [proc.returncode for proc in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        log = open(tmp_path / f"node{node_rank}.log", "w")
+        launchers.append(subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.time() + 300
+    while latest_names(s3, s3_bucket, "run") != "ep0-ba4":
+        assert all(proc.poll() is None for proc in launchers), (tmp_path / "node0.log").read_text()[-3000:]
+        assert time.time() < deadline, "`latest` never named ep0-ba4"
+        time.sleep(0.2)
+    for proc in launchers:  # both nodes lost
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Both ranks wrote their shard of the batch-4 checkpoint.
+    assert {f"run/ep0-ba4/__{rank}_0.distcp" for rank in (0, 1)} <= set(s3.list_keys(s3_bucket, "run/"))
+
+    proc = run_train(PYTHON, overrides)  # the same command on the one node left
+    output = proc.stdout + proc.stderr
+    assert "[batch=5/6]" in output and "[batch=4/6]" not in output
     with open(run_dir / "summary.json") as f:
         summary = json.load(f)
-    assert summary["world_size"] == 2 and summary["samples"] == 3 * 32
-    # Rank 0 wrote one full (gathered) checkpoint.
-    assert "ep0-ba3-rank0.pt" in os.listdir(run_dir / "checkpoints")
+    assert summary["world_size"] == 1 and summary["samples"] == 6 * 32
+    # The sample order was pinned on the two nodes of the first start.
+    assert load(TrainConfig, str(run_dir / "config.yaml")).data.num_canonical_nodes == 2

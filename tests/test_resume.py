@@ -13,13 +13,10 @@ import torch
 
 from pipeline.checkpointing import read_checkpoint
 from pipeline.runs import resolve_run
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train, train_overrides
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
 
 pytestmark = pytest.mark.slow
 MAX_BATCHES = 8
-# A small model keeps each checkpoint (weights + Adam state) a few MB.
-SMALL_MODEL = ["model.custom.embed_dim=32", "model.custom.vision_cfg.width=32", "model.custom.vision_cfg.layers=2",
-               "model.custom.text_cfg.width=32", "model.custom.text_cfg.heads=2", "model.custom.text_cfg.layers=2"]  # fmt: skip
 
 
 def resumable(cfg, tmp_path, name: str, save_folder: str, *extra: str) -> list:

@@ -1,0 +1,245 @@
+"""Runs that outlive their nodes: the same config gives the same batches and losses on 1, 2 or 4
+ranks; FSDP2 sharded checkpoints in a bucket autoresume after kill -9, on the same world size
+(bit for bit) or another one; checkpoints the run did not sign are refused."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from pipeline.checkpointing import (
+    CheckpointError,
+    read_checkpoint_model,
+    resume_checkpoint,
+    validate_checkpoint,
+)
+from pipeline.config import ConfigError, TrainConfig, load
+from pipeline.record import read_metrics
+from pipeline.runs import pin_sample_order
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
+
+BATCHES = 20
+SAVED_RUN_BATCHES = 8
+MASKING = ["algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=0.25"]
+
+
+def elastic(cfg, run_dir, *extra: str) -> list:
+    """The demo recipe, small, with patch and text masking, global batch 16."""
+    return train_overrides(cfg, run_dir, "data.global_batch_size=16", "scheduler.warmup=2ba", "deterministic=true",
+                           "loggers.console.log_interval=1ba", *MASKING, *SMALL_MODEL, *extra)  # fmt: skip
+
+
+def per_batch(run_dir, metric: str) -> list:
+    return [value for _, name, value in read_metrics(os.path.join(run_dir, "metrics.csv")) if name == metric]
+
+
+def launcher(ranks: int) -> list:
+    return PYTHON if ranks == 1 else [*COMPOSER, "-n", str(ranks)]
+
+
+# ---------------------------------------------------------------------------
+# The same config on any world size
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank(sample_build, tmp_path_factory):
+    """The reference: one rank, the global batch of 16 as 4 micro-batches of 4."""
+    cfg, _ = sample_build
+    run_dir = tmp_path_factory.mktemp("world") / "1rank"
+    run_train(PYTHON, elastic(cfg, run_dir, f"max_duration={BATCHES}ba", "device_train_microbatch_size=4"))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("sharding", ["ddp", "FULL_SHARD", "HYBRID_SHARD"])
+def test_same_batches_and_losses_on_any_number_of_ranks(sample_build, one_rank, tmp_path, sharding, ranks):
+    cfg, _ = sample_build
+    run_train(launcher(ranks), elastic(cfg, tmp_path, f"max_duration={BATCHES}ba", f"parallelism.sharding={sharding}"))
+    hashes, reference_hashes = per_batch(tmp_path, "data/sample_hash"), per_batch(one_rank, "data/sample_hash")
+    assert len(hashes) == BATCHES and len(set(hashes)) == BATCHES  # a new global batch every step
+    assert hashes == reference_hashes  # the very same samples in every global batch
+    losses, reference = per_batch(tmp_path, "loss/train/total"), per_batch(one_rank, "loss/train/total")
+    assert len(losses) == BATCHES
+    assert losses == pytest.approx(reference, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Sharded checkpoints in the bucket: kill -9, autoresume
+# ---------------------------------------------------------------------------
+
+
+def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
+    """As the recipes run: FSDP2 (one replica here: HSDP's replication needs GPUs), sharded
+    checkpoints in the bucket every 2 batches, autoresume; no trust_checkpoints."""
+    return elastic(cfg, run_dir, f"max_duration={SAVED_RUN_BATCHES}ba", "parallelism.sharding=HYBRID_SHARD",
+                   "parallelism.state_dict_type=sharded", f"save_folder={save_folder}", "save_interval=2ba",
+                   "autoresume=true", *extra)  # fmt: skip
+
+
+def latest_names(s3, bucket: str, prefix: str) -> str:
+    try:
+        body = s3.client().get_object(Bucket=bucket, Key=f"{prefix}/latest-rank0.pt.symlink")["Body"].read()
+    except s3.client().exceptions.NoSuchKey:
+        return ""
+    return body.decode().strip().rsplit("/", 1)[-1]
+
+
+def kill_once_latest_names(s3, bucket: str, prefix: str, checkpoint: str, command: list, log_path) -> None:
+    """Start `command`, SIGKILL its whole process group once the bucket's `latest` names `checkpoint`."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while latest_names(s3, bucket, prefix) != checkpoint:
+            assert proc.poll() is None, f"training ended before `latest` named {checkpoint}: {open(log_path).read()[-3000:]}"
+            assert time.time() < deadline, f"`latest` never named {checkpoint}"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def train_command(ranks: int, overrides: list) -> list:
+    return [*launcher(ranks), os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sample_build, s3_server, tmp_path_factory):
+    """(bucket, run folder) of a 2-rank sharded run that was never interrupted."""
+    cfg, _ = sample_build
+    env = s3_server.env()
+    bucket = s3_server.make_bucket()
+    run_dir = tmp_path_factory.mktemp("sharded") / "whole"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        run_train(launcher(2), sharded(cfg, run_dir, f"s3://{bucket}/whole"))
+    return bucket, run_dir
+
+
+@pytest.mark.slow
+def test_sharded_run_in_the_bucket_killed_and_autoresumed_ends_bit_for_bit_equal(sample_build, s3, uninterrupted, tmp_path):
+    cfg, _ = sample_build
+    bucket, whole = uninterrupted
+    keys = s3.list_keys(bucket, "whole/")
+    # Each rank wrote its own shard, rank 0 the metadata and the signed manifest; the run's key and config beside.
+    assert {f"whole/ep0-ba{SAVED_RUN_BATCHES}/{name}" for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json")} <= set(keys)
+    assert {"whole/checkpoints.key", "whole/config.yaml"} <= set(keys)
+    overrides = sharded(cfg, tmp_path / "killed", f"s3://{bucket}/killed")
+    kill_once_latest_names(s3, bucket, "killed", "ep0-ba4", train_command(2, overrides), tmp_path / "killed.log")
+    proc = run_train(launcher(2), overrides)  # the same command again
+    assert "[batch=5/8]" in proc.stdout + proc.stderr and "[batch=4/8]" not in proc.stdout + proc.stderr
+    expected = read_checkpoint_model(f"s3://{bucket}/whole/ep0-ba{SAVED_RUN_BATCHES}")
+    actual = read_checkpoint_model(f"s3://{bucket}/killed/ep0-ba{SAVED_RUN_BATCHES}")
+    assert actual.keys() == expected.keys() and len(expected) > 10
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name  # bitwise
+    # The record covers every batch once; the sample hashes match the uninterrupted run's.
+    assert per_batch(tmp_path / "killed", "data/sample_hash") == per_batch(whole, "data/sample_hash")
+
+
+@pytest.mark.slow
+def test_killed_on_2_ranks_resumed_on_4_then_on_1_follows_the_same_losses(sample_build, s3, uninterrupted, tmp_path):
+    cfg, _ = sample_build
+    bucket, whole = uninterrupted
+    overrides = sharded(cfg, tmp_path / "elastic", f"s3://{bucket}/elastic")
+    kill_once_latest_names(s3, bucket, "elastic", "ep0-ba4", train_command(2, overrides), tmp_path / "on2.log")
+    kill_once_latest_names(s3, bucket, "elastic", "ep0-ba6", train_command(4, overrides), tmp_path / "on4.log")
+    run_train(launcher(1), overrides)
+    assert per_batch(tmp_path / "elastic", "data/sample_hash") == per_batch(whole, "data/sample_hash")
+    losses, expected = per_batch(tmp_path / "elastic", "loss/train/total"), per_batch(whole, "loss/train/total")
+    assert len(losses) == SAVED_RUN_BATCHES
+    assert losses == pytest.approx(expected, rel=1e-5)
+    # The run's config pinned the sample order at its first start (one node then).
+    saved = load(TrainConfig, str(tmp_path / "elastic" / "config.yaml"))
+    assert saved.data.num_canonical_nodes == 1 and saved.data.shuffle_block_size == 4_000_000
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints the run did not write, or did not finish
+# ---------------------------------------------------------------------------
+
+
+def copy_prefix(s3, bucket: str, source: str, target: str) -> None:
+    client = s3.client()
+    for key in s3.list_keys(bucket, f"{source}/"):
+        client.copy_object(Bucket=bucket, Key=f"{target}/{key[len(source) + 1:]}", CopySource={"Bucket": bucket, "Key": key})
+
+
+@pytest.mark.slow
+def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninterrupted, tmp_path, capsys, monkeypatch):
+    bucket, _ = uninterrupted
+    client, last = s3.client(), f"ep0-ba{SAVED_RUN_BATCHES}"
+    monkeypatch.setenv("CLIPSTREAM_TRUST_CHECKPOINTS", "0")
+
+    copy_prefix(s3, bucket, "whole", "unfinished")  # killed between the shards and the manifest
+    client.delete_object(Bucket=bucket, Key=f"unfinished/{last}/manifest.json")
+    assert resume_checkpoint(f"s3://{bucket}/unfinished") == f"s3://{bucket}/unfinished/ep0-ba6"
+    assert f"Skipping s3://{bucket}/unfinished/{last}: it has no manifest.json" in capsys.readouterr().err
+
+    copy_prefix(s3, bucket, "whole", "missing")  # one rank's shard lost
+    client.delete_object(Bucket=bucket, Key=f"missing/{last}/__1_0.distcp")
+    with pytest.raises(CheckpointError, match=rf"missing/{last}/__1_0.distcp is missing"):
+        resume_checkpoint(f"s3://{bucket}/missing")
+
+    copy_prefix(s3, bucket, "whole", "foreign")  # put there by another run (its own key)
+    client.put_object(Bucket=bucket, Key="foreign/checkpoints.key", Body=os.urandom(32))
+    with pytest.raises(CheckpointError, match=rf"foreign/{last}/manifest.json is not signed by this run's key"):
+        resume_checkpoint(f"s3://{bucket}/foreign")
+
+    # A shard replaced after signing: refused before torch.distributed.checkpoint unpickles it.
+    assert resume_checkpoint(f"s3://{bucket}/whole") == f"s3://{bucket}/whole/{last}"  # trusts its signed digests
+    shard = tmp_path / "__0_0.distcp"
+    client.download_file(bucket, f"whole/{last}/__1_0.distcp", str(shard))  # another rank's (signed) bytes
+    with pytest.raises(CheckpointError, match="does not match the digest its run signed"):
+        validate_checkpoint(shard, specs=[(0, 10)])
+    client.download_file(bucket, f"whole/{last}/__0_0.distcp", str(shard))
+    assert validate_checkpoint(shard, specs=[(0, 10)])
+    unsigned = tmp_path / "unsigned" / "__7_0.distcp"
+    unsigned.parent.mkdir()
+    unsigned.write_bytes(shard.read_bytes())
+    with pytest.raises(CheckpointError, match="this run did not sign it"):
+        validate_checkpoint(unsigned, specs=[(0, 10)])
+
+
+@pytest.mark.slow
+def test_eval_and_weights_read_a_sharded_checkpoint_only_when_signed(s3, uninterrupted):
+    bucket, _ = uninterrupted
+    weights = read_checkpoint_model(f"s3://{bucket}/whole/ep0-ba{SAVED_RUN_BATCHES}")
+    assert weights["clip.logit_scale"].shape == (1,) and all(key.startswith("clip.") for key in weights)
+    s3.client().put_object(Bucket=bucket, Key="whole-copy/checkpoints.key", Body=os.urandom(32))
+    copy_prefix(s3, bucket, f"whole/ep0-ba{SAVED_RUN_BATCHES}", "whole-copy/ep0-ba8")
+    with pytest.raises(CheckpointError, match="not signed by this run's key"):
+        read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba8")
+    assert read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba8", trust=True).keys() == weights.keys()
+
+
+# ---------------------------------------------------------------------------
+# The sample order is pinned at the first start
+# ---------------------------------------------------------------------------
+
+
+def test_sample_order_is_pinned_at_the_first_start_and_a_resume_may_not_change_it(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    first = pin_sample_order(load(TrainConfig, DEMO_YAML), saved=None)
+    assert first.data.num_canonical_nodes == 2  # the nodes at the first start, as streaming picks
+    assert first.data.shuffle_block_size == 2_000_000  # streaming's default for 2 canonical nodes
+    monkeypatch.setenv("WORLD_SIZE", "8")  # resumed on one node: the run's own values, from its config
+    resumed = pin_sample_order(load(TrainConfig, DEMO_YAML), saved=first)
+    assert resumed.data.num_canonical_nodes == 2 and resumed.data.shuffle_block_size == 2_000_000
+    assert pin_sample_order(load(TrainConfig, DEMO_YAML, ["max_duration=900ba", "data.num_workers=4"]), saved=first)
+    changes = {"data.global_batch_size=64": "data.global_batch_size", "seed=3": "seed",
+               "data.num_canonical_nodes=4": "data.num_canonical_nodes", "data.streams.web.proportion=0.9": "data.streams"}  # fmt: skip
+    for override, key in changes.items():
+        with pytest.raises(ConfigError, match=rf"^{key}=.* would change the sample order of the run being resumed"):
+            pin_sample_order(load(TrainConfig, DEMO_YAML, [override]), saved=first)
+    remote = ["data.streams.web.remote=s3://bucket/web"]
+    first = pin_sample_order(load(TrainConfig, DEMO_YAML, remote), saved=None)
+    # Where a node caches a remote stream does not change the order.
+    assert pin_sample_order(load(TrainConfig, DEMO_YAML, [*remote, "data.streams.web.local=/elsewhere"]), saved=first)
+    with pytest.raises(ConfigError, match=r"^data.streams="):
+        pin_sample_order(load(TrainConfig, DEMO_YAML, ["data.streams.web.remote=s3://bucket/other"]), saved=first)
