@@ -3,6 +3,7 @@
     python bench/throughput.py                      # CPU, a ViT-Ti/16-sized CLIP at 224 px
     python bench/throughput.py --model ViT-B-16 --device gpu --precision amp_bf16 --batch 128
     python bench/throughput.py --peer --batch 64 --steps 12   # against open_clip_train.main
+    python bench/throughput.py --peer --model ViT-B-16 --device gpu --precision amp_bf16 --batch 256  # + MFU
 
 Each configuration trains in a fresh subprocess (same model, same synthetic batches) through
 the real Composer Trainer with the algorithms switched on; the first batches are warm-up.
@@ -10,7 +11,7 @@ Prints a markdown table of samples/s and peak memory, with ratios against unmask
 
 `--peer`: the whole training step, loader included, against open_clip's own trainer on the same
 images (the built-in sample's, written out as files for its csv dataset), the same model, batch,
-optimizer and one loader worker each, at masking 0 / 0.5 / 0.75 (its --force-patch-dropout):
+optimizer and loader workers (--workers, 1 by default) each, at masking 0 / 0.5 / 0.75 (its --force-patch-dropout):
 this project's `pipeline/train.py` path (build_trainer) against `open_clip_train.main`.
 """
 
@@ -61,7 +62,7 @@ def measure(args, config: dict) -> dict:
     images = torch.randn(args.batch, 3, size, size)
     texts = torch.randint(1, 49406, (args.batch, 32))
     texts[:, -1] = 49407
-    loader = DataLoader(TensorDataset(images, texts), batch_size=args.batch)
+    loader = DataLoader(TensorDataset(images, texts, torch.arange(args.batch)), batch_size=args.batch)
     algorithms = AlgorithmsConfig(
         patch_masking=PatchMaskingConfig(config["masking"]) if config["masking"] else None,
         flash_attention=config["flash_attention"],
@@ -101,16 +102,17 @@ def measure(args, config: dict) -> dict:
     return {**config, "samples_per_sec": args.batch / seconds, "peak_mib": peak}
 
 
-def sample_images(folder: str, count: int) -> str:
-    """The built-in sample's images as JPEG files and a tab-separated csv (open_clip_train's format)."""
+def sample_images(folder: str, count: int, sources: list) -> str:
+    """The images of MDS streams as JPEG files and a tab-separated csv (open_clip_train's format)."""
     from streaming import StreamingDataset
 
-    streams = [StreamingDataset(local=f"data/sample/{name}", shuffle=False, batch_size=1) for name in ("web", "coco")]
+    streams = [StreamingDataset(local=source, shuffle=False, batch_size=1) for source in sources]
     csv_path = os.path.join(folder, "train.csv")
     with open(csv_path, "w") as f:
         f.write("filepath\ttitle\n")
         for i in range(count):
-            sample = streams[i % 2][i // 2]
+            stream = streams[i % len(streams)]
+            sample = stream[(i // len(streams)) % stream.num_samples]
             path = os.path.join(folder, f"{i:06d}.jpg")
             with open(path, "wb") as image:
                 image.write(sample["image"])
@@ -122,22 +124,24 @@ def sample_images(folder: str, count: int) -> str:
 def measure_peer(args, config: dict) -> dict:
     """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
     folder = tempfile.mkdtemp()
-    csv_path = sample_images(folder, args.batch * args.steps)
+    csv_path = sample_images(folder, args.batch * args.steps, args.source)
     custom = {**VIT_TI, "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
-              "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0}}  # fmt: skip
+              "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0}} if args.model == "vit-ti" else None  # fmt: skip
+    name = "vit-ti-bench" if custom else args.model
     ratio = config["masking"]
     if config["trainer"] == "open_clip_train":
         import open_clip
         from open_clip_train.main import main as open_clip_main
 
-        with open(os.path.join(folder, "vit-ti-bench.json"), "w") as f:
-            json.dump(custom, f)
-        open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
+        if custom:
+            with open(os.path.join(folder, "vit-ti-bench.json"), "w") as f:
+                json.dump(custom, f)
+            open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
         log = os.path.join(folder, "logs")
-        open_clip_main(["--train-data", csv_path, "--dataset-type", "csv", "--model", "vit-ti-bench",
-                        "--batch-size", str(args.batch), "--workers", "1", "--epochs", "1", "--lr", "1e-4",
+        open_clip_main(["--train-data", csv_path, "--dataset-type", "csv", "--model", name,
+                        "--batch-size", str(args.batch), "--workers", str(args.workers), "--epochs", "1", "--lr", "1e-4",
                         "--wd", "0.1", "--warmup", "1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-                        "--precision", "fp32", "--log-every-n-steps", "1", "--logs", log, "--name", "peer",
+                        "--precision", "amp_bf16" if args.precision == "amp_bf16" else "fp32", "--log-every-n-steps", "1", "--logs", log, "--name", "peer",
                         "--save-frequency", "0", "--seed", "0", *(["--force-patch-dropout", str(ratio)] if ratio else [])])  # fmt: skip
         with open(os.path.join(log, "peer", "out.log")) as f:
             steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
@@ -151,10 +155,10 @@ def measure_peer(args, config: dict) -> dict:
     mds = os.path.join(folder, "mds")  # the same files, as an MDS stream
     write_mds(csv_path, mds)
     recipe = {
-        "run_name": "bench", "run_dir": f"{folder}/run", "save_folder": f"{folder}/checkpoints", "device": "cpu",
-        "precision": "fp32", "max_duration": f"{args.steps}ba", "save_interval": "100000ba", "progress_bar": False,
-        "console_log_interval": "100000ba", "model": {"name": "vit-ti-bench", "custom": custom},
-        "data": {"global_batch_size": args.batch, "num_workers": 1, "streams": {"images": {"local": mds}}},
+        "run_name": "bench", "run_dir": f"{folder}/run", "save_folder": f"{folder}/checkpoints", "device": args.device,
+        "precision": args.precision, "max_duration": f"{args.steps}ba", "save_interval": "100000ba", "progress_bar": False,
+        "console_log_interval": "100000ba", "model": {"name": name, "custom": custom},
+        "data": {"global_batch_size": args.batch, "num_workers": args.workers, "streams": {"images": {"local": mds}}},
         "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6},
         "scheduler": {"warmup": "1ba"},
         "algorithms": {"patch_masking": {"ratio": ratio} if ratio else None},
@@ -168,6 +172,8 @@ def measure_peer(args, config: dict) -> dict:
             self.times = []
 
         def batch_end(self, state, logger):
+            if args.device == "gpu":
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
     trainer, timer = build_trainer(cfg), Timer()
@@ -187,13 +193,33 @@ def write_mds(csv_path: str, out: str) -> None:
                 writer.write({"image": image.read(), "caption": caption})
 
 
-def peer_table(results: list[dict]) -> str:
-    lines = ["| masking | open_clip_train samples/s | this project samples/s | this project vs open_clip_train |",
-             "|---|---|---|---|"]  # fmt: skip
+def training_flops_per_sample(model: str, masking: float) -> float:
+    """This project's count (CLIPModel.flops_per_batch: kept patches only, backward = 2x forward)."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import CLIPModel, build_clip
+    from pipeline.towers import install_patch_dropout
+
+    cfg = ModelConfig(name=model)
+    clip = build_clip(cfg)[0].train()
+    if masking:
+        install_patch_dropout(clip, masking, seed=0)
+    context = clip.context_length if hasattr(clip, "context_length") else 77
+    return CLIPModel(clip, cfg).flops_per_batch((torch.empty(1), torch.empty(1, context), None))
+
+
+def peer_table(results: list[dict], args) -> str:
+    mfu = args.device == "gpu" and args.model != "vit-ti"  # of the GPU's dense bf16 peak (--peak-tflops)
+    lines = ["| masking | open_clip_train samples/s | this project samples/s | this project vs open_clip_train |"
+             + (" MFU open_clip_train | MFU this project |" if mfu else ""),
+             "|---|---|---|---|" + ("---|---|" if mfu else "")]  # fmt: skip
     for ratio in sorted({r["masking"] for r in results}):
         peer, ours = (next(r for r in results if r["masking"] == ratio and r["trainer"] == t)["samples_per_sec"]
                       for t in ("open_clip_train", "pipeline"))  # fmt: skip
-        lines.append(f"| {ratio:.2f} | {peer:.1f} | {ours:.1f} | {ours / peer:.2f}x |")
+        row = f"| {ratio:.2f} | {peer:.1f} | {ours:.1f} | {ours / peer:.2f}x |"
+        if mfu:
+            flops = training_flops_per_sample(args.model, ratio) / (args.peak_tflops * 1e12)
+            row += f" {peer * flops:.1%} | {ours * flops:.1%} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -222,6 +248,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--peer", action="store_true", help="against open_clip_train.main, loader included")
+    parser.add_argument("--workers", type=int, default=1, help="--peer: loader workers of each trainer")
+    parser.add_argument("--source", nargs="+", default=["data/sample/web", "data/sample/coco"], help="--peer: MDS streams of images")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="--peer on a GPU: dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args()
     if args.only:
@@ -241,7 +270,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device}; "
           f"{args.steps - args.warmup} timed batches after {args.warmup} warm-up\n")  # fmt: skip
-    print(peer_table(results) if args.peer else table(results))
+    print(peer_table(results, args) if args.peer else table(results))
 
 
 if __name__ == "__main__":

@@ -373,12 +373,21 @@ def guard_checkpoint_loading(trust: bool) -> None:
 MODEL_KEYS = "state.model."  # where a Composer checkpoint keeps the model (DCP flattens nested keys with dots)
 
 
+def _listable(path: str) -> bool:
+    return not is_remote(path) or path.startswith("s3://")
+
+
 def is_sharded_checkpoint(path: str) -> bool:
     """A sharded checkpoint's folder (it holds DCP's .metadata), local or in an S3 bucket."""
-    if is_remote(path) and not path.startswith("s3://"):
+    if not _listable(path):
         return False
     folder, name = SaveFolder(os.path.dirname(path.rstrip("/"))), os.path.basename(path.rstrip("/"))
     return folder.read(f"{name}/{DCP_METADATA}") is not None
+
+
+def is_save_folder(path: str) -> bool:
+    """A run's save folder (it has a `latest` pointer), local or in an S3 bucket."""
+    return _listable(path) and SaveFolder(path.rstrip("/")).latest_batch() is not None
 
 
 def read_checkpoint_model(path: str, trust: bool = False) -> dict:

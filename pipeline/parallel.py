@@ -64,9 +64,12 @@ def build_parallelism(cfg: ParallelismConfig) -> Optional[dict]:
     world, shard_size = dist.get_world_size(), cfg.shard_size or dist.get_local_world_size()
     if world % shard_size:
         raise ConfigError(f"parallelism.shard_size={shard_size} does not divide the world size {world}")
-    if world > shard_size and not torch.cuda.is_available():
+    replicas = world // shard_size
+    if replicas == 1:  # one replica: plain FSDP over the 1-D mesh (a 2-D one of size 1 x n fails on CPU)
+        return {"fsdp": FSDP2Config(**options)}
+    if not torch.cuda.is_available():
         raise ConfigError(
-            f"parallelism.sharding=HYBRID_SHARD with {world // shard_size} replicas needs GPUs: torch 2.7's FSDP2 "
-            f"cannot all-reduce across replicas on CPU. On CPU use FULL_SHARD, or parallelism.shard_size={world}."
+            f"parallelism.sharding=HYBRID_SHARD with {replicas} replicas needs GPUs: torch 2.7's FSDP2 cannot "
+            f"all-reduce across replicas on CPU. On CPU use FULL_SHARD, or parallelism.shard_size={world}."
         )
-    return {"fsdp": HybridShardConfig(replicas=world // shard_size, **options)}
+    return {"fsdp": HybridShardConfig(replicas=replicas, **options)}

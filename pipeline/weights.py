@@ -22,7 +22,14 @@ from composer.utils import get_file
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from pipeline.checkpointing import CheckpointError, is_sharded_checkpoint, read_checkpoint, read_checkpoint_model
+from pipeline.checkpointing import (
+    CheckpointError,
+    is_save_folder,
+    is_sharded_checkpoint,
+    read_checkpoint,
+    read_checkpoint_model,
+    resume_checkpoint,
+)
 from pipeline.config import ConfigError, ModelConfig, WeightsConfig, WeightsLayout
 from pipeline.paths import is_remote
 from pipeline.towers import layout_to_clip, resample_to_fit, tower_of_key
@@ -31,7 +38,10 @@ COMPOSER_MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.
 
 
 def read_weights(path: str) -> dict:
-    """{key: tensor} of a weights file or export folder, local or remote, never unpickling code."""
+    """{key: tensor} of a weights file or export folder, or of a run's newest whole checkpoint (its
+    save folder), local or remote, never unpickling code."""
+    if is_save_folder(path):
+        path = resume_checkpoint(path)
     if is_sharded_checkpoint(path):  # a sharded Composer checkpoint, signed by its run
         try:
             return _composer_model(read_checkpoint_model(path))

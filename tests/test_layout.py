@@ -66,3 +66,28 @@ def test_numpy_still_pickles_arrays_with_the_reconstructor_we_allow():
     names = {arg for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
     reconstruct = checkpointing._reconstruct
     assert f"{reconstruct.__module__} {reconstruct.__name__}" in names
+
+
+def test_torch_still_asks_the_private_function_we_wrap_how_to_average_gradients():
+    """pipeline/parallel.py makes FSDP2 sum then divide on gloo by wrapping this function; if torch
+    renames it or changes its signature, this fails instead of gradients silently going wrong on CPU."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    from pipeline import parallel
+
+    assert _fsdp_collectives._get_gradient_divide_factors is parallel._divide_after_summing_on_gloo
+    assert list(inspect.signature(parallel._fsdp_divide_factors).parameters) == [
+        "reduce_scatter_group", "all_reduce_group", "reduce_dtype", "device_type"]  # fmt: skip
+    assert "_get_gradient_divide_factors(" in inspect.getsource(_fsdp_collectives.foreach_reduce)
+
+
+def test_composer_still_reads_the_hsdp_degrees_from_the_fsdp2_config():
+    """HybridShardConfig gives Composer the mesh degrees through these FSDP2Config properties."""
+    import inspect
+
+    from composer.core import state
+
+    source = inspect.getsource(state._create_device_mesh)
+    assert "data_parallel_replicate_degree" in source and "data_parallel_shard_degree" in source

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import COMPOSER, REPO
 
-MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: a 1 x 2 mesh on one machine
+MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: one replica of 2 on one machine
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +34,18 @@ def test_each_fsdp_mode_follows_ddps_loss_curve_with_sharded_parameters(runs, mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state_dict_type, where", [("full", "bucket"), ("sharded", "local")])
+@pytest.mark.parametrize("state_dict_type, where", [("full", "bucket"), ("sharded", "bucket"), ("sharded", "local")])
 def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, state_dict_type, where):
     """FULL_SHARD on 2 ranks, started again with a longer max_duration: the second start resumes from
-    batch 2 (it logs only batches 3 and 4 of 4). Full state dicts from the bucket; sharded ones from
-    a local (shared) folder: with a bucket, Composer's autoresume would not find them (next test)."""
+    batch 2 (it logs only batches 3 and 4 of 4), without trust_checkpoints: the run signed its own."""
     from tests.conftest import DEMO_YAML, train_overrides
 
     cfg, _ = sample_build
     run_dir = tmp_path / state_dict_type
     save_folder = f"s3://{s3_bucket}/{state_dict_type}" if where == "bucket" else str(run_dir / "checkpoints")
     overrides = train_overrides(cfg, run_dir, "parallelism.sharding=FULL_SHARD", f"parallelism.state_dict_type={state_dict_type}",
-                                "trust_checkpoints=true", f"save_folder={save_folder}", "autoresume=true",
-                                "save_interval=2ba", "data.global_batch_size=16", "model.custom.vision_cfg.layers=2",
-                                "model.custom.text_cfg.layers=2", "loggers.console.log_interval=1ba")  # fmt: skip
+                                f"save_folder={save_folder}", "autoresume=true", "save_interval=2ba", "data.global_batch_size=16",
+                                "model.custom.vision_cfg.layers=2", "model.custom.text_cfg.layers=2", "loggers.console.log_interval=1ba")  # fmt: skip
     command = [*COMPOSER, "-n", "2", os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
     outputs = []
     for duration in ("2ba", "4ba"):
@@ -61,8 +59,23 @@ def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, stat
         assert [int(line.split(",")[0]) for line in f.read().split()[1:]] == [0, 1, 2, 3]
 
 
-def test_sharded_checkpoints_in_a_bucket_with_autoresume_are_refused_at_load():
-    from pipeline.config import ConfigError, TrainConfig, load
+def test_hybrid_shard_builds_composers_replicate_by_shard_mesh(monkeypatch):
+    from pipeline.config import ConfigError, ParallelismConfig, Sharding
+    from composer.utils.parallelism import FSDP2Config
 
-    with pytest.raises(ConfigError, match="sharded.*bucket.*would start again from scratch"):
-        load(TrainConfig, None, ["parallelism.state_dict_type=sharded", "save_folder=s3://b/run", "autoresume=true"])
+    from pipeline.parallel import HybridShardConfig, build_parallelism
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the layout a 2-node GPU job gets
+    fsdp = build_parallelism(ParallelismConfig(sharding=Sharding.HYBRID_SHARD))["fsdp"]
+    assert isinstance(fsdp, HybridShardConfig) and fsdp.data_parallel_replicate_degree == 2
+    assert fsdp.data_parallel_shard_degree == -1  # Composer fills in 8: shard within a node
+    assert build_parallelism(ParallelismConfig(sharding=Sharding.HYBRID_SHARD, shard_size=4))["fsdp"].replicas == 4
+    one_replica = build_parallelism(ParallelismConfig(sharding=Sharding.HYBRID_SHARD, shard_size=16))["fsdp"]
+    assert type(one_replica) is FSDP2Config  # all ranks in one replica: FSDP's 1-D mesh
+    with pytest.raises(ConfigError, match="shard_size=3 does not divide the world size 16"):
+        build_parallelism(ParallelismConfig(sharding=Sharding.HYBRID_SHARD, shard_size=3))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="HYBRID_SHARD with 2 replicas needs GPUs"):
+        build_parallelism(ParallelismConfig(sharding=Sharding.HYBRID_SHARD))

@@ -89,10 +89,10 @@ def test_a_finished_job_started_again_exits_0_saying_so(sample_build, tmp_path):
 
 
 def spiky_loader(bad_batch: int, value: float) -> DataLoader:
-    images, texts = synthetic_dataset(64)[:]
+    images, texts, sample_ids = synthetic_dataset(64)[:]
     images = images.clone()
     images[bad_batch * 16 : (bad_batch + 1) * 16] = value  # NaN images: a NaN loss at that batch
-    return DataLoader(TensorDataset(images, texts), batch_size=16)
+    return DataLoader(TensorDataset(images, texts, sample_ids), batch_size=16)
 
 
 @pytest.mark.parametrize("action", [SpikeAction.skip, SpikeAction.stop])
