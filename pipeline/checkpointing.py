@@ -77,12 +77,21 @@ class PollingCheckpointSaver(CheckpointSaver):
         setattr(self, UPLOAD_POLL_ATTRIBUTE, UPLOAD_POLL_SECONDS)
 
     def batch_checkpoint(self, state, logger) -> None:
+        self._after_a_save(super().batch_checkpoint, state, logger)
+
+    def epoch_checkpoint(self, state, logger) -> None:
+        self._after_a_save(super().epoch_checkpoint, state, logger)
+
+    def _after_a_save(self, event, state, logger) -> None:
+        """Run Composer's handler of a checkpoint event; if it saved (on every rank), sign a sharded
+        checkpoint and rotate what `latest` allows."""
         saves = len(self.all_saved_checkpoints_to_timestamp)
-        super().batch_checkpoint(state, logger)
-        if len(self.all_saved_checkpoints_to_timestamp) != saves:  # a save (on every rank)
-            if state.fsdp_sharded_state_dict_enabled:
-                self.sign(os.path.dirname(list(self.all_saved_checkpoints_to_timestamp)[-1]))
-            self.rotate()  # what `latest` allows
+        event(state, logger)
+        if len(self.all_saved_checkpoints_to_timestamp) == saves:
+            return
+        if state.fsdp_sharded_state_dict_enabled:
+            self.sign(os.path.dirname(list(self.all_saved_checkpoints_to_timestamp)[-1]))
+        self.rotate()
 
     def sign(self, local_checkpoint: str) -> None:
         """Each rank hashes the shard it wrote; rank 0 writes the signed manifest of them all into the

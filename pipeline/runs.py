@@ -15,7 +15,7 @@ from typing import Optional
 
 from composer.utils import dist, get_file, maybe_create_object_store_from_uri, parse_uri
 
-from pipeline.checkpointing import resume_checkpoint
+from pipeline.checkpointing import is_save_folder, resume_checkpoint
 from pipeline.config import ConfigError, ModelConfig, TrainConfig, load, to_yaml
 from pipeline.paths import is_remote
 
@@ -91,12 +91,13 @@ def pin_sample_order(cfg: TrainConfig, saved: Optional[TrainConfig]) -> TrainCon
 
 
 def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
-    """(model config, checkpoint path) for a run folder or a checkpoint. The model is the one
-    given, else the one in the config.yaml saved with the run."""
+    """(model config, checkpoint path) for a run folder, a run's save folder (local or in a bucket:
+    its newest whole checkpoint) or a checkpoint. The model is the one given, else the one in the
+    config.yaml saved with the run."""
     is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
-    if is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE)):  # a run folder
-        saved = saved_config(load_path)
-        checkpoint = resume_checkpoint(saved.save_folder)
+    if is_save_folder(load_path) or (is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE))):
+        saved = saved_config(load_path)  # in both folders
+        checkpoint = resume_checkpoint(saved.save_folder if not is_save_folder(load_path) else load_path)
         if checkpoint is None:
             raise ConfigError(f"The run in {load_path} has no finished checkpoint in {saved.save_folder} yet")
         return model or saved.model, checkpoint

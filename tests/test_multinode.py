@@ -14,9 +14,9 @@ import time
 import pytest
 
 from pipeline.config import TrainConfig, load
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train, train_overrides
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
 from tests.s3server import free_ports
-from tests.test_elastic import latest_names
+from tests.test_elastic import latest_batch
 
 
 def own_dev_shm() -> list:
@@ -31,7 +31,8 @@ def own_dev_shm() -> list:
 def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    overrides = train_overrides(cfg, run_dir, "max_duration=6ba", "data.global_batch_size=32", "save_interval=2ba",
+    # Long enough for the first `latest` pointer to land while it runs (tests/test_elastic.py).
+    overrides = train_overrides(cfg, run_dir, "max_duration=100ba", "data.global_batch_size=16", "save_interval=10ba", *SMALL_MODEL,
                                 "parallelism.sharding=FULL_SHARD", "parallelism.state_dict_type=sharded",
                                 f"save_folder=s3://{s3_bucket}/run", "autoresume=true", "loggers.console.log_interval=1ba")  # fmt: skip
     port = free_ports(1)[0]
@@ -44,21 +45,22 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
         log = open(tmp_path / f"node{node_rank}.log", "w")
         launchers.append(subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.time() + 300
-    while latest_names(s3, s3_bucket, "run") != "ep0-ba4":
+    while (killed_at := latest_batch(s3, s3_bucket, "run")) == 0:
         assert all(proc.poll() is None for proc in launchers), (tmp_path / "node0.log").read_text()[-3000:]
-        assert time.time() < deadline, "`latest` never named ep0-ba4"
-        time.sleep(0.2)
+        assert time.time() < deadline, "`latest` never named a checkpoint"
+        time.sleep(0.1)
     for proc in launchers:  # both nodes lost
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    # Both ranks wrote their shard of the batch-4 checkpoint.
-    assert {f"run/ep0-ba4/__{rank}_0.distcp" for rank in (0, 1)} <= set(s3.list_keys(s3_bucket, "run/"))
+    assert killed_at < 100
+    # Both ranks wrote their shard of the checkpoint `latest` names.
+    assert {f"run/ep0-ba{killed_at}/__{rank}_0.distcp" for rank in (0, 1)} <= set(s3.list_keys(s3_bucket, "run/"))
 
     proc = run_train(PYTHON, overrides)  # the same command on the one node left
     output = proc.stdout + proc.stderr
-    assert "[batch=5/6]" in output and "[batch=4/6]" not in output
+    assert f"[batch={killed_at + 1}/100]" in output and f"[batch={killed_at}/100]" not in output
     with open(run_dir / "summary.json") as f:
         summary = json.load(f)
-    assert summary["world_size"] == 1 and summary["samples"] == 6 * 32
+    assert summary["world_size"] == 1 and summary["samples"] == 100 * 16
     # The sample order was pinned on the two nodes of the first start.
     assert load(TrainConfig, str(run_dir / "config.yaml")).data.num_canonical_nodes == 2

@@ -171,13 +171,15 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3
     assert not marker.exists()
 
 
-def test_sharded_checkpoint_files_need_trust(monkeypatch, tmp_path):
+def test_sharded_checkpoint_files_the_run_did_not_sign_need_trust(monkeypatch, tmp_path):
+    from pipeline import checkpointing
     from pipeline.checkpointing import TRUST_ENV, CheckpointError, guard_checkpoint_loading, validate_checkpoint
 
     for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV):  # restored after the test
         monkeypatch.setenv(name, "")
+    monkeypatch.setattr(checkpointing, "_signed_digests", {})  # no resumed checkpoint's manifest
     guard_checkpoint_loading(trust=False)
-    with pytest.raises(CheckpointError, match="state_dict_type=full"):
+    with pytest.raises(CheckpointError, match="this run did not sign it"):
         validate_checkpoint(tmp_path / "__0_0.distcp", specs=[(0, 10)])
     with pytest.raises(CheckpointError, match="sharded checkpoint"):
         validate_checkpoint(tmp_path / ".metadata")
