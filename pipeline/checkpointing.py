@@ -183,13 +183,17 @@ class SaveFolder:
     def path(self, name: str) -> str:
         return f"{self.folder.rstrip('/')}/{name}"
 
-    def names(self) -> list:
-        """What is directly in the folder (files and sub-folders)."""
+    def names(self, sub: str = "") -> list:
+        """What is directly in the folder, or in its sub-folder `sub`: files and sub-folders."""
         if not self.remote:
-            return os.listdir(self.folder) if os.path.isdir(self.folder) else []
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
-        return [item[key].rstrip("/").rsplit("/", 1)[-1] for page in pages
-                for item, key in [*((o, "Key") for o in page.get("Contents", [])), *((p, "Prefix") for p in page.get("CommonPrefixes", []))]]  # fmt: skip
+            path = os.path.join(self.folder, sub)
+            return os.listdir(path) if os.path.isdir(path) else []
+        prefix = f"{self.prefix}/{sub}/" if sub else f"{self.prefix}/"
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            names += [obj["Key"][len(prefix) :] for obj in page.get("Contents", [])]
+            names += [folder["Prefix"][len(prefix) :].rstrip("/") for folder in page.get("CommonPrefixes", [])]
+        return names
 
     def read(self, name: str) -> Optional[bytes]:
         """A file's bytes (name relative to the folder), or None when it is not there."""
@@ -244,10 +248,8 @@ class SaveFolder:
                 path = os.path.join(self.folder, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
                 continue
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{name}")
-            for obj in (o for page in pages for o in page.get("Contents", [])):
-                if obj["Key"] == f"{self.prefix}/{name}" or obj["Key"].startswith(f"{self.prefix}/{name}/"):
-                    self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+            for key in [f"{name}/{file}" for file in self.names(name)] or [name]:
+                self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")
 
     def signed_files(self, name: str, key: Optional[bytes]) -> Optional[dict]:
         """{file: sha256} of a sharded checkpoint whose manifest `key` signed; None when it has no
@@ -255,22 +257,15 @@ class SaveFolder:
         manifest = self.read(f"{name}/{MANIFEST}")
         if manifest is None:
             return None
-        files = json.loads(manifest).get("files", {})
-        signature = json.loads(manifest).get("signature", "")
+        manifest = json.loads(manifest)
+        files, signature = manifest.get("files", {}), manifest.get("signature", "")
         if key is None or not hmac.compare_digest(_signature(files, key), signature):
             raise CheckpointError(f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
                                   "this run did not write it. If you trust it, set trust_checkpoints=true.")  # fmt: skip
-        present = set(self.shard_files(name))
-        missing = sorted(set(files) - present)
+        missing = sorted(set(files) - set(self.names(name)))
         if missing or DCP_METADATA not in files:
             raise CheckpointError(f"{self.path(name)}/{(missing or [DCP_METADATA])[0]} is missing from the checkpoint")
         return files
-
-    def shard_files(self, name: str) -> list:
-        if not self.remote:
-            return os.listdir(os.path.join(self.folder, name))
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{name}/")
-        return [o["Key"].rsplit("/", 1)[-1] for page in pages for o in page.get("Contents", [])]
 
 
 def resume_checkpoint(save_folder: str) -> Optional[str]:
@@ -416,7 +411,7 @@ def read_checkpoint_model(path: str, trust: bool = False) -> dict:
         raise CheckpointError(f"{folder.path(name)} has no {MANIFEST}: its save did not finish")
     with tempfile.TemporaryDirectory() as staging:
         local = os.path.join(folder.folder, name) if not folder.remote else staging
-        for file in folder.shard_files(name) if folder.remote else []:
+        for file in folder.names(name) if folder.remote else []:
             folder.client.download_file(folder.bucket, f"{folder.prefix}/{name}/{file}", os.path.join(staging, file))
         for file, digest in (signed or {}).items():
             if file_digest(os.path.join(local, file)) != digest:
