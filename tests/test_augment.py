@@ -93,9 +93,10 @@ def test_device_path_matches_the_cpu_path(decode_on_device):
     a = augment(size=32)
     sources = [encoded(in_mode(picture(i, (60, 44)), mode, i)) for i, mode in enumerate(["RGB", "RGBA", "P", "L", "CMYK"])]
     sources += [jpeg(picture(9, (60, 44))), jpeg(picture(10, (60, 44)).convert("L"))]
-    items = [(a.worker_part(data, random.Random(seed), decode_on_device), torch.tensor([seed]))
+    items = [(a.worker_part(data, random.Random(seed), decode_on_device), torch.tensor([seed]), seed)
              for seed, data in enumerate(sources)]  # fmt: skip
-    (payloads, boxes, flips), tokens = collate_device_parts(items)
+    (payloads, boxes, flips), tokens, sample_ids = collate_device_parts(items)
+    assert sample_ids.tolist() == list(range(len(sources)))
     assert [p.dim() for p in payloads] == [3] * 5 + ([1, 1] if decode_on_device else [3, 3])  # JPEG bytes travel
     batch = a.on_device(payloads, boxes, flips, torch.device("cpu"))
     cpu = torch.stack([a.cpu(data, random.Random(seed)) for seed, data in enumerate(sources)])
