@@ -58,8 +58,9 @@ def test_a_corrupt_shard_stops_training_naming_stream_and_shard(sample_build, tm
 def test_undecodable_samples_are_replaced_counted_and_capped(tmp_path):
     local = _write(tmp_path / "mds", [_png(10), b"not an image at all", _png(30), _png(40)])
     dataset = _dataset(local)
-    image, caption = dataset[1]
+    image, caption, sample_id = dataset[1]
     assert caption == "sample 2" and int(image[0, 0, 0]) == 30  # the next sample, every time
+    assert sample_id == dataset.next_epoch * dataset.num_samples + 2  # the id of the sample it stands in for
     assert dataset.bad_samples == 1
     assert [dataset[i][1] for i in (0, 2, 3)] == ["sample 0", "sample 2", "sample 3"]
     strict = _dataset(str(local), max_bad_samples=0)
