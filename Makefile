@@ -1,5 +1,5 @@
 # make demo   - install, build the sample shards, train a tiny CLIP on CPU, print where things are
-# make test   - install, run the test suite (what CI runs)
+# make test   - install, lint and check formatting (ruff), run the test suite (what CI runs)
 # make shards [SOURCES=yamls/data/merged2b.yaml SHARDS_ARGS="key=value ..."] - img2dataset -> MDS, on Spark
 #                                                      (local[*]; SPARK_MASTER=spark://host:7077 for a cluster)
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
@@ -57,6 +57,8 @@ eval: install
 	$(PY) pipeline/eval.py $(EVAL) $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests $(ARGS)
 
 bench: install

@@ -30,8 +30,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 BATCHES, EVERY = 13, 4
-MODEL = {"embed_dim": 512, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 768, "layers": 12},
-         "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}  # fmt: skip
+MODEL = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 768, "layers": 12},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
 CONFIGS = {"full, bucket": ("full", True), "sharded, local": ("sharded", False), "sharded, bucket": ("sharded", True)}
 
 
@@ -45,9 +48,20 @@ def run_one(name: str, folder: str) -> dict:
 
     state_dict_type, bucket = CONFIGS[name]
     save_folder = f"s3://{os.environ['BENCH_BUCKET']}/{state_dict_type}" if bucket else f"{folder}/checkpoints"
-    overrides = [f"run_dir={folder}/run", f"save_folder={save_folder}", f"max_duration={BATCHES}ba", f"save_interval={EVERY}ba",
-                 "data.global_batch_size=8", "data.num_workers=0", "progress_bar=false", "device=cpu", "precision=fp32",
-                 "model.name=bench-b16", "parallelism.sharding=FULL_SHARD", f"parallelism.state_dict_type={state_dict_type}"]  # fmt: skip
+    overrides = [
+        f"run_dir={folder}/run",
+        f"save_folder={save_folder}",
+        f"max_duration={BATCHES}ba",
+        f"save_interval={EVERY}ba",
+        "data.global_batch_size=8",
+        "data.num_workers=0",
+        "progress_bar=false",
+        "device=cpu",
+        "precision=fp32",
+        "model.name=bench-b16",
+        "parallelism.sharding=FULL_SHARD",
+        f"parallelism.state_dict_type={state_dict_type}",
+    ]
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), overrides)
     cfg.model.custom = MODEL
 
@@ -66,7 +80,10 @@ def run_one(name: str, folder: str) -> dict:
     saves = [i for i in range(len(intervals)) if (i + 1) % EVERY == 0]
     normal = statistics.median(v for i, v in enumerate(intervals) if i not in saves and i > 0)
     if dist.get_global_rank() == 0:
-        print("RESULT " + json.dumps({"config": name, "step_s": normal, "stalls_s": [intervals[i] - normal for i in saves]}))
+        print(
+            "RESULT "
+            + json.dumps({"config": name, "step_s": normal, "stalls_s": [intervals[i] - normal for i in saves]})
+        )
 
 
 def main() -> None:
@@ -78,8 +95,13 @@ def main() -> None:
         for name in CONFIGS:
             folder = tempfile.mkdtemp(dir=root)
             composer = os.path.join(os.path.dirname(sys.executable), "composer")
-            proc = subprocess.run([composer, "-n", "2", __file__, "--one", name, folder], env=env, cwd=REPO,
-                                  capture_output=True, text=True)  # fmt: skip
+            proc = subprocess.run(
+                [composer, "-n", "2", __file__, "--one", name, folder],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 sys.exit(proc.stdout[-2000:] + proc.stderr[-4000:])
             results.append(json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]))

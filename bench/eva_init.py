@@ -21,10 +21,20 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-EVA_RATES = ["optimizer.name=lamb", "optimizer.lr=2e-4", "optimizer.weight_decay=0.05", "optimizer.visual.lr=2e-4",
-             "optimizer.visual.layer_decay=0.75", "optimizer.text.lr=2e-5", "optimizer.text.layer_decay=0.75",
-             "optimizer.logit_scale.lr=5e-4", "optimizer.lamb.max_grad_norm=null", "algorithms.gradient_clipping.threshold=5.0",
-             "scheduler.warmup=20ba", "progress_bar=false"]  # fmt: skip
+EVA_RATES = [
+    "optimizer.name=lamb",
+    "optimizer.lr=2e-4",
+    "optimizer.weight_decay=0.05",
+    "optimizer.visual.lr=2e-4",
+    "optimizer.visual.layer_decay=0.75",
+    "optimizer.text.lr=2e-5",
+    "optimizer.text.layer_decay=0.75",
+    "optimizer.logit_scale.lr=5e-4",
+    "optimizer.lamb.max_grad_norm=null",
+    "algorithms.gradient_clipping.threshold=5.0",
+    "scheduler.warmup=20ba",
+    "progress_bar=false",
+]
 SCORES = ("fashion_mnist/top1", "emoji/image_to_text_R@1", "emoji/text_to_image_R@1")
 
 
@@ -87,7 +97,10 @@ def main() -> None:
     for name, overrides in runs.items():
         overrides = [*overrides, *EVA_RATES, f"max_duration={args.batches}ba", f"save_interval={args.batches}ba"]
         run("pipeline/train.py", "yamls/demo_cpu.yaml", *overrides)
-        label = {"B": f"B: A's towers + EVA rates, {args.batches} batches", "C": f"C: random init + EVA rates, {args.batches} batches"}[name]
+        label = {
+            "B": f"B: A's towers + EVA rates, {args.batches} batches",
+            "C": f"C: random init + EVA rates, {args.batches} batches",
+        }[name]
         run_dir = f"runs/eva_{name.lower()}"
         moved = tower_change(initial_weights(overrides), weights(f"{run_dir}/checkpoints/latest-rank0.pt"))
         rows[label] = (scores(run_dir, f"{run_dir}/zeroshot.json"), moved)

@@ -17,8 +17,9 @@ import time
 def epoch_seconds(local: str, validate_hash, augment, tokenizer) -> float:
     from pipeline.data import CLIPStreamingDataset
 
-    dataset = CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=augment.cpu,
-                                   tokenizer=tokenizer, validate_hash=validate_hash)  # fmt: skip
+    dataset = CLIPStreamingDataset(
+        local=local, batch_size=1, shuffle=False, augment=augment.cpu, tokenizer=tokenizer, validate_hash=validate_hash
+    )
     start = time.perf_counter()
     for i in range(dataset.num_samples):
         dataset[i]
@@ -39,7 +40,9 @@ def main() -> None:
 
     augment = build_augment(open_clip.create_model("ViT-B-16", pretrained=None), AugmentConfig())
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.local) for f in files if f.endswith(".mds"))
+    size = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.local) for f in files if f.endswith(".mds")
+    )
     results = {name: [] for name in ("off", "xxh64", "sha1")}
     for _ in range(args.repeats):  # interleaved, so drift hits every setting alike
         for name in results:

@@ -84,7 +84,9 @@ def device_seconds(augment, payloads, boxes, flips, device: torch.device) -> flo
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     start = clock()
     for i in range(0, len(payloads), 64):
-        augment.on_device(list(payloads[i : i + 64]), torch.stack(boxes[i : i + 64]), torch.tensor(flips[i : i + 64]), device)
+        augment.on_device(
+            list(payloads[i : i + 64]), torch.stack(boxes[i : i + 64]), torch.tensor(flips[i : i + 64]), device
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     return clock() - start
@@ -104,8 +106,13 @@ def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer, device:
         torch.manual_seed(rng.getrandbits(63))
         return decode_rgb(data, preprocess)
 
-    peer = (wds.WebDataset(tar_path, shardshuffle=False).decode("pilrgb").rename(image="jpg", text="txt")
-            .map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]).to_tuple("image", "text"))  # fmt: skip
+    peer = (
+        wds.WebDataset(tar_path, shardshuffle=False)
+        .decode("pilrgb")
+        .rename(image="jpg", text="txt")
+        .map_dict(image=preprocess, text=lambda text: tokenizer(text)[0])
+        .to_tuple("image", "text")
+    )
     results = {}
     results["webdataset + open_clip"], _ = cpu_seconds(peer)
     results["previous (manual_seed + open_clip transform)"], _ = cpu_seconds(dataset(previous))
@@ -141,8 +148,10 @@ def main() -> None:
     torch.set_num_threads(1)
     clip, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None)
     augment, tokenizer = build_augment(clip, AugmentConfig()), open_clip.get_tokenizer("ViT-B-16")
-    print(f"{args.samples} JPEGs per size, ViT-B/16 train augmentation, 1 thread, {args.repeats} runs each "
-          "(CPU-seconds of this process)\n")  # fmt: skip
+    print(
+        f"{args.samples} JPEGs per size, ViT-B/16 train augmentation, 1 thread, {args.repeats} runs each "
+        "(CPU-seconds of this process)\n"
+    )
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as folder:
             tar_path, mds = write_both(make_jpegs(args.source, args.samples, size), folder)

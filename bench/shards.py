@@ -5,10 +5,11 @@ single-process converter it replaced, side by side on the same synthetic img2dat
     python bench/shards.py --rows 10000 100000
 
 The input is what img2dataset leaves: parquet shards of 10,000 rows with a `_stats.json` each,
-small JPEGs (every one distinct: a shared flat-colour JPEG, 32x32 by default, with a unique tail after its end marker), 5%
-failed downloads, 3% exact duplicate images, 2% images below the size filter. Each run is a fresh
-subprocess; peak RSS is sampled every 0.2 s for the driver (the Python process that runs the
-conversion), the Spark JVM and the Spark Python workers (largest sum seen). Prints a markdown table.
+small JPEGs (every one distinct: a shared flat-colour JPEG, 32x32 by default, with a unique tail
+after its end marker), 5% failed downloads, 3% exact duplicate images, 2% images below the size
+filter. Each run is a fresh subprocess; peak RSS is sampled every 0.2 s for the driver (the Python
+process that runs the conversion), the Spark JVM and the Spark Python workers (largest sum seen).
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ def make_input(folder: str, rows: int, image_size: int) -> None:
     for shard in range(0, rows, SHARD_ROWS):
         batch = []
         for i in range(shard, min(rows, shard + SHARD_ROWS)):
-            row = {"key": f"{i:09d}", "url": f"http://example.com/{i}.jpg", "caption": f"image number {i}",
-                   "status": "success", "width": image_size, "height": image_size, "jpg": base + i.to_bytes(8, "big")}  # fmt: skip
+            row = {
+                "key": f"{i:09d}",
+                "url": f"http://example.com/{i}.jpg",
+                "caption": f"image number {i}",
+                "status": "success",
+                "width": image_size,
+                "height": image_size,
+                "jpg": base + i.to_bytes(8, "big"),
+            }
             if i % 20 == 7:
                 row.update(status="failed_to_download", jpg=None, width=None, height=None)
             elif i % 100 in (11, 12, 13):
@@ -66,8 +74,11 @@ def run_spark(folder: str, out: str, rows: int, cores: int) -> dict:
 
     source = SourceConfig(url_list="unused", out=out)
     source.filters.min_image_size = 16
-    cfg = SourcesConfig(work_dir=out + "_work", sources={"bench": source},
-                        spark=SparkConfig(master=f"local[{cores}]", driver_memory="1g"))  # fmt: skip
+    cfg = SourcesConfig(
+        work_dir=out + "_work",
+        sources={"bench": source},
+        spark=SparkConfig(master=f"local[{cores}]", driver_memory="1g"),
+    )
     with spark_session(cfg.spark) as spark:
         start = time.time()
         (summary,) = convert(spark, cfg, {"bench": (folder, {"urls": rows, "to_download": rows})})
@@ -77,8 +88,13 @@ def run_spark(folder: str, out: str, rows: int, cores: int) -> dict:
 def run_single_process(folder: str, out: str) -> dict:
     import types
 
-    code = subprocess.run(["git", "show", f"{OLD_CONVERTER_COMMIT}:data_prep/to_mds.py"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    code = subprocess.run(
+        ["git", "show", f"{OLD_CONVERTER_COMMIT}:data_prep/to_mds.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     old = types.ModuleType("old_to_mds")
     exec(compile(code, "old_to_mds.py", "exec"), old.__dict__)  # noqa: S102 - this repo's own history
     source = old.SourceConfig(url_list="unused", out=out)
@@ -109,7 +125,20 @@ def measure(engine: str, folder: str, rows: int, cores: int, scratch: str) -> di
     import psutil
 
     out = os.path.join(scratch, f"{engine}_{rows}")
-    cmd = [sys.executable, __file__, "--child", engine, "--input", folder, "--out", out, "--rows", str(rows), "--cores", str(cores)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        engine,
+        "--input",
+        folder,
+        "--out",
+        out,
+        "--rows",
+        str(rows),
+        "--cores",
+        str(cores),
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     driver = psutil.Process(process.pid)
     peaks = {"driver": 0.0, "jvm": 0.0, "workers": 0.0}
@@ -141,9 +170,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="side of the (flat-colour) JPEGs: 32 makes decoding nearly free, 256 is img2dataset's default")
-    parser.add_argument("--scratch", default=None, help="where the synthetic input and outputs go (default: a temp dir)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="side of the (flat-colour) JPEGs: 32 makes decoding nearly free, 256 is img2dataset's default",
+    )
+    parser.add_argument(
+        "--scratch", default=None, help="where the synthetic input and outputs go (default: a temp dir)"
+    )
     parser.add_argument("--child", choices=["spark", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -160,13 +195,21 @@ def main() -> None:
             results.append(measure(engine, folder, rows, args.cores, scratch))
             print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(folder)
-    print(f"\n{args.image_size}x{args.image_size} JPEGs, {args.cores} cores; rows/s per core = rows / seconds / cores (the single process uses one core)\n")
-    print("| rows | engine | written | seconds | rows/s per core | driver peak MiB | JVM peak MiB | Spark Python workers peak MiB |")
+    print(
+        f"\n{args.image_size}x{args.image_size} JPEGs, {args.cores} cores; rows/s per core = rows / seconds / cores"
+        " (the single process uses one core)\n"
+    )
+    print(
+        "| rows | engine | written | seconds | rows/s per core | driver peak MiB | JVM peak MiB |"
+        " Spark Python workers peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         per_core = r["rows"] / r["seconds"] / (args.cores if r["engine"] == "spark" else 1)
-        print(f"| {r['rows']:,} | {r['engine']} | {r['written']:,} | {r['seconds']:.1f} | {per_core:,.0f} | "
-              f"{r['driver']:.0f} | {r['jvm']:.0f} | {r['workers']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['rows']:,} | {r['engine']} | {r['written']:,} | {r['seconds']:.1f} | {per_core:,.0f} | "
+            f"{r['driver']:.0f} | {r['jvm']:.0f} | {r['workers']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

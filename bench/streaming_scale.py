@@ -4,7 +4,8 @@
     python bench/streaming_scale.py --samples 10e6 --epoch-sizes 0 --samples-per-shard 3200
 
 Two streams mixed 80/20 (LAION-2B / COYO-700M as in the recipes) are described by MDS index.json
-files (and sparse shard files: no disk used) with the recipes' shard size: `make shards` writes MDSWriter's default 64 MiB shards, about
+files (and sparse shard files: no disk used) with the recipes' shard size: `make shards` writes
+MDSWriter's default 64 MiB shards, about
 3,200 samples of ~20 KiB (a 256 px JPEG and its caption). Each measurement is a fresh process, as
 one node's local rank 0 is: it builds the dataset (start-up: reading the indexes, the spanner),
 then draws the first batch (time to first batch: streaming resamples the streams and partitions
@@ -40,9 +41,21 @@ def write_index(folder: str, samples: int, samples_per_shard: int) -> None:
     while left > 0:
         count = min(samples_per_shard, left)
         name = f"shard.{len(shards):07d}.mds"
-        shards.append({"column_encodings": ["jpeg", "str"], "column_names": ["image", "caption"], "column_sizes": [None, None],
-                       "compression": None, "format": "mds", "hashes": [], "raw_data": {"basename": name, "bytes": SHARD_BYTES, "hashes": {}},
-                       "samples": count, "size_limit": SHARD_BYTES, "version": 2, "zip_data": None})  # fmt: skip
+        shards.append(
+            {
+                "column_encodings": ["jpeg", "str"],
+                "column_names": ["image", "caption"],
+                "column_sizes": [None, None],
+                "compression": None,
+                "format": "mds",
+                "hashes": [],
+                "raw_data": {"basename": name, "bytes": SHARD_BYTES, "hashes": {}},
+                "samples": count,
+                "size_limit": SHARD_BYTES,
+                "version": 2,
+                "zip_data": None,
+            }
+        )
         left -= count
         with open(os.path.join(folder, name), "wb") as f:
             f.truncate(SHARD_BYTES)
@@ -51,7 +64,11 @@ def write_index(folder: str, samples: int, samples_per_shard: int) -> None:
 
 
 def shm_bytes() -> int:
-    return sum(os.path.getsize(os.path.join("/dev/shm", n)) for n in os.listdir("/dev/shm") if os.path.isfile(os.path.join("/dev/shm", n)))
+    return sum(
+        os.path.getsize(os.path.join("/dev/shm", n))
+        for n in os.listdir("/dev/shm")
+        if os.path.isfile(os.path.join("/dev/shm", n))
+    )
 
 
 def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int) -> dict:
@@ -71,16 +88,29 @@ def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: in
     threading.Thread(target=sample_shm, daemon=True).start()
     start = time.perf_counter()
     streams = [Stream(local=os.path.join(root, name), proportion=p) for name, p in MIX.items()]
-    dataset = SampleIds(streams=streams, batch_size=batch_size, shuffle=True, shuffle_algo="py1e", shuffle_seed=17,
-                        num_canonical_nodes=num_canonical_nodes, epoch_size=epoch_size or None)  # fmt: skip
+    dataset = SampleIds(
+        streams=streams,
+        batch_size=batch_size,
+        shuffle=True,
+        shuffle_algo="py1e",
+        shuffle_seed=17,
+        num_canonical_nodes=num_canonical_nodes,
+        epoch_size=epoch_size or None,
+    )
     started = time.perf_counter()
     first = [sample for _, sample in zip(range(batch_size), iter(dataset))]
     first_batch = time.perf_counter()
     done.set()
-    result = {"startup_s": started - start, "first_batch_s": first_batch - started, "shards": int(dataset.num_shards),
-              "samples": int(dataset.num_samples), "epoch": int(dataset.epoch_size), "first": len(first),
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "shm_gib": max(shm_peak[0], shm_bytes() - shm_before) / 2**30}  # fmt: skip
+    result = {
+        "startup_s": started - start,
+        "first_batch_s": first_batch - started,
+        "shards": int(dataset.num_shards),
+        "samples": int(dataset.num_samples),
+        "epoch": int(dataset.epoch_size),
+        "first": len(first),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "shm_gib": max(shm_peak[0], shm_bytes() - shm_before) / 2**30,
+    }
     return result
 
 
@@ -89,8 +119,10 @@ def run(samples: int, epoch_size: int, args) -> dict:
     if not os.path.exists(os.path.join(root, "coyo700m", "index.json")):
         for name, share in MIX.items():
             write_index(os.path.join(root, name), int(samples * share), args.samples_per_shard)
-    code = (f"import json, sys; sys.path.insert(0, {REPO!r}); from bench.streaming_scale import measure; "
-            f"print(json.dumps(measure({root!r}, {epoch_size}, {args.batch_size}, {args.num_canonical_nodes})))")  # fmt: skip
+    code = (
+        f"import json, sys; sys.path.insert(0, {REPO!r}); from bench.streaming_scale import measure; "
+        f"print(json.dumps(measure({root!r}, {epoch_size}, {args.batch_size}, {args.num_canonical_nodes})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         reason = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1]
@@ -101,7 +133,9 @@ def run(samples: int, epoch_size: int, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=float, nargs="+", default=[10e6, 100e6, 1e9])
-    parser.add_argument("--epoch-sizes", type=float, nargs="+", default=[0, 100e6], help="0: the whole dataset per epoch")
+    parser.add_argument(
+        "--epoch-sizes", type=float, nargs="+", default=[0, 100e6], help="0: the whole dataset per epoch"
+    )
     parser.add_argument("--samples-per-shard", type=int, default=3200)
     parser.add_argument("--batch-size", type=int, default=1024, help="per rank (65,536 over 64 GPUs)")
     parser.add_argument("--num-canonical-nodes", type=int, default=8)
@@ -122,8 +156,10 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['samples']:,} | | {r['epoch'] or 'full':,} | {r['error']} | | | |")
             continue
-        print(f"| {r['samples']:,} | {r['shards']:,} | {r['epoch']:,} | {r['startup_s']:.1f} | {r['first_batch_s']:.1f} "
-              f"| {r['peak_rss_gib']:.2f} | {r['shm_gib']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['samples']:,} | {r['shards']:,} | {r['epoch']:,} | {r['startup_s']:.1f} | {r['first_batch_s']:.1f} "
+            f"| {r['peak_rss_gib']:.2f} | {r['shm_gib']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -125,8 +125,15 @@ def measure_peer(args, config: dict) -> dict:
     """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
     folder = tempfile.mkdtemp()
     csv_path = sample_images(folder, args.batch * args.steps, args.source)
-    custom = {**VIT_TI, "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
-              "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0}} if args.model == "vit-ti" else None  # fmt: skip
+    custom = (
+        {
+            **VIT_TI,
+            "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
+            "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0},
+        }
+        if args.model == "vit-ti"
+        else None
+    )
     name = "vit-ti-bench" if custom else args.model
     ratio = config["masking"]
     if config["trainer"] == "open_clip_train":
@@ -138,11 +145,47 @@ def measure_peer(args, config: dict) -> dict:
                 json.dump(custom, f)
             open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
         log = os.path.join(folder, "logs")
-        open_clip_main(["--train-data", csv_path, "--dataset-type", "csv", "--model", name,
-                        "--batch-size", str(args.batch), "--workers", str(args.workers), "--epochs", "1", "--lr", "1e-4",
-                        "--wd", "0.1", "--warmup", "1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-                        "--precision", "amp_bf16" if args.precision == "amp_bf16" else "fp32", "--log-every-n-steps", "1", "--logs", log, "--name", "peer",
-                        "--save-frequency", "0", "--seed", "0", *(["--force-patch-dropout", str(ratio)] if ratio else [])])  # fmt: skip
+        open_clip_main(
+            [
+                "--train-data",
+                csv_path,
+                "--dataset-type",
+                "csv",
+                "--model",
+                name,
+                "--batch-size",
+                str(args.batch),
+                "--workers",
+                str(args.workers),
+                "--epochs",
+                "1",
+                "--lr",
+                "1e-4",
+                "--wd",
+                "0.1",
+                "--warmup",
+                "1",
+                "--beta1",
+                "0.9",
+                "--beta2",
+                "0.98",
+                "--eps",
+                "1e-6",
+                "--precision",
+                "amp_bf16" if args.precision == "amp_bf16" else "fp32",
+                "--log-every-n-steps",
+                "1",
+                "--logs",
+                log,
+                "--name",
+                "peer",
+                "--save-frequency",
+                "0",
+                "--seed",
+                "0",
+                *(["--force-patch-dropout", str(ratio)] if ratio else []),
+            ]
+        )
         with open(os.path.join(log, "peer", "out.log")) as f:
             steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
         seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])
@@ -155,14 +198,21 @@ def measure_peer(args, config: dict) -> dict:
     mds = os.path.join(folder, "mds")  # the same files, as an MDS stream
     write_mds(csv_path, mds)
     recipe = {
-        "run_name": "bench", "run_dir": f"{folder}/run", "save_folder": f"{folder}/checkpoints", "device": args.device,
-        "precision": args.precision, "max_duration": f"{args.steps}ba", "save_interval": "100000ba", "progress_bar": False,
-        "console_log_interval": "100000ba", "model": {"name": name, "custom": custom},
+        "run_name": "bench",
+        "run_dir": f"{folder}/run",
+        "save_folder": f"{folder}/checkpoints",
+        "device": args.device,
+        "precision": args.precision,
+        "max_duration": f"{args.steps}ba",
+        "save_interval": "100000ba",
+        "progress_bar": False,
+        "console_log_interval": "100000ba",
+        "model": {"name": name, "custom": custom},
         "data": {"global_batch_size": args.batch, "num_workers": args.workers, "streams": {"images": {"local": mds}}},
         "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6},
         "scheduler": {"warmup": "1ba"},
         "algorithms": {"patch_masking": {"ratio": ratio} if ratio else None},
-    }  # fmt: skip
+    }
     with open(os.path.join(folder, "recipe.yaml"), "w") as f:
         json.dump(recipe, f)  # JSON is YAML
     cfg = load(TrainConfig, os.path.join(folder, "recipe.yaml"))
@@ -186,7 +236,10 @@ def measure_peer(args, config: dict) -> dict:
 def write_mds(csv_path: str, out: str) -> None:
     from streaming import MDSWriter
 
-    with open(csv_path) as f, MDSWriter(out=out, columns={"image": "bytes", "caption": "str"}, hashes=["xxh64"]) as writer:
+    with (
+        open(csv_path) as f,
+        MDSWriter(out=out, columns={"image": "bytes", "caption": "str"}, hashes=["xxh64"]) as writer,
+    ):
         for line in list(f)[1:]:
             path, caption = line.rstrip("\n").split("\t")
             with open(path, "rb") as image:
@@ -209,12 +262,16 @@ def training_flops_per_sample(model: str, masking: float) -> float:
 
 def peer_table(results: list[dict], args) -> str:
     mfu = args.device == "gpu" and args.model != "vit-ti"  # of the GPU's dense bf16 peak (--peak-tflops)
-    lines = ["| masking | open_clip_train samples/s | this project samples/s | this project vs open_clip_train |"
-             + (" MFU open_clip_train | MFU this project |" if mfu else ""),
-             "|---|---|---|---|" + ("---|---|" if mfu else "")]  # fmt: skip
+    lines = [
+        "| masking | open_clip_train samples/s | this project samples/s | this project vs open_clip_train |"
+        + (" MFU open_clip_train | MFU this project |" if mfu else ""),
+        "|---|---|---|---|" + ("---|---|" if mfu else ""),
+    ]
     for ratio in sorted({r["masking"] for r in results}):
-        peer, ours = (next(r for r in results if r["masking"] == ratio and r["trainer"] == t)["samples_per_sec"]
-                      for t in ("open_clip_train", "pipeline"))  # fmt: skip
+        peer, ours = (
+            next(r for r in results if r["masking"] == ratio and r["trainer"] == t)["samples_per_sec"]
+            for t in ("open_clip_train", "pipeline")
+        )
         row = f"| {ratio:.2f} | {peer:.1f} | {ours:.1f} | {ours / peer:.2f}x |"
         if mfu:
             flops = training_flops_per_sample(args.model, ratio) / (args.peak_tflops * 1e12)
@@ -249,8 +306,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--peer", action="store_true", help="against open_clip_train.main, loader included")
     parser.add_argument("--workers", type=int, default=1, help="--peer: loader workers of each trainer")
-    parser.add_argument("--source", nargs="+", default=["data/sample/web", "data/sample/coco"], help="--peer: MDS streams of images")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="--peer on a GPU: dense bf16 peak (H100/H200 SXM: 989)")
+    parser.add_argument(
+        "--source", nargs="+", default=["data/sample/web", "data/sample/coco"], help="--peer: MDS streams of images"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="--peer on a GPU: dense bf16 peak (H100/H200 SXM: 989)"
+    )
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args()
     if args.only:
@@ -268,8 +329,10 @@ def main() -> None:
         results.append(json.loads(out.split("RESULT ", 1)[1]))
         print(json.dumps(results[-1]), file=sys.stderr)
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device}; "
-          f"{args.steps - args.warmup} timed batches after {args.warmup} warm-up\n")  # fmt: skip
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.precision}, {device}; "
+        f"{args.steps - args.warmup} timed batches after {args.warmup} warm-up\n"
+    )
     print(peer_table(results, args) if args.peer else table(results))
 
 

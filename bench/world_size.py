@@ -29,10 +29,23 @@ def run(folder: str, ranks: int, mode: str, batches: int) -> dict:
     bin_dir = os.path.dirname(sys.executable)
     launcher = [sys.executable] if ranks == 1 else [os.path.join(bin_dir, "composer"), "-n", str(ranks)]
     extra = ["device_train_microbatch_size=4"] if ranks == 1 else []
-    command = [*launcher, os.path.join(REPO, "pipeline", "train.py"), os.path.join(REPO, "yamls", "demo_cpu.yaml"),
-               f"run_dir={folder}", f"max_duration={batches}ba", "data.global_batch_size=16", "data.num_workers=0",
-               "progress_bar=false", "deterministic=true", "scheduler.warmup=2ba", f"parallelism.sharding={mode}",
-               "algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=0.25", *SMALL_MODEL, *extra]  # fmt: skip
+    command = [
+        *launcher,
+        os.path.join(REPO, "pipeline", "train.py"),
+        os.path.join(REPO, "yamls", "demo_cpu.yaml"),
+        f"run_dir={folder}",
+        f"max_duration={batches}ba",
+        "data.global_batch_size=16",
+        "data.num_workers=0",
+        "progress_bar=false",
+        "deterministic=true",
+        "scheduler.warmup=2ba",
+        f"parallelism.sharding={mode}",
+        "algorithms.patch_masking.ratio=0.5",
+        "algorithms.text_masking.ratio=0.25",
+        *SMALL_MODEL,
+        *extra,
+    ]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     rows = read_metrics(os.path.join(folder, "metrics.csv"))
     return {metric: [v for _, name, v in rows if name == metric] for metric in ("loss/train/total", "data/sample_hash")}
@@ -46,14 +59,22 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         reference = run(os.path.join(root, "reference"), 1, "ddp", args.batches)
-        print("| run | batches | same samples in every batch | max relative loss difference vs 1 rank (4 micro-batches) |")
+        print(
+            "| run | batches | same samples in every batch | max relative loss difference vs 1 rank (4 micro-batches) |"
+        )
         print("|---|---|---|---|")
         for mode in args.modes:
             for ranks in args.ranks:
                 other = run(os.path.join(root, f"{mode}-{ranks}"), ranks, mode, args.batches)
                 same = other["data/sample_hash"] == reference["data/sample_hash"]
-                worst = max(abs(a - b) / abs(b) for a, b in zip(other["loss/train/total"], reference["loss/train/total"]))
-                print(f"| {mode}, {ranks} ranks | {len(other['loss/train/total'])} | {'yes' if same else 'no'} | {worst:.1e} |", flush=True)
+                worst = max(
+                    abs(a - b) / abs(b) for a, b in zip(other["loss/train/total"], reference["loss/train/total"])
+                )
+                print(
+                    f"| {mode}, {ranks} ranks | {len(other['loss/train/total'])} | {'yes' if same else 'no'} "
+                    f"| {worst:.1e} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import glob
 import json
 import os
 import shutil
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import webdataset
 from streaming import MDSWriter
@@ -70,9 +71,7 @@ def imagefolder_to_mds(root: str, out: str) -> dict:
     """ROOT/<class>/<image> (torchvision ImageFolder's order: classes sorted, label = position)."""
     classes, class_to_idx = find_classes(root)
     files = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-    samples = (
-        {"image": read_image(path), "key": os.path.relpath(path, root), "label": label} for path, label in files
-    )
+    samples = ({"image": read_image(path), "key": os.path.relpath(path, root), "label": label} for path, label in files)
     count = write_mds(out, CLASSIFICATION_COLUMNS, samples)
     with open(os.path.join(out, CLASSNAMES_FILE), "w", encoding="utf-8") as f:
         f.write("".join(f"{name}\n" for name in classes))
@@ -151,7 +150,9 @@ def _wds_row(sample: dict, retrieval: bool) -> dict:
     extension = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
     wanted = "txt" if retrieval else "cls"
     if extension is None or wanted not in sample:
-        raise ValueError(f"{where} needs an image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) and a .{wanted}; has {sorted(sample)}")
+        raise ValueError(
+            f"{where} needs an image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) and a .{wanted}; has {sorted(sample)}"
+        )
     row = {"image": read_image(sample[extension], f"{where}.{extension}"), "key": sample["__key__"]}
     if retrieval:  # one caption per line, as CLIP_benchmark splits them
         row["captions"] = sample["txt"].decode("utf-8").splitlines()
@@ -165,8 +166,11 @@ def wds_to_mds(root: str, out: str, split: str = "test") -> dict:
     retrieval = _wds_type(root) == "retrieval"
     shards = _wds_shards(root, split)
     samples = webdataset.WebDataset(shards, shardshuffle=False, empty_check=False)
-    count = write_mds(out, RETRIEVAL_COLUMNS if retrieval else CLASSIFICATION_COLUMNS,
-                      (_wds_row(sample, retrieval) for sample in samples))  # fmt: skip
+    count = write_mds(
+        out,
+        RETRIEVAL_COLUMNS if retrieval else CLASSIFICATION_COLUMNS,
+        (_wds_row(sample, retrieval) for sample in samples),
+    )
     if count == 0:
         raise ValueError(f"no samples in {', '.join(shards)}")
     summary = {"type": "retrieval" if retrieval else "classification", "images": count}

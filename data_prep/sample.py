@@ -19,8 +19,8 @@ import json
 import os
 import random
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,9 +35,17 @@ EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 FASHION_CAPTIONS = [
     "a photo of a {}.",
     "a grayscale photo of a {}.",
@@ -57,7 +65,7 @@ def check_packages() -> None:
         )
 
 
-def emoji_entries() -> List[Tuple[str, str]]:
+def emoji_entries() -> list[tuple[str, str]]:
     """(characters, name) for every fully-qualified emoji in emoji-test.txt."""
     entries = []
     with open(EMOJI_TEST, encoding="utf-8") as f:
@@ -86,14 +94,14 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_split(split: str, count: int) -> Tuple[np.ndarray, np.ndarray]:
+def fashion_split(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if split == "train" else "t10k"
     images = read_idx(f"{FASHION_DIR}/{prefix}-images-idx3-ubyte.gz")[:count]
     labels = read_idx(f"{FASHION_DIR}/{prefix}-labels-idx1-ubyte.gz")[:count]
     return images, labels
 
 
-def _add_bad_rows(rows: List[dict], name: str, cfg: SampleConfig, files_dir: str, rng: random.Random) -> None:
+def _add_bad_rows(rows: list[dict], name: str, cfg: SampleConfig, files_dir: str, rng: random.Random) -> None:
     """Missing URLs, corrupt images, empty captions and repeated URLs, counted by the build."""
     template = rows[0]
     bad_dir = os.path.join(files_dir, name, "bad")
@@ -133,7 +141,9 @@ def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
             Image.fromarray(pixels).save(os.path.join(files_dir, path))
             pattern = rng.randrange(len(FASHION_CAPTIONS))
             # Two captions per image, as COCO has several: training picks one per epoch.
-            captions = [FASHION_CAPTIONS[(pattern + k) % len(FASHION_CAPTIONS)].format(FASHION_CLASSES[label]) for k in (0, 1)]
+            captions = [
+                FASHION_CAPTIONS[(pattern + k) % len(FASHION_CAPTIONS)].format(FASHION_CLASSES[label]) for k in (0, 1)
+            ]
             lists[source].append({"url": path, "caption": captions[0], "captions": captions, "label": int(label)})
 
     for name in ("web", "coco"):
@@ -162,7 +172,7 @@ def http_server(root: str, port: int = 0) -> Iterator[str]:
         server.server_close()
 
 
-def coco_captions_json(rows: List[dict]) -> dict:
+def coco_captions_json(rows: list[dict]) -> dict:
     """A COCO captions file (images with coco_url, annotations with captions) for URL-list rows."""
     images = [{"id": i, "coco_url": row["url"], "label": row["label"]} for i, row in enumerate(rows)]
     annotations = [
@@ -173,14 +183,16 @@ def coco_captions_json(rows: List[dict]) -> dict:
     return {"info": {"description": "built-in sample"}, "images": images, "annotations": annotations}
 
 
-def write_url_list(rows: List[dict], path: str, input_format: str) -> None:
+def write_url_list(rows: list[dict], path: str, input_format: str) -> None:
     """Written only when its content changed, so a re-run finds the same file and resumes."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if input_format == "coco_captions":
         content = json.dumps(coco_captions_json(rows)).encode()
     else:
         buffer = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "captions"} for row in rows]), buffer)
+        pq.write_table(
+            pa.Table.from_pylist([{k: v for k, v in row.items() if k != "captions"} for row in rows]), buffer
+        )
         content = buffer.getvalue().to_pybytes()
     if os.path.exists(path):
         with open(path, "rb") as f:

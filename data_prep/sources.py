@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -55,7 +55,7 @@ class SourceConfig:
     url_col: str = "url"
     caption_col: str = "caption"
     # Extra URL-list columns carried into MDS, with their MDS type (e.g. {label: int}).
-    extra_columns: Dict[str, str] = field(default_factory=dict)
+    extra_columns: dict[str, str] = field(default_factory=dict)
     img2dataset: Img2DatasetOptions = field(default_factory=Img2DatasetOptions)
     filters: FilterConfig = field(default_factory=FilterConfig)
     # Where this source's MDS stream goes: a local folder or s3://bucket/prefix.
@@ -86,7 +86,7 @@ class SparkConfig:
     master: str = "local[*]"  # or spark://host:7077 for a standalone cluster
     driver_memory: str = "2g"
     # Any other Spark setting, e.g. {spark.executor.memory: 8g, spark.sql.shuffle.partitions: 2000}
-    conf: Dict[str, str] = field(default_factory=dict)
+    conf: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class SourcesConfig:
     # Deduplicated URL lists and img2dataset outputs (the staging area; local, or s3:// on a
     # cluster) and the sample's served files live here; safe to delete once the streams exist.
     work_dir: str = "data/_work"
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
     spark: SparkConfig = field(default_factory=SparkConfig)
     # Image-hash dedup over all sources: an image is kept in the first source (YAML order) that has it.
     dedup_across_sources: bool = False

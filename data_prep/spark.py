@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from data_prep.sources import SparkConfig
 
@@ -18,7 +18,7 @@ def master_url(cfg: SparkConfig) -> str:
 
 
 @contextlib.contextmanager
-def spark_session(cfg: SparkConfig) -> Iterator["pyspark.sql.SparkSession"]:  # noqa: F821
+def spark_session(cfg: SparkConfig) -> Iterator[pyspark.sql.SparkSession]:  # noqa: F821
     """A SparkSession whose Python workers run this interpreter (they import streaming and PIL).
     An already active session (a notebook's, a test's) is used as it is and left running."""
     from pyspark.sql import SparkSession

@@ -71,14 +71,17 @@ def decide(frames: dict, cfg: SourcesConfig):
     narrow = None
     for rank, (name, frame) in enumerate(frames.items()):
         filters = cfg.sources[name].filters
-        reason = (
-            F.when(F.col("status") != "success", F.col("status"))
-            .when(F.least("width", "height") < filters.min_image_size, "image_too_small")
-        )  # fmt: skip
+        reason = F.when(F.col("status") != "success", F.col("status")).when(
+            F.least("width", "height") < filters.min_image_size, "image_too_small"
+        )
         part = frame.select(
-            F.lit(name).alias("_source"), F.lit(rank).alias("_rank"), F.lit(filters.dedup_image_hash).alias("_dedup"),
-            "key", "sha256", reason.alias("_reason"),
-        )  # fmt: skip
+            F.lit(name).alias("_source"),
+            F.lit(rank).alias("_rank"),
+            F.lit(filters.dedup_image_hash).alias("_dedup"),
+            "key",
+            "sha256",
+            reason.alias("_reason"),
+        )
         narrow = part if narrow is None else narrow.unionByName(part)
     group = ["sha256"] if cfg.dedup_across_sources else ["sha256", "_source"]
     first = Window.partitionBy(*group).orderBy(F.col("_reason").isNotNull(), "_rank", "key")
@@ -98,7 +101,11 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
     # dataframe_to_mds's emptiness check and its write share one shuffle of the image bytes.
     rows = frame.join(keys, "key", "left_semi").sortWithinPartitions("key").persist(StorageLevel.DISK_ONLY)
     columns = mds_columns(source)
-    out = (os.path.join(os.path.abspath(work_dir), "mds_parts", name), source.out) if is_remote(source.out) else source.out
+    out = (
+        (os.path.join(os.path.abspath(work_dir), "mds_parts", name), source.out)
+        if is_remote(source.out)
+        else source.out
+    )
     if is_remote(source.out):
         remove_tree(out[0])
     dataframe_to_mds(
@@ -134,7 +141,9 @@ def convert(spark, cfg: SourcesConfig, downloads: dict) -> list:
             keys = decisions.filter((F.col("_source") == name) & F.col("_reason").isNull()).select("key")
             written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir)
             if written != counts.get("written", 0):
-                raise RuntimeError(f"source '{name}': {written} samples in the MDS index, {counts.get('written')} expected")
+                raise RuntimeError(
+                    f"source '{name}': {written} samples in the MDS index, {counts.get('written')} expected"
+                )
         summary = {"source": name, "out": source.out, "urls": counts.pop("urls"), "written": counts.pop("written", 0)}
         summary.update(sorted(counts.items()))
         write_json(os.path.join(source.out, SUMMARY_FILE), summary)

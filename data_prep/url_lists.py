@@ -47,12 +47,14 @@ def coco_captions_table(name: str, path: str, extra_columns: dict, min_caption_c
             if key not in image:
                 raise SourceError(f"source '{name}': {path}: images[{i}] has no '{key}'")
         captions = [c.strip() for c in by_image.get(image["id"], []) if len(c.strip()) >= min_caption_chars]
-        rows.append({
-            "url": image["coco_url"],
-            "caption": captions[0] if captions else "",
-            "captions": json.dumps(captions),
-            **{col: image[col] for col in extra_columns},
-        })  # fmt: skip
+        rows.append(
+            {
+                "url": image["coco_url"],
+                "caption": captions[0] if captions else "",
+                "captions": json.dumps(captions),
+                **{col: image[col] for col in extra_columns},
+            }
+        )
     return rows
 
 
@@ -64,7 +66,9 @@ def read_url_list(spark, name: str, source: SourceConfig, staging: str):
     try:
         if fmt == "coco_captions":
             url_col, caption_col = "url", "caption"
-            frame = spark.createDataFrame(coco_captions_table(name, path, source.extra_columns, source.filters.min_caption_chars))
+            frame = spark.createDataFrame(
+                coco_captions_table(name, path, source.extra_columns, source.filters.min_caption_chars)
+            )
         elif fmt == "parquet":
             url_col, caption_col = source.url_col, source.caption_col
             frame = spark.read.parquet(path)
@@ -75,7 +79,9 @@ def read_url_list(spark, name: str, source: SourceConfig, staging: str):
             url_col, caption_col = source.url_col, source.caption_col
             frame = spark.read.json(path)
         else:
-            raise SourceError(f"source '{name}': input_format '{fmt}' is not one of parquet, csv, tsv, jsonl, coco_captions")
+            raise SourceError(
+                f"source '{name}': input_format '{fmt}' is not one of parquet, csv, tsv, jsonl, coco_captions"
+            )
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 - Spark's errors are Java exceptions in disguise
@@ -89,11 +95,13 @@ def read_url_list(spark, name: str, source: SourceConfig, staging: str):
         )
     if source.filters.where:
         try:
-            frame.select(F.expr(source.filters.where)).schema  # resolves column names, reads nothing
+            _ = frame.select(F.expr(source.filters.where)).schema  # resolves column names, reads nothing
         except Exception as err:  # noqa: BLE001
             raise SourceError(f"source '{name}': filters.where {source.filters.where!r}: {_first_line(err)}") from err
     columns = [F.col(url_col).cast("string").alias("url"), F.col(caption_col).cast("string").alias("caption")]
-    columns += [F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.extra_columns.items()]
+    columns += [
+        F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.extra_columns.items()
+    ]
     if fmt == "coco_captions":
         columns.append(F.col("captions"))
     keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.extra_columns}]
@@ -114,13 +122,17 @@ def mark_rows(frame, source: SourceConfig):
     if filters.where:
         reason = F.when(~F.coalesce(F.expr(filters.where), F.lit(False)), "filtered_by_where").otherwise(reason)
     caption_chars = F.length(F.trim(F.coalesce(F.col("caption"), F.lit(""))))
-    reason = F.when(reason.isNull() & (caption_chars < filters.min_caption_chars), "caption_too_short").otherwise(reason)
+    reason = F.when(reason.isNull() & (caption_chars < filters.min_caption_chars), "caption_too_short").otherwise(
+        reason
+    )
     frame = frame.withColumn("_reason", reason)
     if filters.dedup_url:
         first = Window.partitionBy("url").orderBy(F.col("_reason").isNotNull(), "_row")
         frame = frame.withColumn(
             "_reason",
-            F.when(F.col("_reason").isNull() & (F.row_number().over(first) > 1), "duplicate_url").otherwise(F.col("_reason")),
+            F.when(F.col("_reason").isNull() & (F.row_number().over(first) > 1), "duplicate_url").otherwise(
+                F.col("_reason")
+            ),
         )
     return frame
 

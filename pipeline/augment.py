@@ -124,7 +124,8 @@ def build_augment(clip: torch.nn.Module, cfg: AugmentConfig) -> Augment:
 
 
 def collate_device_parts(items: list) -> tuple:
-    """Worker parts of `augment_on: device` -> ((payloads, boxes, flips), tokens, sample ids): payloads differ in size."""
+    """Worker parts of `augment_on: device` -> ((payloads, boxes, flips), tokens, sample ids);
+    payloads differ in size."""
     parts, tokens, sample_ids = zip(*items)
     payloads, boxes, flips = zip(*parts)
     return (list(payloads), torch.stack(boxes), torch.tensor(flips)), torch.stack(tokens), torch.tensor(sample_ids)

@@ -21,24 +21,39 @@ from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLog
 from composer.utils import dist
 
 from pipeline.algorithms.unwrap import composer_model_of
-from pipeline.config import ConfigError, LossGuardConfig, LoggersConfig, SpikeAction, TrainConfig
+from pipeline.config import ConfigError, LoggersConfig, LossGuardConfig, SpikeAction, TrainConfig
 
 
 def build_loggers(cfg: LoggersConfig, run_name: str) -> list:
     loggers = []
     if cfg.console is not None:
-        loggers.append(ConsoleLogger(log_interval=cfg.console.log_interval, stream="stderr"))  # resolved now, not at import
+        loggers.append(
+            ConsoleLogger(log_interval=cfg.console.log_interval, stream="stderr")
+        )  # resolved now, not at import
     if cfg.tensorboard is not None:
         loggers.append(TensorboardLogger(log_dir=cfg.tensorboard.log_dir, flush_interval=10))
     if cfg.mlflow is not None:
         mlflow = cfg.mlflow
-        loggers.append(MLFlowLogger(experiment_name=mlflow.experiment_name, run_name=run_name, tracking_uri=mlflow.tracking_uri,
-                                    resume=mlflow.resume, log_system_metrics=False))  # fmt: skip
+        loggers.append(
+            MLFlowLogger(
+                experiment_name=mlflow.experiment_name,
+                run_name=run_name,
+                tracking_uri=mlflow.tracking_uri,
+                resume=mlflow.resume,
+                log_system_metrics=False,
+            )
+        )
     if cfg.wandb is not None:
         wandb = cfg.wandb
         os.makedirs(wandb.dir, exist_ok=True)  # wandb falls back to a temporary folder otherwise
-        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, name=run_name,
-                                   init_kwargs={"mode": wandb.mode, "dir": wandb.dir}))  # fmt: skip
+        loggers.append(
+            WandBLogger(
+                project=wandb.project,
+                entity=wandb.entity,
+                name=run_name,
+                init_kwargs={"mode": wandb.mode, "dir": wandb.dir},
+            )
+        )
     return loggers
 
 
@@ -55,7 +70,9 @@ def build_callbacks(callbacks: dict) -> list:
     for name, kwargs in callbacks.items():
         found = COMPOSER_CALLBACKS.get(name) or COMPOSER_CALLBACKS.get(_snake(name))
         if found is None:
-            raise ConfigError(f"callbacks.{name} is not a Composer callback; one of: {', '.join(sorted(COMPOSER_CALLBACKS))}")
+            raise ConfigError(
+                f"callbacks.{name} is not a Composer callback; one of: {', '.join(sorted(COMPOSER_CALLBACKS))}"
+            )
         try:
             built.append(found(**kwargs))
         except TypeError as err:

@@ -32,7 +32,10 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
+import types
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -42,7 +45,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from botocore.exceptions import BotoCoreError, ClientError
 from composer.callbacks import CheckpointSaver
-from composer.utils import dist, get_file, parse_uri
+from composer.utils import dist, get_file, parse_uri, remote_uploader
+
 # numpy has no public name for the function it pickles arrays with; tests/test_layout.py fails
 # loudly if numpy stops pickling with this one.
 from numpy._core.multiarray import _reconstruct
@@ -63,13 +67,31 @@ class CheckpointUploadError(RuntimeError):
     """A checkpoint did not reach the object store (unreachable, refused, or timed out)."""
 
 
+@contextlib.contextmanager
+def threads_for_upload_processes():
+    """Composer's RemoteUploader, built inside this, uploads and checks uploads in threads where it
+    would spawn processes. Each spawned process re-imports the training script (torch, Composer:
+    ~15 s of a core), and each rank spawns a manager, uploaders and checkers: on a busy node the
+    first checkpoint landed a minute late. Uploads wait on the network, as well in threads.
+    tests/test_layout.py fails loudly if Composer stops building its pools from these names."""
+    threads = types.SimpleNamespace(Manager=lambda: types.SimpleNamespace(Event=threading.Event))
+    saved = remote_uploader.ProcessPoolExecutor, remote_uploader.multiprocessing
+    remote_uploader.ProcessPoolExecutor = lambda max_workers, mp_context: ThreadPoolExecutor(max_workers)
+    remote_uploader.multiprocessing = types.SimpleNamespace(get_context=lambda method: threads)
+    try:
+        yield
+    finally:
+        remote_uploader.ProcessPoolExecutor, remote_uploader.multiprocessing = saved
+
+
 class PollingCheckpointSaver(CheckpointSaver):
-    """Composer's CheckpointSaver, checking every few seconds that an upload has landed, turning
-    every way an upload can fail into one CheckpointUploadError, and keeping `keep` checkpoints
-    (plus every `keep_every`-th batch's) in the save folder, local or in the bucket."""
+    """Composer's CheckpointSaver, uploading in threads, checking every few seconds that an upload
+    has landed, turning every way an upload can fail into one CheckpointUploadError, and keeping
+    `keep` checkpoints (plus every `keep_every`-th batch's) in the save folder, local or in the bucket."""
 
     def __init__(self, folder: str, *args, keep: int = -1, keep_every: Optional[int] = None, **kwargs):
-        super().__init__(folder, *args, **kwargs)
+        with threads_for_upload_processes():
+            super().__init__(folder, *args, **kwargs)
         self.save_folder = folder  # Composer's self.folder is the local staging folder for a bucket
         self.keep, self.keep_every = keep, keep_every
         # The `latest` pointer is written only after the checkpoint it names is in the bucket,
@@ -98,8 +120,11 @@ class PollingCheckpointSaver(CheckpointSaver):
         checkpoint folder, and uploads it now (before `latest` can move, in a later batch_end)."""
         rank = dist.get_global_rank()
         own = [f"__{rank}_0.distcp"] + ([DCP_METADATA] if rank == 0 else [])
-        digests = {name: file_digest(os.path.join(local_checkpoint, name)) for name in own
-                   if os.path.isfile(os.path.join(local_checkpoint, name))}  # fmt: skip
+        digests = {
+            name: file_digest(os.path.join(local_checkpoint, name))
+            for name in own
+            if os.path.isfile(os.path.join(local_checkpoint, name))
+        }
         every = dist.all_gather_object(digests)  # HYBRID_SHARD: replicas other than the first write nothing
         if rank != 0:
             return
@@ -134,7 +159,7 @@ class PollingCheckpointSaver(CheckpointSaver):
             return
         saved = sorted(batch for batch in folder.checkpoint_batches() if batch <= latest)
         kept_for_good = {b for b in saved if self.keep_every and b % self.keep_every == 0}
-        recent = [b for b in saved if b not in kept_for_good][-self.keep:] if self.keep else []
+        recent = [b for b in saved if b not in kept_for_good][-self.keep :] if self.keep else []
         for batch in saved:
             if batch != latest and batch not in kept_for_good and batch not in recent:
                 folder.delete(batch)
@@ -178,7 +203,9 @@ class SaveFolder:
         if self.remote:
             url = urlparse(folder)
             self.bucket, self.prefix = url.netloc, url.path.strip("/")
-            self.client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
+            self.client = boto3.client(
+                "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+            )
 
     def path(self, name: str) -> str:
         return f"{self.folder.rstrip('/')}/{name}"
@@ -190,7 +217,9 @@ class SaveFolder:
             return os.listdir(path) if os.path.isdir(path) else []
         prefix = f"{self.prefix}/{sub}/" if sub else f"{self.prefix}/"
         names = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        ):
             names += [obj["Key"][len(prefix) :] for obj in page.get("Contents", [])]
             names += [folder["Prefix"][len(prefix) :].rstrip("/") for folder in page.get("CommonPrefixes", [])]
         return names
@@ -260,8 +289,10 @@ class SaveFolder:
         manifest = json.loads(manifest)
         files, signature = manifest.get("files", {}), manifest.get("signature", "")
         if key is None or not hmac.compare_digest(_signature(files, key), signature):
-            raise CheckpointError(f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
-                                  "this run did not write it. If you trust it, set trust_checkpoints=true.")  # fmt: skip
+            raise CheckpointError(
+                f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
+                "this run did not write it. If you trust it, set trust_checkpoints=true."
+            )
         missing = sorted(set(files) - set(self.names(name)))
         if missing or DCP_METADATA not in files:
             raise CheckpointError(f"{self.path(name)}/{(missing or [DCP_METADATA])[0]} is missing from the checkpoint")
@@ -277,7 +308,7 @@ def resume_checkpoint(save_folder: str) -> Optional[str]:
     if latest is None:
         return None
     candidates = sorted(((b, n) for b, n in folder.checkpoint_batches().items() if b <= latest), reverse=True)
-    for batch, name in candidates:
+    for _, name in candidates:
         if name.endswith(".pt"):
             return folder.path(name)
         files = folder.signed_files(name, folder.run_key())
@@ -417,8 +448,10 @@ def read_checkpoint_model(path: str, trust: bool = False) -> dict:
             if file_digest(os.path.join(local, file)) != digest:
                 raise CheckpointError(f"{folder.path(name)}/{file} does not match the digest its run signed for it")
         reader = dcp.FileSystemReader(local)
-        model = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-                 for key, meta in reader.read_metadata().state_dict_metadata.items()
-                 if key.startswith(MODEL_KEYS) and isinstance(meta, TensorStorageMetadata)}  # fmt: skip
+        model = {
+            key: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in reader.read_metadata().state_dict_metadata.items()
+            if key.startswith(MODEL_KEYS) and isinstance(meta, TensorStorageMetadata)
+        }
         dcp.load(model, storage_reader=reader, no_dist=True)
         return {key.removeprefix(MODEL_KEYS): value for key, value in model.items()}

@@ -12,9 +12,10 @@ import difflib
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -34,8 +35,10 @@ def check(ok: bool, message: str) -> None:
 
 
 def check_time(key: str, value: Optional[str]) -> None:
-    check(value is None or bool(TIME.match(str(value))),
-          f"{key}={value!r} is not a Composer time such as 2000ba, 0.05dur, 1ep, 100000sp")  # fmt: skip
+    check(
+        value is None or bool(TIME.match(str(value))),
+        f"{key}={value!r} is not a Composer time such as 2000ba, 0.05dur, 1ep, 100000sp",
+    )
 
 
 class LossName(Enum):
@@ -108,7 +111,9 @@ class StreamConfig:
     proportion: Optional[float] = None
 
     def __post_init__(self):
-        check(self.proportion is None or self.proportion > 0, f"a stream's proportion must be > 0, got {self.proportion}")
+        check(
+            self.proportion is None or self.proportion > 0, f"a stream's proportion must be > 0, got {self.proportion}"
+        )
 
 
 @dataclass
@@ -116,15 +121,17 @@ class AugmentConfig:
     """Training image augmentation; the defaults are open_clip's."""
 
     # RandomResizedCrop's range of the crop's area (open_clip: (0.9, 1); FLIP: (0.5, 1)).
-    scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     hflip: bool = False  # random horizontal flip (FLIP: true)
     # None: the model's own normalisation (open_clip's config for it).
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
 
     def __post_init__(self):
-        check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
-              f"data.augment.scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")  # fmt: skip
+        check(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+            f"data.augment.scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}",
+        )
         for name in ("mean", "std"):
             value = getattr(self, name)
             check(value is None or len(value) == 3, f"data.augment.{name} needs 3 values (RGB), got {value}")
@@ -132,7 +139,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    streams: Dict[str, StreamConfig] = field(default_factory=dict)
+    streams: dict[str, StreamConfig] = field(default_factory=dict)
     # The contrastive batch over all ranks; each rank gets global_batch_size / world_size.
     global_batch_size: int = 256
     num_workers: int = 2
@@ -171,8 +178,10 @@ class DataConfig:
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key} must be > 0, got {value}")
         check(self.max_bad_samples >= 0, f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
-        check(not self.decode_on_device or self.augment_on == AugmentOn.device,
-              "data.decode_on_device needs data.augment_on=device (the device then finishes each batch)")  # fmt: skip
+        check(
+            not self.decode_on_device or self.augment_on == AugmentOn.device,
+            "data.decode_on_device needs data.augment_on=device (the device then finishes each batch)",
+        )
 
 
 @dataclass
@@ -183,8 +192,8 @@ class WeightsConfig:
     layout: WeightsLayout = WeightsLayout.open_clip
     # fnmatch patterns of this model's keys that may stay as initialised (heads meant to be new),
     # and of arriving keys that are dropped (e.g. a MIM checkpoint's decoder head).
-    allow_missing: List[str] = field(default_factory=list)
-    allow_unexpected: List[str] = field(default_factory=list)
+    allow_missing: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -200,7 +209,7 @@ class ModelConfig:
     # An open_clip model name (`open_clip.list_models()`), or the name given to `custom`.
     name: str = "ViT-B-16"
     # Inline open_clip model config (embed_dim, vision_cfg, text_cfg) registered under `name`.
-    custom: Optional[Dict[str, Any]] = None
+    custom: Optional[dict[str, Any]] = None
     # Text length override (FLIP trains with 32 tokens); None keeps the model's own.
     context_length: Optional[int] = None
     # The contrastive loss (pipeline/loss.py): clip (softmax) or siglip (sigmoid, learnt bias).
@@ -254,7 +263,7 @@ class OptimizerConfig:
     lr: Optional[float] = 5e-4
     lr_per_256: Optional[float] = None
     weight_decay: float = 0.2
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
     text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
@@ -263,11 +272,18 @@ class OptimizerConfig:
     lamb: LambConfig = field(default_factory=LambConfig)
 
     def __post_init__(self):
-        check((self.lr is None) != (self.lr_per_256 is None),
-              f"set exactly one of optimizer.lr and optimizer.lr_per_256 (got {self.lr} and {self.lr_per_256}); "
-              "e.g. optimizer.lr=null optimizer.lr_per_256=4e-6")  # fmt: skip
-        check((self.lr or self.lr_per_256) >= 0 and self.weight_decay >= 0, "optimizer.lr and weight_decay must be >= 0")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas: two in [0, 1), got {self.betas}")
+        check(
+            (self.lr is None) != (self.lr_per_256 is None),
+            f"set exactly one of optimizer.lr and optimizer.lr_per_256 (got {self.lr} and {self.lr_per_256}); "
+            "e.g. optimizer.lr=null optimizer.lr_per_256=4e-6",
+        )
+        check(
+            (self.lr or self.lr_per_256) >= 0 and self.weight_decay >= 0, "optimizer.lr and weight_decay must be >= 0"
+        )
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optimizer.betas: two in [0, 1), got {self.betas}",
+        )
         check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
 
 
@@ -332,8 +348,10 @@ class AlgorithmsConfig:
     gradient_clipping: Optional[GradientClippingConfig] = None
 
     def __post_init__(self):
-        check(self.unmasked_tuning is None or self.patch_masking is not None,
-              "algorithms.unmasked_tuning needs algorithms.patch_masking")  # fmt: skip
+        check(
+            self.unmasked_tuning is None or self.patch_masking is not None,
+            "algorithms.unmasked_tuning needs algorithms.patch_masking",
+        )
 
 
 @dataclass
@@ -348,7 +366,9 @@ class ParallelismConfig:
 
     def __post_init__(self):
         check(self.fsdp_version in (1, 2), f"parallelism.fsdp_version must be 1 or 2, got {self.fsdp_version}")
-        check(self.shard_size is None or self.shard_size > 0, f"parallelism.shard_size must be > 0, got {self.shard_size}")
+        check(
+            self.shard_size is None or self.shard_size > 0, f"parallelism.shard_size must be > 0, got {self.shard_size}"
+        )
 
 
 class EvalTask(Enum):
@@ -426,8 +446,10 @@ class LossGuardConfig:
     max_skips: int = 10  # more skipped batches than this in a row stops the run
 
     def __post_init__(self):
-        check(self.window > 0 and self.factor > 1 and self.max_skips >= 0,
-              f"loss_guard: window > 0, factor > 1, max_skips >= 0; got {self.window}, {self.factor}, {self.max_skips}")  # fmt: skip
+        check(
+            self.window > 0 and self.factor > 1 and self.max_skips >= 0,
+            f"loss_guard: window > 0, factor > 1, max_skips >= 0; got {self.window}, {self.factor}, {self.max_skips}",
+        )
 
 
 @dataclass
@@ -468,7 +490,7 @@ class TrainConfig:
     # signed them (pipeline/checkpointing.py). true allows any pickled object from anywhere.
     trust_checkpoints: bool = False
     # Zero-shot eval sets (as in yamls/eval/*.yaml), run as Composer evaluators every eval_interval.
-    eval_datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
+    eval_datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
     eval_interval: str = "1000ba"
     load_path: Optional[str] = None
     console_log_interval: str = "50ba"
@@ -476,17 +498,19 @@ class TrainConfig:
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     # Composer callbacks by name with their keyword arguments, e.g. {memory_monitor: {},
     # optimizer_monitor: {log_optimizer_metrics: true}, runtime_estimator: {}}.
-    callbacks: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss_guard: Optional[LossGuardConfig] = None
     # Passed to Composer's Trainer (torch.compile), e.g. {} for the defaults or {mode: max-autotune}.
-    compile_config: Optional[Dict[str, Any]] = None
+    compile_config: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         for key in ("max_duration", "save_interval", "eval_interval", "console_log_interval"):
             check_time(key, getattr(self, key))
-        check(self.max_wall_clock is None or (self.max_wall_clock > 0 and self.max_duration.endswith("ba")),
-              f"max_wall_clock (seconds, > 0; got {self.max_wall_clock}) caps the run with max_duration in batches "
-              f"(got {self.max_duration}), e.g. max_duration=100000ba")  # fmt: skip
+        check(
+            self.max_wall_clock is None or (self.max_wall_clock > 0 and self.max_duration.endswith("ba")),
+            f"max_wall_clock (seconds, > 0; got {self.max_wall_clock}) caps the run with max_duration in batches "
+            f"(got {self.max_duration}), e.g. max_duration=100000ba",
+        )
         micro = self.device_train_microbatch_size
         check(micro is None or micro > 0, f"device_train_microbatch_size must be > 0, got {micro}")
 
@@ -506,7 +530,7 @@ class EvalConfig:
     # Unpickle the whole checkpoint (can run code from the file) instead of tensors only.
     trust_checkpoints: bool = False
     seed: int = 17  # initialises the fresh model
-    datasets: Dict[str, EvalDatasetConfig] = field(default_factory=dict)
+    datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
     num_workers: int = 2
     output: str = "zeroshot.json"
     # FLIP's masked inference: drop this fraction of image patches at eval too, through the same
@@ -514,8 +538,10 @@ class EvalConfig:
     patch_masking: Optional[float] = None
 
     def __post_init__(self):
-        check(self.patch_masking is None or 0 <= self.patch_masking < 1,
-              f"patch_masking must be in [0, 1), got {self.patch_masking}")  # fmt: skip
+        check(
+            self.patch_masking is None or 0 <= self.patch_masking < 1,
+            f"patch_masking must be in [0, 1), got {self.patch_masking}",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -534,18 +560,18 @@ class SweepConfig:
     # Checkpoints under <save_folder>/<run name> (local or s3://); None: in each run's run_dir.
     save_folder: Optional[str] = None
     # Training keys (dotted or nested) for every run, e.g. {max_wall_clock: 120, data.num_workers: 1}.
-    overrides: Dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     # One run per point of the cartesian product of these {key: [values]} (a value that is a
     # mapping is a group of keys set together, named in run names by its `name`) ...
-    grid: Dict[str, List[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
     # ... and/or one run per entry: its own keys, and optionally `name` (else named by its keys).
-    runs: List[Dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
     # Short names of keys in run names, e.g. {algorithms.patch_masking.ratio: masking}; else the last part.
-    labels: Dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     # How --print launches each run on a cluster.
     launcher: str = "composer -n 8"
     # The scores `--report` shows and plots, as <dataset>/<score>; empty: all.
-    metrics: List[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -575,10 +601,7 @@ def _unknown_key_message(schema: type, full_key: str, source: str) -> str:
     near = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{(parent + '.') if parent else ''}{near[0]}'?" if near else ""
     where = f"'{parent}'" if parent else "the top level"
-    return (
-        f"Unknown config key '{full_key}' (from {source}).{hint} "
-        f"Valid keys at {where}: {', '.join(valid)}"
-    )
+    return f"Unknown config key '{full_key}' (from {source}).{hint} Valid keys at {where}: {', '.join(valid)}"
 
 
 def _merge(schema: type, base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -630,4 +653,3 @@ def load(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 from composer.core import DataSpec
@@ -31,8 +32,16 @@ class CLIPStreamingDataset(StreamingDataset):
     resumption stays exact), logged and counted.
     """
 
-    def __init__(self, *, augment: Callable, tokenizer: Callable, stream_names: Sequence[str] = (),
-                 validate_hash: Optional[str] = "xxh64", max_bad_samples: int = 100, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        augment: Callable,
+        tokenizer: Callable,
+        stream_names: Sequence[str] = (),
+        validate_hash: Optional[str] = "xxh64",
+        max_bad_samples: int = 100,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.augment = augment  # (image bytes, the sample's random.Random) -> image (pipeline/augment.py)
         self.tokenizer = tokenizer
@@ -76,9 +85,14 @@ class CLIPStreamingDataset(StreamingDataset):
             return
         path, hashes = self._shard_file(shard_id)
         if self.validate_hash not in hashes:  # built by another tool: say so once per shard, read on
-            log.warning("stream '%s': shard %s has no %s hash in its index (it has: %s), so it is not checked; "
-                        "rebuild it with `make shards` to get one", self._stream_name(shard_id), path,
-                        self.validate_hash, sorted(hashes) or "none")  # fmt: skip
+            log.warning(
+                "stream '%s': shard %s has no %s hash in its index (it has: %s), so it is not checked; "
+                "rebuild it with `make shards` to get one",
+                self._stream_name(shard_id),
+                path,
+                self.validate_hash,
+                sorted(hashes) or "none",
+            )
             self._checked_shards.add(shard_id)
             return
         with open(path, "rb") as f:
@@ -96,29 +110,35 @@ class CLIPStreamingDataset(StreamingDataset):
         path, _ = self._shard_file(shard_id)
         message = f"stream '{self._stream_name(shard_id)}': sample {index} in {path} cannot be decoded ({err!r})"
         if self.bad_samples > self.max_bad_samples:
-            raise RuntimeError(f"{message}; {self.bad_samples} bad samples in this loader process, more than "
-                               "data.max_bad_samples: stopping. Rebuild the stream or raise the limit.")  # fmt: skip
+            raise RuntimeError(
+                f"{message}; {self.bad_samples} bad samples in this loader process, more than "
+                "data.max_bad_samples: stopping. Rebuild the stream or raise the limit."
+            )
         log.warning("%s: replaced by the next sample (%d bad so far)", message, self.bad_samples)
         return self[(index + 1) % self.num_samples]
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     if global_batch_size % world_size:
-        raise ConfigError(
-            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}"
-        )
+        raise ConfigError(f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}")
     return global_batch_size // world_size
 
 
-def build_dataloader(cfg: DataConfig, augment: Augment, tokenizer: Callable, world_size: int, seed: int,
-                     device: Device = Device.cpu) -> DataSpec:  # fmt: skip
+def build_dataloader(
+    cfg: DataConfig, augment: Augment, tokenizer: Callable, world_size: int, seed: int, device: Device = Device.cpu
+) -> DataSpec:
     """The run's training data: with `data.augment_on: device`, the workers' parts of each batch
     are finished on `device` (Composer's batch_transforms, before the batch is split)."""
     if not cfg.streams:
         raise ConfigError("data.streams is empty: name at least one MDS stream (local: and/or remote:)")
     streams = [
-        Stream(remote=s.remote, local=s.local, proportion=s.proportion,
-               download_timeout=cfg.download_timeout, download_retry=cfg.download_retry)
+        Stream(
+            remote=s.remote,
+            local=s.local,
+            proportion=s.proportion,
+            download_timeout=cfg.download_timeout,
+            download_retry=cfg.download_retry,
+        )
         for s in cfg.streams.values()
     ]
     batch_size = per_rank_batch_size(cfg.global_batch_size, world_size)
@@ -152,7 +172,8 @@ def build_dataloader(cfg: DataConfig, augment: Augment, tokenizer: Callable, wor
 
 
 class FinishOnDevice:
-    """Composer batch transform of `augment_on: device`: ((payloads, boxes, flips), tokens, ids) -> (images, tokens, ids)."""
+    """Composer batch transform of `augment_on: device`:
+    ((payloads, boxes, flips), tokens, ids) -> (images, tokens, ids)."""
 
     def __init__(self, augment: Augment, device: Device):
         self.augment, self.device = augment, device

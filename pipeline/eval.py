@@ -224,7 +224,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         start = time.time()
         results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
         print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
-    return {"model": model.name, "load_path": cfg.load_path or None, "patch_masking": cfg.patch_masking, "datasets": results}
+    return {
+        "model": model.name,
+        "load_path": cfg.load_path or None,
+        "patch_masking": cfg.patch_masking,
+        "datasets": results,
+    }
 
 
 def format_table(results: dict) -> str:

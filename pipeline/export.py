@@ -1,7 +1,8 @@
 """Export a checkpoint's CLIP for open_clip and the tools built on it (CLIP_benchmark, open_clip_train).
 
     python pipeline/export.py yamls/eval/zeroshot.yaml OUT_DIR load_path=runs/demo
-    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors load_path=runs/demo/checkpoints/ep0-ba250-rank0.pt
+    python pipeline/export.py yamls/eval/zeroshot.yaml OUT.safetensors \
+        load_path=runs/demo/checkpoints/ep0-ba250-rank0.pt
 
 A folder gets open_clip's hub layout: open_clip_config.json (the model config, with any
 `model.context_length` override baked in, plus the preprocessing) and open_clip_model.safetensors.

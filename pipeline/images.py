@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 from PIL import Image
 
 ImageSource = Union[bytes, str, os.PathLike]
+
+
 def open_image(source: ImageSource) -> Image.Image:
     """Opened, not decoded: the header (size, mode) is read; pixels decode on first use."""
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)

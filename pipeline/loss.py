@@ -29,7 +29,7 @@ class Features:
     grad_scale: float = 1.0
 
     @classmethod
-    def from_open_clip(cls, output: dict, max_logit_scale: float) -> "Features":
+    def from_open_clip(cls, output: dict, max_logit_scale: float) -> Features:
         """From open_clip's forward with output_dict=True; the logit scale clamped (CLIP: at 100)."""
         return cls(
             image=output["image_features"],

@@ -40,7 +40,9 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size
         if not layer.decays:
             wd = 0.0
         key = (layer.tower, layer.depth, wd)
-        group = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "name": f"{layer.tower}.{layer.depth}"})
+        group = groups.setdefault(
+            key, {"params": [], "lr": lr, "weight_decay": wd, "name": f"{layer.tower}.{layer.depth}"}
+        )
         group["params"].append(param)
     return list(groups.values())
 
@@ -53,18 +55,29 @@ def describe(groups: list) -> str:
         row["params"] += len(g["params"])
         row["wd"].append(f"{g['weight_decay']:g}")
     order = sorted(depths, key=lambda name: (name.rsplit(".", 1)[0], int(name.rsplit(".", 1)[1])))
-    rows = [[name, str(depths[name]["params"]), f"{depths[name]['lr']:.4g}", " / ".join(sorted(depths[name]["wd"]))] for name in order]
+    rows = [
+        [name, str(depths[name]["params"]), f"{depths[name]['lr']:.4g}", " / ".join(sorted(depths[name]["wd"]))]
+        for name in order
+    ]
     return align_columns([["tower.depth", "tensors", "lr", "weight_decay"], *rows])
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size: int = 256) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimizerConfig, global_batch_size: int = 256
+) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, global_batch_size)
     if dist.get_global_rank() == 0:
         print(f"Optimizer {cfg.name.value}, peak lr per group:\n{describe(groups)}", flush=True)
     kwargs = dict(lr=peak_lr(cfg, global_batch_size), betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == OptimizerName.lamb:
         lamb = cfg.lamb
-        return Lamb(groups, **kwargs, max_grad_norm=lamb.max_grad_norm, trust_clip=lamb.trust_clip, always_adapt=lamb.always_adapt)
+        return Lamb(
+            groups,
+            **kwargs,
+            max_grad_norm=lamb.max_grad_norm,
+            trust_clip=lamb.trust_clip,
+            always_adapt=lamb.always_adapt,
+        )
     # The fused update: one kernel per tensor instead of a loop of small ops (the fast path on
     # GPUs; on the 2-core CPU it measured within noise of the loop, bench/RESULTS.md).
     return torch.optim.AdamW(groups, **kwargs, fused=True)

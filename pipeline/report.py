@@ -44,7 +44,7 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
     points = [(batch, value) for batch, metric, value in rows if metric == LOSS_KEY]
     batches, losses = [b for b, _ in points], [v for _, v in points]
     with open(os.path.join(cfg.run_dir, "loss.csv"), "w") as f:
-        f.write("batch,loss\n" + "".join(f"{b},{l:.6f}\n" for b, l in points))
+        f.write("batch,loss\n" + "".join(f"{batch},{loss:.6f}\n" for batch, loss in points))
     if losses:
         plot_losses(batches, losses, os.path.join(cfg.run_dir, "loss.png"), f"{cfg.run_name}: {cfg.model.name}")
     summary = {
@@ -73,6 +73,7 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         print(
             f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
             f"  checkpoints: {cfg.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
-            f"  metrics:     {os.path.join(cfg.run_dir, 'metrics.csv')}\n  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
+            f"  metrics:     {os.path.join(cfg.run_dir, 'metrics.csv')}\n"
+            f"  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
         )
     return summary

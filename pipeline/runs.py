@@ -57,8 +57,16 @@ def saved_config(folder: str) -> Optional[TrainConfig]:
 
 # What decides which samples make up each global batch, in which epoch (streaming's elastic
 # determinism keeps the order for any number of ranks, nodes and workers while these stay).
-SAMPLE_ORDER_KEYS = ("seed", "data.global_batch_size", "data.streams", "data.shuffle", "data.epoch_size",
-                     "data.num_canonical_nodes", "data.shuffle_algo", "data.shuffle_block_size")  # fmt: skip
+SAMPLE_ORDER_KEYS = (
+    "seed",
+    "data.global_batch_size",
+    "data.streams",
+    "data.shuffle",
+    "data.epoch_size",
+    "data.num_canonical_nodes",
+    "data.shuffle_algo",
+    "data.shuffle_block_size",
+)
 PINNED_AT_FIRST_START = ("data.num_canonical_nodes", "data.shuffle_block_size")
 
 
@@ -77,15 +85,21 @@ def pin_sample_order(cfg: TrainConfig, saved: Optional[TrainConfig]) -> TrainCon
     if saved is None:
         nodes = data.num_canonical_nodes or max(1, dist.get_world_size() // dist.get_local_world_size())
         block = data.shuffle_block_size or max(4_000_000 // nodes, 1 << 18)  # streaming's default
-        return dataclasses.replace(cfg, data=dataclasses.replace(data, num_canonical_nodes=nodes, shuffle_block_size=block))
-    pinned = {key.split(".")[1]: getattr(data, key.split(".")[1]) or _sample_order_value(saved, key) for key in PINNED_AT_FIRST_START}
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(data, num_canonical_nodes=nodes, shuffle_block_size=block)
+        )
+    pinned = {
+        key.split(".")[1]: getattr(data, key.split(".")[1]) or _sample_order_value(saved, key)
+        for key in PINNED_AT_FIRST_START
+    }
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, **pinned))
     for key in SAMPLE_ORDER_KEYS:
         now, then = _sample_order_value(cfg, key), _sample_order_value(saved, key)
         if now != then:
             raise ConfigError(
                 f"{key}={now} would change the sample order of the run being resumed, which started with "
-                f"{key}={then} (its {CONFIG_FILE} in {cfg.save_folder}). Resume with the same value, or start a new run."
+                f"{key}={then} (its {CONFIG_FILE} in {cfg.save_folder}). "
+                "Resume with the same value, or start a new run."
             )
     return cfg
 

@@ -100,8 +100,12 @@ def extrapolation_check(xs, errors) -> dict | None:
     alpha, beta = fit_power_law([xs[i] for i in rest], [errors[i] for i in rest])
     predicted = beta * xs[held] ** alpha
     observed = errors[held]
-    return {"held_out_x": xs[held], "observed": observed, "predicted": predicted,
-            "relative_error": abs(predicted - observed) / observed}  # fmt: skip
+    return {
+        "held_out_x": xs[held],
+        "observed": observed,
+        "predicted": predicted,
+        "relative_error": abs(predicted - observed) / observed,
+    }
 
 
 def collect(run_dirs) -> list:
@@ -145,8 +149,9 @@ def error_of(value: float) -> float:
     return 1 - (value / 100 if value > 1 else value)
 
 
-def fit_report(rows: list, x: str = "flops", metric: str | None = None,
-               n_boot: int = 2000, level: float = 0.95) -> dict:
+def fit_report(
+    rows: list, x: str = "flops", metric: str | None = None, n_boot: int = 2000, level: float = 0.95
+) -> dict:
     """Points, frontier, the fit on the frontier with its bootstrap interval and band, the extrapolation check."""
     if x not in X_AXES:
         raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
@@ -157,8 +162,10 @@ def fit_report(rows: list, x: str = "flops", metric: str | None = None,
     errors = [error_of(row["eval"][metric]) for row in usable]
     frontier = pareto_frontier(xs, errors)
     if len(frontier) < 2:
-        raise ValueError(f"x={x!r}: {len(frontier)} run(s) on the frontier, a fit needs 2"
-                         + (f"; runs without {x!r}: {skipped}" if skipped else ""))  # fmt: skip
+        raise ValueError(
+            f"x={x!r}: {len(frontier)} run(s) on the frontier, a fit needs 2"
+            + (f"; runs without {x!r}: {skipped}" if skipped else "")
+        )
     fx, fe = [xs[i] for i in frontier], [errors[i] for i in frontier]
     alpha, beta = fit_power_law(fx, fe)
     fits = bootstrap_fits(fx, fe, n_boot)
@@ -178,8 +185,16 @@ def fit_report(rows: list, x: str = "flops", metric: str | None = None,
         "n_runs": len(usable),
         "n_frontier": len(frontier),
         "skipped": skipped,
-        "points": [{"run_name": row.get("run_name"), "run_dir": row["run_dir"], "x": xs[i], "error": errors[i],
-                    "frontier": i in on} for i, row in enumerate(usable)],  # fmt: skip
+        "points": [
+            {
+                "run_name": row.get("run_name"),
+                "run_dir": row["run_dir"],
+                "x": xs[i],
+                "error": errors[i],
+                "frontier": i in on,
+            }
+            for i, row in enumerate(usable)
+        ],
         "band": {"x": grid.tolist(), "low": band_low.tolist(), "high": band_high.tolist()},
     }
 
@@ -196,15 +211,23 @@ def plot(report: dict, path: str) -> None:
     for p in front:
         ax.annotate(p["run_name"] or "", (p["x"], p["error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.fill_between(grid, band["low"], band["high"], color="C1", alpha=0.2, label=f"{100 * report['level']:.0f}% band")
-    ax.plot(grid, report["beta"] * grid ** report["alpha"], "--", color="C1",
-            label=f"E = {report['beta']:.3g} · x^{report['alpha']:.3f}")  # fmt: skip
+    ax.plot(
+        grid,
+        report["beta"] * grid ** report["alpha"],
+        "--",
+        color="C1",
+        label=f"E = {report['beta']:.3g} · x^{report['alpha']:.3f}",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(X_AXES[report["x"]])
     ax.set_ylabel(f"zero-shot error (1 - {report['metric'].rsplit('/', 1)[-1]})")
     low, high = report["alpha_ci"]
-    ax.set_title(f"{report['metric']}\nalpha = {report['alpha']:.3f} ({100 * report['level']:.0f}% CI {low:.3f} to "
-                 f"{high:.3f}), {report['n_frontier']} of {report['n_runs']} runs on the frontier", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{report['metric']}\nalpha = {report['alpha']:.3f} ({100 * report['level']:.0f}% CI {low:.3f} to "
+        f"{high:.3f}), {report['n_frontier']} of {report['n_runs']} runs on the frontier",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -229,7 +252,9 @@ def format_table(reports: dict) -> str:
     for x, r in reports.items():
         ext = "-" if r["extrapolation"] is None else f"{100 * r['extrapolation']['relative_error']:.1f}%"
         low, high = r["alpha_ci"]
-        rows.append([x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext, r["n_runs"], r["n_frontier"]])
+        rows.append(
+            [x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext, r["n_runs"], r["n_frontier"]]
+        )
     return markdown_table(rows)
 
 

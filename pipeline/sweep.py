@@ -89,7 +89,9 @@ def expand(sweep: SweepConfig) -> list:
     if not own:  # neither grid nor runs: one run of the common overrides
         own, names = [{}], [None]
     # A run is named by its values that are not the same in every run.
-    varying = [k for k in dict.fromkeys(k for o in own for k in o) if any(k not in o or o[k] != own[0].get(k) for o in own)]
+    varying = [
+        k for k in dict.fromkeys(k for o in own for k in o) if any(k not in o or o[k] != own[0].get(k) for o in own)
+    ]
     common = flatten(sweep.overrides)
     runs = []
     for name, values in zip(names, own):
@@ -154,8 +156,10 @@ def run_all(sweep: SweepConfig, runs: list) -> None:
         # Same process group: a sweep killed as a group takes its run with it.
         code = subprocess.run([sys.executable, TRAIN_SCRIPT, sweep.train, *run.args]).returncode
         if code != 0:
-            sys.exit(f"Sweep stopped: run {run.name} failed (exit {code}). Run the same command again to "
-                     "continue it from its last checkpoint.")  # fmt: skip
+            sys.exit(
+                f"Sweep stopped: run {run.name} failed (exit {code}). Run the same command again to "
+                "continue it from its last checkpoint."
+            )
         if not is_complete(run.run_dir):
             print(f"warning: {run.name} ended without a complete summary.json", file=sys.stderr)
 
@@ -177,14 +181,23 @@ def masked_scores(run: Run, cfg: TrainConfig) -> dict:
         from pipeline.eval import evaluate  # torch and the model code: only when an eval runs
 
         ratio = cfg.algorithms.patch_masking.ratio
-        eval_cfg = EvalConfig(load_path=run.run_dir, datasets=cfg.eval_datasets, patch_masking=ratio,
-                              num_workers=cfg.data.num_workers, seed=cfg.seed)  # fmt: skip
+        eval_cfg = EvalConfig(
+            load_path=run.run_dir,
+            datasets=cfg.eval_datasets,
+            patch_masking=ratio,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+        )
         with open(path, "w") as f:
             json.dump(evaluate(eval_cfg), f, indent=2)
     with open(path) as f:
         datasets = json.load(f)["datasets"]
-    return {f"{name}/{score}": value for name, scores in datasets.items() for score, value in scores.items()
-            if isinstance(value, float)}  # fmt: skip
+    return {
+        f"{name}/{score}": value
+        for name, scores in datasets.items()
+        for score, value in scores.items()
+        if isinstance(value, float)
+    }
 
 
 def eval_curves(run_dir: str, offset: float) -> dict:
@@ -216,7 +229,9 @@ def report(sweep: SweepConfig, runs: list) -> str:
     import matplotlib.pyplot as plt
 
     done = [(run, read_summary(run.run_dir)) for run in runs]
-    done = [(run, summary, load(TrainConfig, os.path.join(run.run_dir, "config.yaml"))) for run, summary in done if summary]
+    done = [
+        (run, summary, load(TrainConfig, os.path.join(run.run_dir, "config.yaml"))) for run, summary in done if summary
+    ]
     if not done:
         raise ConfigError(f"no run of {sweep.name} has a summary yet under {sweep.folder}")
     metrics = sweep.metrics or list(dict.fromkeys(short_metric(m) for _, s, _ in done for m in s["eval"]))
@@ -234,9 +249,21 @@ def report(sweep: SweepConfig, runs: list) -> str:
         parent = next((p for p, s, _ in done if pretrained.startswith(p.run_dir.rstrip("/") + "/")), None)
         offset = next((s["wall_seconds"] for p, s, _ in done if p is parent), 0.0)
         samples, seconds = summary["samples"], summary["wall_seconds"]
-        table.append([run.name, f"{ratio:g}", parent.name if parent else "-", str(summary["batches"]), str(samples),
-                      f"{seconds:.0f}", f"{samples / seconds:.0f}", f"{summary['flops']:.3g}", f"{summary['params'] / 1e6:.2f}",
-                      *(percent(full, m) for m in metrics), *(percent(masked, m) for m in masked_columns)])  # fmt: skip
+        table.append(
+            [
+                run.name,
+                f"{ratio:g}",
+                parent.name if parent else "-",
+                str(summary["batches"]),
+                str(samples),
+                f"{seconds:.0f}",
+                f"{samples / seconds:.0f}",
+                f"{summary['flops']:.3g}",
+                f"{summary['params'] / 1e6:.2f}",
+                *(percent(full, m) for m in metrics),
+                *(percent(masked, m) for m in masked_columns),
+            ]
+        )
         curves[run.name] = eval_curves(run.run_dir, offset)
     text = markdown_table(table)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -258,8 +285,9 @@ def report(sweep: SweepConfig, runs: list) -> str:
 
 
 def main(argv: list) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep", help="a sweep YAML (yamls/sweeps/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep's keys")
     mode = parser.add_mutually_exclusive_group()

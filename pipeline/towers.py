@@ -33,7 +33,14 @@ VISION_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre
 TIMM_EMBEDDINGS = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")
 TEXT_EMBEDDINGS = ("token_embedding", "positional_embedding")
 # Embedding tables that get no weight decay (patch embeddings are convolutions and do decay).
-NO_DECAY_EMBEDDINGS = ("class_embedding", "positional_embedding", "cls_token", "reg_token", "pos_embed", "token_embedding")
+NO_DECAY_EMBEDDINGS = (
+    "class_embedding",
+    "positional_embedding",
+    "cls_token",
+    "reg_token",
+    "pos_embed",
+    "token_embedding",
+)
 
 
 @dataclass
@@ -121,7 +128,11 @@ def kept_image_tokens(clip: torch.nn.Module) -> int:
     """Prefix token(s) + the patches that survive patch masking in training."""
     tower = vision_tower(clip)
     if isinstance(clip.visual, TimmModel):
-        patches, prefix, dropout = tower.root.patch_embed.num_patches, tower.root.num_prefix_tokens, tower.root.patch_drop
+        patches, prefix, dropout = (
+            tower.root.patch_embed.num_patches,
+            tower.root.num_prefix_tokens,
+            tower.root.patch_drop,
+        )
     else:
         patches, prefix, dropout = clip.visual.grid_size[0] * clip.visual.grid_size[1], 1, clip.visual.patch_dropout
     ratio = getattr(dropout, "prob", 0.0) if clip.training else 0.0
@@ -243,8 +254,10 @@ def layout_to_clip(clip: torch.nn.Module, tower: str, layout: str, source: dict)
     the trunk of open_clip's TimmModel."""
     if layout == "timm":
         if tower != "visual" or not isinstance(clip.visual, TimmModel):
-            raise ValueError(f"timm-layout weights go into a timm vision tower (open_clip's TimmModel), not the {tower} tower "
-                             f"of this model ({type(clip.visual).__name__})")  # fmt: skip
+            raise ValueError(
+                f"timm-layout weights go into a timm vision tower (open_clip's TimmModel), not the {tower} tower "
+                f"of this model ({type(clip.visual).__name__})"
+            )
         return {f"visual.trunk.{k}": v for k, v in source.items()}
     if tower == "visual":
         return {k: v for k, v in source.items() if k.startswith("visual.")}
@@ -260,7 +273,9 @@ def resample_to_fit(clip: torch.nn.Module, key: str, value: torch.Tensor) -> Opt
         return resample_patch_embed(value, list(clip.visual.trunk.patch_embed.patch_size))
     if key == "visual.trunk.pos_embed":
         trunk = clip.visual.trunk
-        return resample_abs_pos_embed(value, list(trunk.patch_embed.grid_size), num_prefix_tokens=trunk.num_prefix_tokens)
+        return resample_abs_pos_embed(
+            value, list(trunk.patch_embed.grid_size), num_prefix_tokens=trunk.num_prefix_tokens
+        )
     if key == "visual.positional_embedding":
         state = {key: value}
         resize_pos_embed(state, clip)

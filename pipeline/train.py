@@ -1,7 +1,7 @@
 """The recipe: config -> model, data, optimizer, algorithms -> Composer Trainer -> fit.
 
-    composer -n 8 pipeline/train.py yamls/flip_l14.yaml [key=value ...]
-    python pipeline/train.py yamls/demo_cpu.yaml max_duration=20ba
+composer -n 8 pipeline/train.py yamls/flip_l14.yaml [key=value ...]
+python pipeline/train.py yamls/demo_cpu.yaml max_duration=20ba
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from composer.optim import CosineAnnealingWithWarmupScheduler  # noqa: E402
 from composer.utils import dist, reproducibility  # noqa: E402
 
 from pipeline.algorithms import build_algorithms  # noqa: E402
+from pipeline.augment import build_augment  # noqa: E402
 from pipeline.callbacks import LossSpikeError, build_loggers, build_run_callbacks  # noqa: E402
 from pipeline.checkpointing import (  # noqa: E402
     CheckpointError,
@@ -32,7 +33,6 @@ from pipeline.checkpointing import (  # noqa: E402
     guard_checkpoint_loading,
     resume_checkpoint,
 )
-from pipeline.augment import build_augment  # noqa: E402
 from pipeline.data import build_dataloader  # noqa: E402
 from pipeline.eval import build_evaluators  # noqa: E402
 from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
@@ -98,8 +98,10 @@ def main(argv: list) -> None:
         cfg = pin_sample_order(cfg, saved_config(cfg.save_folder) if resume_path else None)
         trainer = build_trainer(cfg, resume_path=resume_path)
         if already_complete(trainer, cfg):  # a scheduler retrying a finished job
-            print(f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
-                  f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do.")  # fmt: skip
+            print(
+                f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
+                f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do."
+            )
             trainer.close()
             return
         if dist.get_global_rank() == 0:

@@ -91,8 +91,10 @@ def _fit(clip: torch.nn.Module, what: str, arriving: dict, expected: dict, cfg: 
         if value.shape != expected[key].shape:
             value = resample_to_fit(clip, key, value) if value.ndim > 1 else None
             if value is None or value.shape != expected[key].shape:
-                raise ConfigError(f"{what} from {cfg.path}: '{key}' has shape {tuple(arriving[key].shape)}, "
-                                  f"this model's has {tuple(expected[key].shape)}")  # fmt: skip
+                raise ConfigError(
+                    f"{what} from {cfg.path}: '{key}' has shape {tuple(arriving[key].shape)}, "
+                    f"this model's has {tuple(expected[key].shape)}"
+                )
         fitted[key] = value.to(expected[key].dtype)
     return fitted
 
@@ -125,6 +127,8 @@ def load_initial_weights(clip: torch.nn.Module, cfg: ModelConfig) -> None:
         loaded.append(f"{load_pretrained(clip, cfg.pretrained)} tensors from {cfg.pretrained.path}")
     for tower, init in (("visual", cfg.visual_init), ("text", cfg.text_init)):
         if init is not None:
-            loaded.append(f"{tower} tower: {load_tower(clip, tower, init)} tensors from {init.path} ({init.layout.value})")
+            loaded.append(
+                f"{tower} tower: {load_tower(clip, tower, init)} tensors from {init.path} ({init.layout.value})"
+            )
     if loaded:
         print(f"{cfg.name}: " + "; ".join(loaded), file=sys.stderr)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import os
 import string
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier

@@ -22,8 +22,13 @@ def main(out: str, loss: str) -> None:
     per_rank = GLOBAL_BATCH // dist.get_world_size()
     for run, microbatch in (("full", None), ("chunked", per_rank // 4)):
         capture = GradCapture()
-        trainer = make_trainer(tiny_model(cfg=model_cfg), batch_size=per_rank, device_train_microbatch_size=microbatch,
-                               callbacks=[capture], max_duration="1ba")  # fmt: skip
+        trainer = make_trainer(
+            tiny_model(cfg=model_cfg),
+            batch_size=per_rank,
+            device_train_microbatch_size=microbatch,
+            callbacks=[capture],
+            max_duration="1ba",
+        )
         trainer.fit()
         grads = {name.removeprefix("module."): grad for name, grad in capture.grads[0].items()}
         loss = torch.tensor(capture.losses[0])

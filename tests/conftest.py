@@ -51,8 +51,14 @@ def demo_model():
 
 
 # A small model keeps each checkpoint (weights + Adam state) a few MB.
-SMALL_MODEL = ["model.custom.embed_dim=32", "model.custom.vision_cfg.width=32", "model.custom.vision_cfg.layers=2",
-               "model.custom.text_cfg.width=32", "model.custom.text_cfg.heads=2", "model.custom.text_cfg.layers=2"]  # fmt: skip
+SMALL_MODEL = [
+    "model.custom.embed_dim=32",
+    "model.custom.vision_cfg.width=32",
+    "model.custom.vision_cfg.layers=2",
+    "model.custom.text_cfg.width=32",
+    "model.custom.text_cfg.heads=2",
+    "model.custom.text_cfg.layers=2",
+]
 
 
 def train_overrides(cfg, run_dir: str, *extra: str) -> list:

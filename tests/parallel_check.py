@@ -20,7 +20,9 @@ def main(out: str, sharding: str, shard_size: str = "") -> None:
     cfg = ParallelismConfig(sharding=Sharding(sharding), shard_size=int(shard_size) if shard_size else None)
     model = tiny_model()
     total = sum(p.numel() for p in model.parameters())
-    trainer = make_trainer(model, batch_size=8, max_duration="3ba", loggers=[log], parallelism_config=build_parallelism(cfg))  # fmt: skip
+    trainer = make_trainer(
+        model, batch_size=8, max_duration="3ba", loggers=[log], parallelism_config=build_parallelism(cfg)
+    )
     trainer.fit()
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.state.model.parameters())
     losses = [float(v) for _, v in log.data["loss/train/total"]]

@@ -33,8 +33,18 @@ WEED = _VENV_WEED if os.path.exists(_VENV_WEED) else (shutil.which("weed") or _V
 REGION = "us-east-1"
 # Every listener `weed mini` can open (the *.grpc ones default to port + 10000, which may be
 # taken, so they are picked too). WebDAV, Iceberg and Lance are switched off instead.
-PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-              "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")  # fmt: skip
+PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 def free_ports(n: int) -> list:
@@ -69,13 +79,20 @@ class S3Server:
     # -- process --------------------------------------------------------------------------------
     def command(self) -> list:
         return [
-            WEED, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            WEED,
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-master.telemetry=false",  # otherwise it reports to telemetry.seaweedfs.com
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
-        ]  # fmt: skip
+        ]
 
-    def start(self, timeout: float = 60.0) -> "S3Server":
+    def start(self, timeout: float = 60.0) -> S3Server:
         if self.running:
             return self
         if not os.path.exists(WEED):
@@ -84,9 +101,14 @@ class S3Server:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.root, start_new_session=True,  # its own process group, killed as a whole
-            )  # fmt: skip
+                self.command(),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                start_new_session=True,  # its own process group, killed as a whole
+            )
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -161,7 +183,7 @@ class S3Server:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,8 +15,15 @@ from tests.tiny import TINY, TINY_SIGLIP, GradCapture, make_trainer, tiny_model
 
 def one_batch(microbatch, model_cfg=TINY, **kwargs):
     capture, log = GradCapture(), InMemoryLogger()
-    make_trainer(tiny_model(cfg=model_cfg), batch_size=32, device_train_microbatch_size=microbatch, callbacks=[capture],
-                 loggers=[log], max_duration="1ba", **kwargs).fit()  # fmt: skip
+    make_trainer(
+        tiny_model(cfg=model_cfg),
+        batch_size=32,
+        device_train_microbatch_size=microbatch,
+        callbacks=[capture],
+        loggers=[log],
+        max_duration="1ba",
+        **kwargs,
+    ).fit()
     return float(log.data["loss/train/total"][0][1]), capture.grads[0]
 
 
@@ -62,8 +69,14 @@ def test_exact_accumulation_on_two_ranks(tmp_path, loss):
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}.pt"
-        proc = subprocess.run([*COMPOSER, "-n", str(nproc), script, str(out), loss], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [*COMPOSER, "-n", str(nproc), script, str(out), loss],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         results[nproc] = torch.load(out, weights_only=True)
     two = results[2]

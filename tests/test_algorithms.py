@@ -55,9 +55,12 @@ def test_unmasked_tuning_switches_masking_off_and_sets_lr():
     log = InMemoryLogger()
     lrs = GradCapture()
     trainer = make_trainer(
-        model, max_duration="4ba", loggers=[log], callbacks=[lrs],
+        model,
+        max_duration="4ba",
+        loggers=[log],
+        callbacks=[lrs],
         algorithms=[PatchMasking(0.5), UnmaskedTuning(start="3ba", lr=0.01)],
-    )  # fmt: skip
+    )
     trainer.fit()
     assert [shape[1] for shape in tokens.inputs] == [1 + NUM_PATCHES // 2] * 3 + [1 + NUM_PATCHES]
     assert [v for _, v in log.data["unmasked_tuning/active"]] == [0, 0, 0, 1]

@@ -45,12 +45,16 @@ def test_crops_follow_torchvisions_distribution(width, height):
     def features(boxes):
         b = np.array(boxes, dtype=float)
         w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-        return {"area": w * h / (width * height), "log_ratio": np.log(w / h),
-                "centre_x": (b[:, 0] + b[:, 2]) / 2 / width, "centre_y": (b[:, 1] + b[:, 3]) / 2 / height}  # fmt: skip
+        return {
+            "area": w * h / (width * height),
+            "log_ratio": np.log(w / h),
+            "centre_x": (b[:, 0] + b[:, 2]) / 2 / width,
+            "centre_y": (b[:, 1] + b[:, 3]) / 2 / height,
+        }
 
     for name, values in features(drawn).items():
         assert ks_2samp(values, features(reference)[name]).pvalue > 1e-3, name
-    assert all(0 <= l < r <= width and 0 <= t < b <= height for l, t, r, b in drawn)
+    assert all(0 <= left < right <= width and 0 <= top < bottom <= height for left, top, right, bottom in drawn)
 
 
 def test_the_same_seed_gives_the_same_crop_and_flip_and_both_flips_occur():
@@ -91,10 +95,14 @@ def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode():
 def test_device_path_matches_the_cpu_path(decode_on_device):
     """Workers' parts of RGB / RGBA / palette / grey / CMYK images (PNG and JPEG) finished in one batch."""
     a = augment(size=32)
-    sources = [encoded(in_mode(picture(i, (60, 44)), mode, i)) for i, mode in enumerate(["RGB", "RGBA", "P", "L", "CMYK"])]
+    sources = [
+        encoded(in_mode(picture(i, (60, 44)), mode, i)) for i, mode in enumerate(["RGB", "RGBA", "P", "L", "CMYK"])
+    ]
     sources += [jpeg(picture(9, (60, 44))), jpeg(picture(10, (60, 44)).convert("L"))]
-    items = [(a.worker_part(data, random.Random(seed), decode_on_device), torch.tensor([seed]), seed)
-             for seed, data in enumerate(sources)]  # fmt: skip
+    items = [
+        (a.worker_part(data, random.Random(seed), decode_on_device), torch.tensor([seed]), seed)
+        for seed, data in enumerate(sources)
+    ]
     (payloads, boxes, flips), tokens, sample_ids = collate_device_parts(items)
     assert sample_ids.tolist() == list(range(len(sources)))
     assert [p.dim() for p in payloads] == [3] * 5 + ([1, 1] if decode_on_device else [3, 3])  # JPEG bytes travel

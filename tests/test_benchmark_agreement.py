@@ -72,10 +72,14 @@ def eval_sets(tmp_path_factory):
     labelled = []
     for label, name in enumerate(CLASSES):
         (root / "folder" / name).mkdir(parents=True)
-        labelled += [(write_image(root / "folder" / name / str(i), PER_CLASS * label + i), label) for i in range(PER_CLASS)]
+        labelled += [
+            (write_image(root / "folder" / name / str(i), PER_CLASS * label + i), label) for i in range(PER_CLASS)
+        ]
     (root / "images").mkdir()
-    captioned = [(write_image(root / "images" / f"{i:03d}", 100 + i), [f"picture {i}", f"drawing number {i}"])
-                 for i in range(RETRIEVAL_IMAGES)]  # fmt: skip
+    captioned = [
+        (write_image(root / "images" / f"{i:03d}", 100 + i), [f"picture {i}", f"drawing number {i}"])
+        for i in range(RETRIEVAL_IMAGES)
+    ]
     with open(root / "captions.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image", "caption")] + [(os.path.basename(p), c) for p, cs in captioned for c in cs])
     assert {Image.open(p).mode for p, _ in labelled + captioned} == set(MODES)
@@ -86,7 +90,9 @@ def eval_sets(tmp_path_factory):
     ours = {
         "shapes_folder": imagefolder_to_mds(str(root / "folder"), str(root / "mds" / "shapes_folder")),
         "shapes_wds": wds_to_mds(str(root / "wds_shapes"), str(root / "mds" / "shapes_wds")),
-        "captions_csv": flickr_to_mds(str(root / "captions.csv"), str(root / "images"), str(root / "mds" / "captions_csv")),
+        "captions_csv": flickr_to_mds(
+            str(root / "captions.csv"), str(root / "images"), str(root / "mds" / "captions_csv")
+        ),
         "captions_wds": wds_to_mds(str(root / "wds_flickr30k"), str(root / "mds" / "captions_wds")),
     }
     return root, ours
@@ -123,12 +129,29 @@ def test_hub_layout_opens_in_open_clip_by_name_with_the_same_model(exported, tmp
 def run_clip_benchmark(folder: str, root, out) -> dict:
     """Its CLI on its own webdataset folders; wds/flickr30k is a retrieval set by its name."""
     command = [
-        os.path.join(os.path.dirname(sys.executable), "clip_benchmark"), "eval",
-        "--model", f"local-dir:{folder}", "--pretrained", "local",
-        "--dataset", "wds/shapes", "wds/flickr30k", "--dataset_root", f"{root}/wds_{{dataset}}",
-        "--recall_k", "1", "5", "10", "--batch_size", "10", "--num_workers", "0", "--no_amp",
-        "--output", f"{out}/{{dataset}}.json",
-    ]  # fmt: skip
+        os.path.join(os.path.dirname(sys.executable), "clip_benchmark"),
+        "eval",
+        "--model",
+        f"local-dir:{folder}",
+        "--pretrained",
+        "local",
+        "--dataset",
+        "wds/shapes",
+        "wds/flickr30k",
+        "--dataset_root",
+        f"{root}/wds_{{dataset}}",
+        "--recall_k",
+        "1",
+        "5",
+        "10",
+        "--batch_size",
+        "10",
+        "--num_workers",
+        "0",
+        "--no_amp",
+        "--output",
+        f"{out}/{{dataset}}.json",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("shapes", "flickr30k")}
@@ -136,12 +159,18 @@ def run_clip_benchmark(folder: str, root, out) -> dict:
 
 def run_pipeline_eval(cfg, sets: dict, root, out) -> dict:
     """pipeline/eval.py's main on a YAML naming our four converted sets."""
-    datasets = {name: {"type": "retrieval", "local": str(root / "mds" / name), "batch_size": 7}
-                for name in ("captions_csv", "captions_wds")}  # fmt: skip
+    datasets = {
+        name: {"type": "retrieval", "local": str(root / "mds" / name), "batch_size": 7}
+        for name in ("captions_csv", "captions_wds")
+    }
     for name in ("shapes_folder", "shapes_wds"):
-        datasets[name] = {"type": "classification", "local": str(root / "mds" / name), "batch_size": 7,
-                          "classnames": sets[name]["classnames"],  # the classnames.txt the converters wrote
-                          "templates": str(root / "wds_shapes" / "zeroshot_classification_templates.txt")}  # fmt: skip
+        datasets[name] = {
+            "type": "classification",
+            "local": str(root / "mds" / name),
+            "batch_size": 7,
+            "classnames": sets[name]["classnames"],  # the classnames.txt the converters wrote
+            "templates": str(root / "wds_shapes" / "zeroshot_classification_templates.txt"),
+        }
     out.mkdir()
     yaml = out / "eval.yaml"
     model = OmegaConf.to_container(OmegaConf.structured(cfg.model))
@@ -164,7 +193,12 @@ def test_every_score_equals_clip_benchmark_on_rgba_palette_grey_and_cmyk(eval_se
     theirs = run_clip_benchmark(folder, root, tmp_path)
     assert theirs["shapes"]["task"] == "zeroshot_classification" and theirs["flickr30k"]["task"] == "zeroshot_retrieval"
     ours = run_pipeline_eval(cfg, sets, root, tmp_path / "after")
-    pairs = {"shapes_folder": "shapes", "shapes_wds": "shapes", "captions_csv": "flickr30k", "captions_wds": "flickr30k"}
+    pairs = {
+        "shapes_folder": "shapes",
+        "shapes_wds": "shapes",
+        "captions_csv": "flickr30k",
+        "captions_wds": "flickr30k",
+    }
     for name, their_name in pairs.items():
         scores = scores_as_clip_benchmark_names(ours[name])
         assert len(scores) == (3 if "shapes" in name else 6)
@@ -225,6 +259,10 @@ def test_wds_sets_keep_labels_captions_and_clip_benchmark_files(eval_sets):
         classes[name] = {s["image"]: names[int(s["label"])] for s in samples}
     assert names == CLASSES and sorted(CLASSES) != CLASSES
     assert classes["shapes_wds"] == classes["shapes_folder"] and len(classes["shapes_wds"]) == len(CLASSES) * PER_CLASS
-    csv_captions = {s["image"]: s["captions"] for s in StreamingDataset(local=str(root / "mds" / "captions_csv"), batch_size=1)}
-    wds_captions = {s["image"]: s["captions"] for s in StreamingDataset(local=str(root / "mds" / "captions_wds"), batch_size=1)}
+    csv_captions = {
+        s["image"]: s["captions"] for s in StreamingDataset(local=str(root / "mds" / "captions_csv"), batch_size=1)
+    }
+    wds_captions = {
+        s["image"]: s["captions"] for s in StreamingDataset(local=str(root / "mds" / "captions_wds"), batch_size=1)
+    }
     assert wds_captions == csv_captions and all(len(c) == 2 for c in wds_captions.values())

@@ -21,8 +21,15 @@ def _to_tensor(data: bytes, rng):
 
 
 def _dataset(local: str, name: str = "unit", augment=_to_tensor, **kwargs) -> CLIPStreamingDataset:
-    return CLIPStreamingDataset(local=local, batch_size=1, shuffle=False, augment=augment,
-                                tokenizer=lambda text: [text], stream_names=[name], **kwargs)  # fmt: skip
+    return CLIPStreamingDataset(
+        local=local,
+        batch_size=1,
+        shuffle=False,
+        augment=augment,
+        tokenizer=lambda text: [text],
+        stream_names=[name],
+        **kwargs,
+    )
 
 
 def _png(value: int) -> bytes:
@@ -64,7 +71,9 @@ def test_undecodable_samples_are_replaced_counted_and_capped(tmp_path):
     assert dataset.bad_samples == 1
     assert [dataset[i][1] for i in (0, 2, 3)] == ["sample 0", "sample 2", "sample 3"]
     strict = _dataset(str(local), max_bad_samples=0)
-    with pytest.raises(RuntimeError, match=r"stream 'unit': sample 1 in .*shard.00000.mds cannot be decoded.*max_bad_samples"):
+    with pytest.raises(
+        RuntimeError, match=r"stream 'unit': sample 1 in .*shard.00000.mds cannot be decoded.*max_bad_samples"
+    ):
         strict[1]
 
 

@@ -12,8 +12,15 @@ from streaming import StreamingDataset
 from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.to_mds import BASE_COLUMNS, convert
 
-DROP_REASONS = ["failed_to_download", "failed_to_resize", "caption_too_short", "duplicate_url", "duplicate_image",
-                "image_too_small", "filtered_by_where"]  # fmt: skip
+DROP_REASONS = [
+    "failed_to_download",
+    "failed_to_resize",
+    "caption_too_short",
+    "duplicate_url",
+    "duplicate_image",
+    "image_too_small",
+    "filtered_by_where",
+]
 
 
 def test_img2dataset_downloaded_from_loopback(sample_build):
@@ -128,8 +135,10 @@ def test_image_filters_and_hash_dedup_are_counted(spark, tmp_path):
 def test_dedup_across_sources_keeps_the_first_source(spark, tmp_path):
     red, blue = _jpeg("red"), _jpeg("blue")
     _img2dataset_output(tmp_path / "i2d" / "laion", [dict(key="0", caption="red", jpg=red, sha256="h0")])
-    _img2dataset_output(tmp_path / "i2d" / "coyo", [dict(key="0", caption="red too", jpg=red, sha256="h0"),
-                                                    dict(key="1", caption="blue", jpg=blue, sha256="h1")])  # fmt: skip
+    _img2dataset_output(
+        tmp_path / "i2d" / "coyo",
+        [dict(key="0", caption="red too", jpg=red, sha256="h0"), dict(key="1", caption="blue", jpg=blue, sha256="h1")],
+    )
     sources = {name: SourceConfig(url_list="unused", out=str(tmp_path / name)) for name in ("laion", "coyo")}
     within = _convert(spark, tmp_path, sources)
     assert within["coyo"]["written"] == 2 and "duplicate_image" not in within["coyo"]

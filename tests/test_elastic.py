@@ -30,8 +30,17 @@ MASKING = ["algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=
 
 def elastic(cfg, run_dir, *extra: str) -> list:
     """The demo recipe, small, with patch and text masking, global batch 16."""
-    return train_overrides(cfg, run_dir, "data.global_batch_size=16", "scheduler.warmup=2ba", "deterministic=true",
-                           "loggers.console.log_interval=1ba", *MASKING, *SMALL_MODEL, *extra)  # fmt: skip
+    return train_overrides(
+        cfg,
+        run_dir,
+        "data.global_batch_size=16",
+        "scheduler.warmup=2ba",
+        "deterministic=true",
+        "loggers.console.log_interval=1ba",
+        *MASKING,
+        *SMALL_MODEL,
+        *extra,
+    )
 
 
 def per_batch(run_dir, metric: str) -> list:
@@ -80,9 +89,17 @@ def test_same_batches_and_losses_on_any_number_of_ranks(sample_build, one_rank, 
 def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
     """As the recipes run: FSDP2 (one replica here: HSDP's replication needs GPUs), sharded
     checkpoints in the bucket every 2 batches, autoresume; no trust_checkpoints."""
-    return elastic(cfg, run_dir, f"max_duration={SAVED_RUN_BATCHES}ba", "parallelism.sharding=HYBRID_SHARD",
-                   "parallelism.state_dict_type=sharded", f"save_folder={save_folder}", f"save_interval={SAVE_EVERY}ba",
-                   "autoresume=true", *extra)  # fmt: skip
+    return elastic(
+        cfg,
+        run_dir,
+        f"max_duration={SAVED_RUN_BATCHES}ba",
+        "parallelism.sharding=HYBRID_SHARD",
+        "parallelism.state_dict_type=sharded",
+        f"save_folder={save_folder}",
+        f"save_interval={SAVE_EVERY}ba",
+        "autoresume=true",
+        *extra,
+    )
 
 
 def latest_batch(s3, bucket: str, prefix: str) -> int:
@@ -102,7 +119,9 @@ def kill_once_latest_passes(s3, bucket: str, prefix: str, after: int, command: l
         proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         while (batch := latest_batch(s3, bucket, prefix)) <= after:
-            assert proc.poll() is None, f"training ended before `latest` passed batch {after}: {open(log_path).read()[-3000:]}"
+            assert proc.poll() is None, (
+                f"training ended before `latest` passed batch {after}: {open(log_path).read()[-3000:]}"
+            )
             assert time.time() < deadline, f"`latest` never passed batch {after}"
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -133,7 +152,9 @@ def uninterrupted(sample_build, s3_server, tmp_path_factory):
 # Resumed on 1 rank: tests/test_multinode.py (two nodes killed, resumed on one); each case here costs
 # minutes, as the killed run must outlast the first upload.
 @pytest.mark.parametrize("resume_ranks", [2, 4])
-def test_sharded_run_in_the_bucket_killed_on_2_ranks_resumes_on_any(sample_build, s3, uninterrupted, tmp_path, resume_ranks):
+def test_sharded_run_in_the_bucket_killed_on_2_ranks_resumes_on_any(
+    sample_build, s3, uninterrupted, tmp_path, resume_ranks
+):
     """kill -9 on 2 ranks once `latest` names a checkpoint, then the same command on 2 or 4 ranks:
     the same sample hashes and losses as the uninterrupted run; on 2 ranks the same weights, bit for bit."""
     cfg, _ = sample_build
@@ -173,7 +194,9 @@ def test_sharded_run_in_the_bucket_killed_on_2_ranks_resumes_on_any(sample_build
 def copy_prefix(s3, bucket: str, source: str, target: str) -> None:
     client = s3.client()
     for key in s3.list_keys(bucket, f"{source}/"):
-        client.copy_object(Bucket=bucket, Key=f"{target}/{key[len(source) + 1:]}", CopySource={"Bucket": bucket, "Key": key})
+        client.copy_object(
+            Bucket=bucket, Key=f"{target}/{key[len(source) + 1 :]}", CopySource={"Bucket": bucket, "Key": key}
+        )
 
 
 @pytest.mark.slow
@@ -184,7 +207,10 @@ def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninter
 
     copy_prefix(s3, bucket, "whole", "unfinished")  # killed between the shards and the manifest
     client.delete_object(Bucket=bucket, Key=f"unfinished/{last}/manifest.json")
-    assert resume_checkpoint(f"s3://{bucket}/unfinished") == f"s3://{bucket}/unfinished/ep0-ba{SAVED_RUN_BATCHES - SAVE_EVERY}"
+    assert (
+        resume_checkpoint(f"s3://{bucket}/unfinished")
+        == f"s3://{bucket}/unfinished/ep0-ba{SAVED_RUN_BATCHES - SAVE_EVERY}"
+    )
     assert f"Skipping s3://{bucket}/unfinished/{last}: it has no manifest.json" in capsys.readouterr().err
 
     copy_prefix(s3, bucket, "whole", "missing")  # one rank's shard lost
@@ -221,7 +247,10 @@ def test_eval_and_weights_read_a_sharded_checkpoint_only_when_signed(s3, uninter
     copy_prefix(s3, bucket, f"whole/ep0-ba{SAVED_RUN_BATCHES}", f"whole-copy/ep0-ba{SAVED_RUN_BATCHES}")
     with pytest.raises(CheckpointError, match="not signed by this run's key"):
         read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{SAVED_RUN_BATCHES}")
-    assert read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{SAVED_RUN_BATCHES}", trust=True).keys() == weights.keys()
+    assert (
+        read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{SAVED_RUN_BATCHES}", trust=True).keys()
+        == weights.keys()
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -239,8 +268,12 @@ def test_sample_order_is_pinned_at_the_first_start_and_a_resume_may_not_change_i
     resumed = pin_sample_order(load(TrainConfig, DEMO_YAML), saved=first)
     assert resumed.data.num_canonical_nodes == 2 and resumed.data.shuffle_block_size == 2_000_000
     assert pin_sample_order(load(TrainConfig, DEMO_YAML, ["max_duration=900ba", "data.num_workers=4"]), saved=first)
-    changes = {"data.global_batch_size=64": "data.global_batch_size", "seed=3": "seed",
-               "data.num_canonical_nodes=4": "data.num_canonical_nodes", "data.streams.web.proportion=0.9": "data.streams"}  # fmt: skip
+    changes = {
+        "data.global_batch_size=64": "data.global_batch_size",
+        "seed=3": "seed",
+        "data.num_canonical_nodes=4": "data.num_canonical_nodes",
+        "data.streams.web.proportion=0.9": "data.streams",
+    }
     for override, key in changes.items():
         with pytest.raises(ConfigError, match=rf"^{key}=.* would change the sample order of the run being resumed"):
             pin_sample_order(load(TrainConfig, DEMO_YAML, [override]), saved=first)

@@ -112,8 +112,19 @@ def trained(sample_build, tmp_path_factory):
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("run")
     eval_cfg = fresh_eval_config(cfg)
-    train_cfg = load(TrainConfig, DEMO_YAML, train_overrides(cfg, run_dir, "data.global_batch_size=32", "scheduler.warmup=0ba",
-                     "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba"))  # fmt: skip
+    train_cfg = load(
+        TrainConfig,
+        DEMO_YAML,
+        train_overrides(
+            cfg,
+            run_dir,
+            "data.global_batch_size=32",
+            "scheduler.warmup=0ba",
+            "max_duration=2ba",
+            "eval_interval=2ba",
+            "save_interval=2ba",
+        ),
+    )
     train_cfg.eval_datasets = eval_cfg.datasets
     logger = InMemoryLogger()
     trainer = build_trainer(train_cfg, loggers=[logger])  # as train.py builds it
@@ -228,8 +239,13 @@ def test_imagefolder_becomes_a_classification_set_with_its_class_list(tmp_path, 
     assert labels[:3] == [("cat/0.jpg", 0), ("cat/1.png", 0), ("dog/0.jpg", 1)]
     assert Image.open(io.BytesIO(samples[0]["image"])).size == (40, 30)
 
-    cfg = EvalDatasetConfig(type=EvalTask.classification, local=str(out), batch_size=4,
-                            classnames=str(out / "classnames.txt"), templates=["a photo of a {}."])  # fmt: skip
+    cfg = EvalDatasetConfig(
+        type=EvalTask.classification,
+        local=str(out),
+        batch_size=4,
+        classnames=str(out / "classnames.txt"),
+        templates=["a photo of a {}."],
+    )
     results = evaluate_dataset(clip, cfg, build_scores(cfg, tokenizer), transform, tokenizer, num_workers=0)
     assert results["images"] == 6 and list(score_items(results)) == ["top1", "mean_per_class_recall"]
 
@@ -310,10 +326,26 @@ def test_eval_takes_the_model_from_the_run_so_a_changed_width_needs_no_model_sec
     run_dir = tmp_path / "narrow"
     datasets = load(EvalConfig, EVAL_YAML, eval_overrides(cfg)).datasets
     recipe = tmp_path / "narrow.yaml"
-    OmegaConf.save({"base": DEMO_YAML, "eval_datasets": OmegaConf.to_container(OmegaConf.structured(datasets), enum_to_str=True)}, recipe)
-    pipeline.train.main([str(recipe), *train_overrides(cfg, run_dir, "model.custom.vision_cfg.width=64",
-                         "model.custom.text_cfg.width=64", "data.global_batch_size=32", "scheduler.warmup=0ba",
-                         "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba")])  # fmt: skip
+    OmegaConf.save(
+        {"base": DEMO_YAML, "eval_datasets": OmegaConf.to_container(OmegaConf.structured(datasets), enum_to_str=True)},
+        recipe,
+    )
+    pipeline.train.main(
+        [
+            str(recipe),
+            *train_overrides(
+                cfg,
+                run_dir,
+                "model.custom.vision_cfg.width=64",
+                "model.custom.text_cfg.width=64",
+                "data.global_batch_size=32",
+                "scheduler.warmup=0ba",
+                "max_duration=2ba",
+                "eval_interval=2ba",
+                "save_interval=2ba",
+            ),
+        ]
+    )
     with open(run_dir / "summary.json") as f:
         logged = json.load(f)["eval"]
     eval_cfg = load(EvalConfig, EVAL_YAML, [*eval_overrides(cfg), f"load_path={run_dir}"])

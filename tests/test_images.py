@@ -22,8 +22,9 @@ def picture(seed: int, size=(48, 40)) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(4):
         x, y = rng.randrange(size[0] - 8), rng.randrange(size[1] - 8)
-        draw.ellipse((x, y, x + rng.randrange(5, 20), y + rng.randrange(5, 20)),
-                     fill=tuple(rng.randrange(256) for _ in range(3)))  # fmt: skip
+        draw.ellipse(
+            (x, y, x + rng.randrange(5, 20), y + rng.randrange(5, 20)), fill=tuple(rng.randrange(256) for _ in range(3))
+        )
     return image
 
 

@@ -14,7 +14,9 @@ from pipeline import checkpointing
 from tests.conftest import REPO
 
 # What only pipeline/towers.py may know: how open_clip and timm lay out their towers.
-TOWER_CHECKS = re.compile(r"hasattr\([^)]*\"(trunk|transformer|text|patch_drop\w*)\"|ResidualAttentionBlock|EvaBlock|\.resblocks\b|\.trunk\b")
+TOWER_CHECKS = re.compile(
+    r"hasattr\([^)]*\"(trunk|transformer|text|patch_drop\w*)\"|ResidualAttentionBlock|EvaBlock|\.resblocks\b|\.trunk\b"
+)
 
 
 def python_files(package: str) -> list:
@@ -59,6 +61,23 @@ def test_composer_still_has_the_private_upload_poll_we_shorten():
     assert hasattr(saver, checkpointing.UPLOAD_POLL_ATTRIBUTE)
 
 
+def test_composer_still_builds_its_upload_pools_from_the_names_we_swap_for_threads():
+    """PollingCheckpointSaver uploads in threads by swapping the module names Composer's
+    RemoteUploader builds its process pools and event from; if Composer stops using them, this fails
+    instead of each rank silently spawning processes that re-import the training script again."""
+    import inspect
+    from concurrent.futures import ThreadPoolExecutor
+
+    from composer.utils import remote_uploader
+
+    source = inspect.getsource(remote_uploader.RemoteUploader.__init__)
+    assert source.count("ProcessPoolExecutor(") == 2 and "multiprocessing.get_context('spawn')" in source
+    saver = checkpointing.PollingCheckpointSaver("s3://bucket/run", save_interval="1ba")
+    assert isinstance(saver.remote_uploader.upload_executor, ThreadPoolExecutor)
+    assert isinstance(saver.remote_uploader.check_remote_files_exist_executor, ThreadPoolExecutor)
+    assert remote_uploader.ProcessPoolExecutor.__name__ == "ProcessPoolExecutor"  # put back
+
+
 def test_numpy_still_pickles_arrays_with_the_reconstructor_we_allow():
     """Composer checkpoints pickle numpy's RNG state; weights_only loading must allow exactly the
     function numpy pickles arrays with (numpy has no public name for it)."""
@@ -79,7 +98,11 @@ def test_torch_still_asks_the_private_function_we_wrap_how_to_average_gradients(
 
     assert _fsdp_collectives._get_gradient_divide_factors is parallel._divide_after_summing_on_gloo
     assert list(inspect.signature(parallel._fsdp_divide_factors).parameters) == [
-        "reduce_scatter_group", "all_reduce_group", "reduce_dtype", "device_type"]  # fmt: skip
+        "reduce_scatter_group",
+        "all_reduce_group",
+        "reduce_dtype",
+        "device_type",
+    ]
     assert "_get_gradient_divide_factors(" in inspect.getsource(_fsdp_collectives.foreach_reduce)
 
 

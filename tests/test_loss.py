@@ -33,16 +33,34 @@ def test_siglip_model_has_its_bias_and_the_loss_matches_the_paper_formula():
 def test_siglip_trains_from_the_demo_recipe_and_its_run_evaluates_and_exports(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "siglip"
-    run_train(PYTHON, train_overrides(cfg, run_dir, "model.loss=siglip", "max_duration=30ba",
-                                      "data.global_batch_size=64", "scheduler.warmup=5ba", "save_interval=30ba"))  # fmt: skip
+    run_train(
+        PYTHON,
+        train_overrides(
+            cfg,
+            run_dir,
+            "model.loss=siglip",
+            "max_duration=30ba",
+            "data.global_batch_size=64",
+            "scheduler.warmup=5ba",
+            "save_interval=30ba",
+        ),
+    )
     with open(run_dir / "loss.csv") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     coco_test, web_test = cfg.sources["coco_test"].out, cfg.sources["web_test"].out
-    eval_cfg = load(EvalConfig, os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"), [
-        f"load_path={run_dir}", f"datasets.fashion_mnist.local={coco_test}", f"datasets.emoji.local={web_test}",
-        f"datasets.fashion_mnist.classnames={coco_test}/classnames.txt",
-        f"datasets.fashion_mnist.templates={coco_test}/zeroshot_classification_templates.txt", "num_workers=0"])  # fmt: skip
+    eval_cfg = load(
+        EvalConfig,
+        os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"),
+        [
+            f"load_path={run_dir}",
+            f"datasets.fashion_mnist.local={coco_test}",
+            f"datasets.emoji.local={web_test}",
+            f"datasets.fashion_mnist.classnames={coco_test}/classnames.txt",
+            f"datasets.fashion_mnist.templates={coco_test}/zeroshot_classification_templates.txt",
+            "num_workers=0",
+        ],
+    )
     clip, _, _, model = load_clip(eval_cfg)  # the model section comes from the run's config.yaml
     assert model.loss == LossName.siglip and float(clip.logit_bias) != -10.0  # the bias was learnt
     assert evaluate(eval_cfg)["datasets"]["fashion_mnist"]["images"] == 200

@@ -32,18 +32,44 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
     # Long enough for the first `latest` pointer to land while it runs (tests/test_elastic.py).
-    overrides = train_overrides(cfg, run_dir, "max_duration=100ba", "data.global_batch_size=16", "save_interval=10ba", *SMALL_MODEL,
-                                "parallelism.sharding=FULL_SHARD", "parallelism.state_dict_type=sharded",
-                                f"save_folder=s3://{s3_bucket}/run", "autoresume=true", "loggers.console.log_interval=1ba")  # fmt: skip
+    overrides = train_overrides(
+        cfg,
+        run_dir,
+        "max_duration=100ba",
+        "data.global_batch_size=16",
+        "save_interval=10ba",
+        *SMALL_MODEL,
+        "parallelism.sharding=FULL_SHARD",
+        "parallelism.state_dict_type=sharded",
+        f"save_folder=s3://{s3_bucket}/run",
+        "autoresume=true",
+        "loggers.console.log_interval=1ba",
+    )
     port = free_ports(1)[0]
     node = own_dev_shm()
     launchers = []
     for node_rank in (0, 1):
-        command = [*node, *COMPOSER, "--world_size", "2", "--nproc", "1", "--node_rank", str(node_rank),
-                   "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]  # fmt: skip
+        command = [
+            *node,
+            *COMPOSER,
+            "--world_size",
+            "2",
+            "--nproc",
+            "1",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.join(REPO, "pipeline", "train.py"),
+            DEMO_YAML,
+            *overrides,
+        ]
         log = open(tmp_path / f"node{node_rank}.log", "w")
-        launchers.append(subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        launchers.append(
+            subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
     deadline = time.time() + 300
     while (killed_at := latest_batch(s3, s3_bucket, "run")) == 0:
         assert all(proc.poll() is None for proc in launchers), (tmp_path / "node0.log").read_text()[-3000:]

@@ -22,9 +22,15 @@ def test_no_weight_decay_on_biases_norms_embeddings_logit_scale():
     model = tiny_model()
     groups = param_groups(model, OptimizerConfig(weight_decay=0.2))
     clip = model.clip
-    no_decay = [clip.logit_scale, clip.token_embedding.weight, clip.positional_embedding,
-                clip.visual.class_embedding, clip.visual.positional_embedding, clip.ln_final.weight,
-                clip.transformer.resblocks[0].attn.in_proj_bias]  # fmt: skip
+    no_decay = [
+        clip.logit_scale,
+        clip.token_embedding.weight,
+        clip.positional_embedding,
+        clip.visual.class_embedding,
+        clip.visual.positional_embedding,
+        clip.ln_final.weight,
+        clip.transformer.resblocks[0].attn.in_proj_bias,
+    ]
     for param in no_decay:
         assert group_of(groups, param)["weight_decay"] == 0.0
     for param in (clip.transformer.resblocks[0].attn.in_proj_weight, clip.visual.conv1.weight, clip.text_projection):
@@ -32,8 +38,11 @@ def test_no_weight_decay_on_biases_norms_embeddings_logit_scale():
 
 
 def test_per_tower_lr_and_layer_decay():
-    cfg = OptimizerConfig(lr=1e-3, visual=TowerOptimConfig(lr=2e-4, layer_decay=0.5),
-                          text=TowerOptimConfig(lr=2e-5, weight_decay=0.05, layer_decay=0.75))  # fmt: skip
+    cfg = OptimizerConfig(
+        lr=1e-3,
+        visual=TowerOptimConfig(lr=2e-4, layer_decay=0.5),
+        text=TowerOptimConfig(lr=2e-5, weight_decay=0.05, layer_decay=0.75),
+    )
     model = tiny_model()
     groups = param_groups(model, cfg)
     clip = model.clip

@@ -17,8 +17,14 @@ def runs(tmp_path_factory) -> dict:
     results = {}
     for mode in MODES:
         out = folder / f"{mode}.pt"
-        proc = subprocess.run([*COMPOSER, "-n", "2", os.path.join(REPO, "tests", "parallel_check.py"), str(out), mode],
-                              cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+        proc = subprocess.run(
+            [*COMPOSER, "-n", "2", os.path.join(REPO, "tests", "parallel_check.py"), str(out), mode],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": REPO},
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         results[mode] = torch.load(out, weights_only=True)
     return results
@@ -43,13 +49,25 @@ def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, stat
     cfg, _ = sample_build
     run_dir = tmp_path / state_dict_type
     save_folder = f"s3://{s3_bucket}/{state_dict_type}" if where == "bucket" else str(run_dir / "checkpoints")
-    overrides = train_overrides(cfg, run_dir, "parallelism.sharding=FULL_SHARD", f"parallelism.state_dict_type={state_dict_type}",
-                                f"save_folder={save_folder}", "autoresume=true", "save_interval=2ba", "data.global_batch_size=16",
-                                "model.custom.vision_cfg.layers=2", "model.custom.text_cfg.layers=2", "loggers.console.log_interval=1ba")  # fmt: skip
+    overrides = train_overrides(
+        cfg,
+        run_dir,
+        "parallelism.sharding=FULL_SHARD",
+        f"parallelism.state_dict_type={state_dict_type}",
+        f"save_folder={save_folder}",
+        "autoresume=true",
+        "save_interval=2ba",
+        "data.global_batch_size=16",
+        "model.custom.vision_cfg.layers=2",
+        "model.custom.text_cfg.layers=2",
+        "loggers.console.log_interval=1ba",
+    )
     command = [*COMPOSER, "-n", "2", os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
     outputs = []
     for duration in ("2ba", "4ba"):
-        proc = subprocess.run([*command, f"max_duration={duration}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [*command, f"max_duration={duration}"], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(proc.stdout + proc.stderr)
     second = outputs[1]
@@ -60,9 +78,9 @@ def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, stat
 
 
 def test_hybrid_shard_builds_composers_replicate_by_shard_mesh(monkeypatch):
-    from pipeline.config import ConfigError, ParallelismConfig, Sharding
     from composer.utils.parallelism import FSDP2Config
 
+    from pipeline.config import ConfigError, ParallelismConfig, Sharding
     from pipeline.parallel import HybridShardConfig, build_parallelism
 
     monkeypatch.setenv("WORLD_SIZE", "16")

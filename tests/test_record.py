@@ -18,8 +18,15 @@ from tests.tiny import GradCapture, make_trainer, synthetic_dataset, tiny_model
 
 
 def short_run(cfg, run_dir, *extra) -> list:
-    return train_overrides(cfg, run_dir, "data.global_batch_size=16", "max_duration=4ba", "save_interval=2ba",
-                           "scheduler.warmup=1ba", *extra)  # fmt: skip
+    return train_overrides(
+        cfg,
+        run_dir,
+        "data.global_batch_size=16",
+        "max_duration=4ba",
+        "save_interval=2ba",
+        "scheduler.warmup=1ba",
+        *extra,
+    )
 
 
 def test_tensorboard_mlflow_and_console_loggers_read_back_with_their_own_readers(sample_build, tmp_path, capfd):
@@ -28,9 +35,19 @@ def test_tensorboard_mlflow_and_console_loggers_read_back_with_their_own_readers
 
     cfg, _ = sample_build
     run_dir = tmp_path / "watched"
-    pipeline.train.main([DEMO_YAML, *short_run(cfg, run_dir, f"loggers.tensorboard.log_dir={run_dir}/tb",
-                                                f"loggers.mlflow.tracking_uri=file:{run_dir}/mlruns", "loggers.console.log_interval=1ba",
-                                                "callbacks.optimizer_monitor.batch_log_interval=1")])  # fmt: skip
+    pipeline.train.main(
+        [
+            DEMO_YAML,
+            *short_run(
+                cfg,
+                run_dir,
+                f"loggers.tensorboard.log_dir={run_dir}/tb",
+                f"loggers.mlflow.tracking_uri=file:{run_dir}/mlruns",
+                "loggers.console.log_interval=1ba",
+                "callbacks.optimizer_monitor.batch_log_interval=1",
+            ),
+        ]
+    )
     events = EventAccumulator(str(run_dir / "tb" / "demo"))  # Composer writes under the run name
     events.Reload()
     losses = [e.value for e in events.Scalars("loss/train/total")]
@@ -48,9 +65,13 @@ def test_tensorboard_mlflow_and_console_loggers_read_back_with_their_own_readers
 
 
 def test_callbacks_by_name_and_a_clear_error_for_an_unknown_one():
-    built = build_callbacks({"memory_monitor": {}, "RuntimeEstimator": {}, "optimizer_monitor": {"log_optimizer_metrics": True}})
+    built = build_callbacks(
+        {"memory_monitor": {}, "RuntimeEstimator": {}, "optimizer_monitor": {"log_optimizer_metrics": True}}
+    )
     assert [type(c).__name__ for c in built] == ["MemoryMonitor", "RuntimeEstimator", "OptimizerMonitor"]
-    with pytest.raises(ConfigError, match=r"callbacks.memory_monitr is not a Composer callback; one of: .*memory_monitor"):
+    with pytest.raises(
+        ConfigError, match=r"callbacks.memory_monitr is not a Composer callback; one of: .*memory_monitor"
+    ):
         build_callbacks({"memory_monitr": {}})
     with pytest.raises(ConfigError, match="callbacks.memory_monitor: .*unexpected keyword"):
         build_callbacks({"memory_monitor": {"every": 3}})
@@ -69,8 +90,19 @@ def test_compiled_model_trains_with_the_eager_loss():
 def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "kept"
-    pipeline.train.main([DEMO_YAML, *short_run(cfg, run_dir, "max_duration=6ba", "save_interval=1ba",
-                                                "save_num_checkpoints_to_keep=2", "save_keep_every=4")])  # fmt: skip
+    pipeline.train.main(
+        [
+            DEMO_YAML,
+            *short_run(
+                cfg,
+                run_dir,
+                "max_duration=6ba",
+                "save_interval=1ba",
+                "save_num_checkpoints_to_keep=2",
+                "save_keep_every=4",
+            ),
+        ]
+    )
     files = sorted(f for f in os.listdir(run_dir / "checkpoints") if f.startswith("ep"))
     assert files == ["ep0-ba4-rank0.pt", "ep0-ba5-rank0.pt", "ep0-ba6-rank0.pt"]
     assert os.readlink(run_dir / "checkpoints" / "latest-rank0.pt") == "ep0-ba6-rank0.pt"
@@ -105,7 +137,9 @@ def test_loss_guard_skips_or_stops_on_a_non_finite_loss(action):
         def batch_end(self, state, logger):
             weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
 
-    trainer = make_trainer(model, max_duration="4ba", callbacks=[guard, Weights()], train_dataloader=spiky_loader(2, float("nan")))
+    trainer = make_trainer(
+        model, max_duration="4ba", callbacks=[guard, Weights()], train_dataloader=spiky_loader(2, float("nan"))
+    )
     if action == SpikeAction.stop:
         with pytest.raises(LossSpikeError, match=r"loss at batch 2 is not finite.*latest.*s3://bucket/run"):
             trainer.fit()

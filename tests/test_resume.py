@@ -21,10 +21,19 @@ MAX_BATCHES = 8
 
 def resumable(cfg, tmp_path, name: str, save_folder: str, *extra: str) -> list:
     return train_overrides(
-        cfg, tmp_path / name, f"max_duration={MAX_BATCHES}ba", "data.global_batch_size=16", "scheduler.warmup=2ba",
-        "save_interval=2ba", "autoresume=true", "deterministic=true", "algorithms.patch_masking.ratio=0.5",
-        f"save_folder={save_folder}", *SMALL_MODEL, *extra,
-    )  # fmt: skip
+        cfg,
+        tmp_path / name,
+        f"max_duration={MAX_BATCHES}ba",
+        "data.global_batch_size=16",
+        "scheduler.warmup=2ba",
+        "save_interval=2ba",
+        "autoresume=true",
+        "deterministic=true",
+        "algorithms.patch_masking.ratio=0.5",
+        f"save_folder={save_folder}",
+        *SMALL_MODEL,
+        *extra,
+    )
 
 
 def start(launcher: list, overrides: list, log) -> subprocess.Popen:
@@ -52,10 +61,15 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[name], expected[name]), name  # bitwise
 
 
-@pytest.mark.parametrize("launcher,data", [
-    (PYTHON, []), ([*COMPOSER, "-n", "2"], []),
-    (PYTHON, ["data.augment_on=device", "data.decode_on_device=true"]),  # batches finished on the device
-], ids=["1rank", "2ranks", "1rank-augment-on-device"])  # fmt: skip
+@pytest.mark.parametrize(
+    "launcher,data",
+    [
+        (PYTHON, []),
+        ([*COMPOSER, "-n", "2"], []),
+        (PYTHON, ["data.augment_on=device", "data.decode_on_device=true"]),  # batches finished on the device
+    ],
+    ids=["1rank", "2ranks", "1rank-augment-on-device"],
+)
 def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, tmp_path, launcher, data):
     cfg, _ = sample_build
     run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *data))
@@ -80,13 +94,22 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
     with open(tmp_path / "killed" / "loss.csv") as f:
         assert [int(row["batch"]) for row in csv.DictReader(f)] == list(range(MAX_BATCHES))
     keys = s3.list_keys(s3_bucket)
-    assert {f"killed/{name}" for name in ("metrics.csv", "loss.csv", "loss.png", "summary.json", "config.yaml")} <= set(keys)
+    assert {f"killed/{name}" for name in ("metrics.csv", "loss.csv", "loss.png", "summary.json", "config.yaml")} <= set(
+        keys
+    )
 
 
 def test_bucket_keeps_the_newest_checkpoints_and_every_kth(sample_build, s3, s3_bucket, tmp_path):
     cfg, _ = sample_build
-    overrides = resumable(cfg, tmp_path, "kept", f"s3://{s3_bucket}/kept", "save_interval=1ba",
-                          "save_num_checkpoints_to_keep=2", "save_keep_every=4")  # fmt: skip
+    overrides = resumable(
+        cfg,
+        tmp_path,
+        "kept",
+        f"s3://{s3_bucket}/kept",
+        "save_interval=1ba",
+        "save_num_checkpoints_to_keep=2",
+        "save_keep_every=4",
+    )
     run_train(PYTHON, overrides)
     kept = sorted(k for k in s3.list_keys(s3_bucket) if k.startswith("kept/ep"))
     # Every 4th for good (4, 8: also `latest`), and the newest 2 of the others (6, 7).

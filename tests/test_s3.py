@@ -31,13 +31,31 @@ def _jpeg(color: str, size=(40, 30)) -> bytes:
 def _write_download(folder, n: int, bad: int = 0) -> list:
     """An img2dataset-like parquet of n good rows (plus `bad` failed downloads); returns the good rows."""
     rows = [
-        dict(key=f"{i:05d}", url=f"http://img/{i}", caption=f"a {COLORS[i % 12]} square number {i}",
-             jpg=_jpeg((i * 37 % 256, i * 91 % 256, i * 13 % 256)), sha256=f"h{i}", status="success",
-             width=40, height=30)
+        dict(
+            key=f"{i:05d}",
+            url=f"http://img/{i}",
+            caption=f"a {COLORS[i % 12]} square number {i}",
+            jpg=_jpeg((i * 37 % 256, i * 91 % 256, i * 13 % 256)),
+            sha256=f"h{i}",
+            status="success",
+            width=40,
+            height=30,
+        )
         for i in range(n)
-    ]  # fmt: skip
-    failed = [dict(key=f"f{i}", url=f"http://gone/{i}", caption="gone", jpg=None, sha256=None,
-                   status="failed_to_download", width=None, height=None) for i in range(bad)]  # fmt: skip
+    ]
+    failed = [
+        dict(
+            key=f"f{i}",
+            url=f"http://gone/{i}",
+            caption="gone",
+            jpg=None,
+            sha256=None,
+            status="failed_to_download",
+            width=None,
+            height=None,
+        )
+        for i in range(bad)
+    ]
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows + failed), os.path.join(folder, "00000.parquet"))
     with open(os.path.join(folder, "00000_stats.json"), "w") as f:
@@ -60,10 +78,12 @@ def test_server_binds_loopback_only_and_enforces_keys(s3, s3_bucket):
     assert {port for _, _, port in listening} <= set(s3.ports.values())  # only the ports we picked
 
     s3.client().put_object(Bucket=s3_bucket, Key="k", Body=b"secret")
-    for access, secret, code in [(s3.access_key, "wrong-secret", "SignatureDoesNotMatch"),
-                                 ("nobody", "wrong-secret", "InvalidAccessKeyId")]:  # fmt: skip
+    for access, secret, code in [
+        (s3.access_key, "wrong-secret", "SignatureDoesNotMatch"),
+        ("nobody", "wrong-secret", "InvalidAccessKeyId"),
+    ]:
         intruder = s3.client(access_key=access, secret_key=secret, max_attempts=1)
-        for call in (intruder.list_buckets, lambda: intruder.get_object(Bucket=s3_bucket, Key="k")):
+        for call in (intruder.list_buckets, lambda intruder=intruder: intruder.get_object(Bucket=s3_bucket, Key="k")):
             with pytest.raises(ClientError) as refused:
                 call()
             assert refused.value.response["Error"]["Code"] == code
@@ -91,7 +111,7 @@ def test_to_mds_writes_straight_to_s3_and_streams_back_exactly(spark, s3, s3_buc
         (r["key"], r["url"], r["caption"], r["jpg"], 40, 30, "web") for r in rows
     ]
     cached = {os.path.relpath(os.path.join(d, f), cache) for d, _, files in os.walk(cache) for f in files}
-    assert {s[len("streams/web/"):] for s in shards} <= cached  # fetched from the bucket
+    assert {s[len("streams/web/") :] for s in shards} <= cached  # fetched from the bucket
 
 
 @pytest.mark.timeout(120)
@@ -115,7 +135,9 @@ def test_missing_bucket_or_prefix_is_a_clear_error(spark, s3, s3_bucket, tmp_pat
     with pytest.raises(ClientError, match=rf"s3://{s3_bucket}/nothing/index.json not found"):
         StreamingDataset(remote=f"s3://{s3_bucket}/nothing", local=str(tmp_path / "b"), batch_size=1)
     # make shards checks the bucket before it downloads or writes anything.
-    with pytest.raises(StorageError, match=r"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist at http://127.0.0.1:"):
+    with pytest.raises(
+        StorageError, match=r"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist at http://127.0.0.1:"
+    ):
         _mds_to_s3(spark, tmp_path, "s3://no-such-bucket/x", "x", n=2)
 
 
@@ -134,13 +156,19 @@ def test_endpoint_that_never_answers_times_out(monkeypatch, tmp_path):
         _set_env(monkeypatch, endpoint)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's attempts per request (default 3)
         with pytest.raises(ReadTimeoutError, match="Read timeout on endpoint URL"):
-            StreamingDataset(remote="s3://bucket/x", local=str(tmp_path / "c"), batch_size=1,
-                             download_timeout=1, download_retry=1)  # fmt: skip
+            StreamingDataset(
+                remote="s3://bucket/x", local=str(tmp_path / "c"), batch_size=1, download_timeout=1, download_retry=1
+            )
 
 
 def _set_env(monkeypatch, endpoint: str) -> None:
-    for key, value in dict(S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="x",
-                           AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1").items():  # fmt: skip
+    for key, value in dict(
+        S3_ENDPOINT_URL=endpoint,
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="y",
+        AWS_DEFAULT_REGION="us-east-1",
+    ).items():
         monkeypatch.setenv(key, value)
 
 
@@ -161,14 +189,22 @@ def test_training_streams_its_shards_from_the_bucket(spark, s3, s3_bucket, tmp_p
     # train_overrides points data.streams.<name>.local at cfg.sources[name].out: the empty caches.
     cfg = SimpleNamespace(sources={name: SimpleNamespace(out=str(cache)) for name, cache in caches.items()})
     run_dir = tmp_path / "run"
-    overrides = train_overrides(cfg, run_dir, "max_duration=3ba", "data.global_batch_size=8",
-                                "scheduler.warmup=1ba", "save_interval=3ba",
-                                *(f"data.streams.{n}.remote={r}" for n, r in remotes.items()))  # fmt: skip
+    overrides = train_overrides(
+        cfg,
+        run_dir,
+        "max_duration=3ba",
+        "data.global_batch_size=8",
+        "scheduler.warmup=1ba",
+        "save_interval=3ba",
+        *(f"data.streams.{n}.remote={r}" for n, r in remotes.items()),
+    )
     run_train(PYTHON, overrides, timeout=300)
 
     with open(run_dir / "summary.json") as f:
         assert json.load(f)["batches"] == 3
     assert "ep0-ba3-rank0.pt" in os.listdir(run_dir / "checkpoints")
     for name in remotes:  # the caches were empty: everything read came from the bucket
-        cached = {os.path.relpath(os.path.join(d, f), caches[name]) for d, _, files in os.walk(caches[name]) for f in files}
+        cached = {
+            os.path.relpath(os.path.join(d, f), caches[name]) for d, _, files in os.walk(caches[name]) for f in files
+        }
         assert "index.json" in cached and any(f.endswith("shard.00000.mds") for f in cached), (name, cached)

@@ -50,12 +50,24 @@ def test_extrapolation_check_predicts_the_held_out_largest_point_of_an_exact_law
 
 def write_runs(root) -> None:
     """Five finished runs on a law in flops (one dominated, one in percent, one without flops), one unfinished."""
-    runs = [("a", 1e15, 1e5, 1e6, 0.40), ("b", 1e16, 1e6, 1e6, 0.52), ("c", 1e17, 1e7, 1e7, 61.0),
-            ("slow", 1e17, 1e7, 1e7, 0.45), ("d", None, 1e8, 1e8, 0.70)]  # fmt: skip
+    runs = [
+        ("a", 1e15, 1e5, 1e6, 0.40),
+        ("b", 1e16, 1e6, 1e6, 0.52),
+        ("c", 1e17, 1e7, 1e7, 61.0),
+        ("slow", 1e17, 1e7, 1e7, 0.45),
+        ("d", None, 1e8, 1e8, 0.70),
+    ]
     for name, flops, samples, params, top1 in runs:
         (root / name).mkdir()
-        summary = {"run_name": name, "samples": samples, "flops": flops, "params": params, "wall_seconds": 1.0,
-                   "complete": True, "eval": {TOP1: top1, "metrics/fashion_mnist/fashion_mnist/top5": 0.9}}  # fmt: skip
+        summary = {
+            "run_name": name,
+            "samples": samples,
+            "flops": flops,
+            "params": params,
+            "wall_seconds": 1.0,
+            "complete": True,
+            "eval": {TOP1: top1, "metrics/fashion_mnist/fashion_mnist/top5": 0.9},
+        }
         (root / name / "summary.json").write_text(json.dumps(summary))
     (root / "crashed").mkdir()
     (root / "crashed" / "summary.json").write_text(json.dumps({"run_name": "crashed", "complete": False, "eval": {}}))

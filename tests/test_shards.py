@@ -52,14 +52,19 @@ def test_where_caption_and_url_filters_run_before_download(spark, tmp_path):
         {"URL": "http://a/4", "TEXT": "no score", "punsafe": None, "LANGUAGE": "en"},
         {"URL": "http://a/1", "TEXT": "the same url, now safe", "punsafe": 0.0, "LANGUAGE": "en"},
     ]
-    source = SourceConfig(url_list=_url_list(tmp_path / "laion.parquet", rows), url_col="URL", caption_col="TEXT", out="x")
+    source = SourceConfig(
+        url_list=_url_list(tmp_path / "laion.parquet", rows), url_col="URL", caption_col="TEXT", out="x"
+    )
     source.filters.where = "punsafe < 0.1 AND LANGUAGE = 'en'"
     list_dir, counts, reused = prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))
     assert not reused
     assert counts == {"urls": 7, "to_download": 2, "filtered_by_where": 3, "caption_too_short": 1, "duplicate_url": 1}
     kept = pq.read_table(list_dir).to_pylist()
     # file order kept; a URL whose first row was filtered is still downloaded once, from its kept row
-    assert [(r["url"], r["caption"]) for r in kept] == [("http://a/0", "a cat"), ("http://a/1", "the same url, now safe")]
+    assert [(r["url"], r["caption"]) for r in kept] == [
+        ("http://a/0", "a cat"),
+        ("http://a/1", "the same url, now safe"),
+    ]
     assert prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))[2]  # same input: reused
     source.filters.min_caption_chars = 6
     assert not prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))[2]  # settings changed
@@ -82,7 +87,9 @@ def _coco(path, data: dict) -> str:
     ],
 )
 def test_bad_url_lists_fail_before_download_naming_file_and_column(spark, tmp_path, case, match):
-    source = SourceConfig(url_list=_url_list(tmp_path / "laion.parquet", [{"url": "http://a/0", "caption": "x"}]), out="x")
+    source = SourceConfig(
+        url_list=_url_list(tmp_path / "laion.parquet", [{"url": "http://a/0", "caption": "x"}]), out="x"
+    )
     if case == "no_url_column":
         source.url_col = "URL"
     elif case == "no_caption_column":
@@ -116,7 +123,8 @@ def _samples(out: str) -> set:
 
     dataset = StreamingDataset(local=out, batch_size=1)
     return {
-        (dataset[i]["url"].split("/", 3)[3], hashlib.sha1(dataset[i]["image"]).hexdigest()) for i in range(dataset.num_samples)
+        (dataset[i]["url"].split("/", 3)[3], hashlib.sha1(dataset[i]["image"]).hexdigest())
+        for i in range(dataset.num_samples)
     }
 
 
@@ -125,7 +133,15 @@ def _summaries(work_dir: str) -> dict:
         return {s["source"]: s for s in json.load(f)}
 
 
-REASONS = ("urls", "written", "failed_to_download", "failed_to_resize", "caption_too_short", "duplicate_url", "duplicate_image")
+REASONS = (
+    "urls",
+    "written",
+    "failed_to_download",
+    "failed_to_resize",
+    "caption_too_short",
+    "duplicate_url",
+    "duplicate_image",
+)
 
 
 def _same_result(root: str, sample_build) -> None:
@@ -141,18 +157,55 @@ def spark_cluster(tmp_path):
     """A Spark standalone master and two one-core workers on 127.0.0.1; every process stopped after."""
     master_port, ui_port, w1, w2 = free_ports(4)
     spark_class = os.path.join(SPARK_HOME, "bin", "spark-class")
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(tmp_path), "PYSPARK_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOG_DIR": str(tmp_path),
+        "PYSPARK_PYTHON": sys.executable,
+    }
     processes = [
         subprocess.Popen(
-            [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(master_port),
-             "--webui-port", str(ui_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    ]  # fmt: skip
+            [
+                spark_class,
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(master_port),
+                "--webui-port",
+                str(ui_port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
     master = f"spark://127.0.0.1:{master_port}"
     for port in (w1, w2):
-        processes.append(subprocess.Popen(
-            [spark_class, "org.apache.spark.deploy.worker.Worker", master, "--host", "127.0.0.1", "--cores", "1",
-             "--memory", "1g", "--webui-port", str(port), "--work-dir", str(tmp_path / f"worker{port}")],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [
+                    spark_class,
+                    "org.apache.spark.deploy.worker.Worker",
+                    master,
+                    "--host",
+                    "127.0.0.1",
+                    "--cores",
+                    "1",
+                    "--memory",
+                    "1g",
+                    "--webui-port",
+                    str(port),
+                    "--work-dir",
+                    str(tmp_path / f"worker{port}"),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     try:
         yield master
     finally:
@@ -169,8 +222,11 @@ def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_pa
     args = " ".join(_training_sources_only(sample_overrides(root)))
     proc = subprocess.run(
         ["make", "-C", REPO, "shards", f"SOURCES={_sample_yaml(tmp_path, ('web', 'coco'))}", f"SHARDS_ARGS={args}"],
-        env={**os.environ, "SPARK_MASTER": spark_cluster}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        env={**os.environ, "SPARK_MASTER": spark_cluster},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"on {spark_cluster}" in proc.stdout
     _same_result(root, sample_build)
@@ -183,7 +239,9 @@ def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
     HTTP server, which died with the build, and record every URL as failed.)"""
     import psutil
 
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + timeout
     while not ready():
         assert process.poll() is None, "the build ended before it could be killed"
@@ -202,8 +260,11 @@ def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
 def test_killed_download_and_conversion_resume_to_the_same_streams(sample_build, tmp_path):
     root = str(tmp_path / "resume")
     build = [sys.executable, "-m", "data_prep.build", _sample_yaml(tmp_path, ("web", "coco"))]
-    args = [*_training_sources_only(sample_overrides(root)), "sources.web.img2dataset.number_sample_per_shard=400",
-            "sources.web.img2dataset.thread_count=2"]  # fmt: skip
+    args = [
+        *_training_sources_only(sample_overrides(root)),
+        "sources.web.img2dataset.number_sample_per_shard=400",
+        "sources.web.img2dataset.thread_count=2",
+    ]
     stats = os.path.join(root, "_work", "img2dataset", "web", "*_stats.json")
     _kill_when([*build, *args], lambda: len(glob.glob(stats)) >= 2)
     done = len(glob.glob(stats))

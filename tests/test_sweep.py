@@ -12,17 +12,26 @@ from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
-from pipeline.towers import SamplePatchDropout
 
 import pipeline.eval
 import pipeline.sweep
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
 from pipeline.sweep import expand, load_sweep, main, run_all, run_dirs
+from pipeline.towers import SamplePatchDropout
 from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_overrides
 from tests.tiny import NUM_PATCHES, TINY
 
-TINY_DEMO = [f"model.custom.{k}" for k in ("embed_dim=32", "vision_cfg.width=32", "vision_cfg.layers=1", "text_cfg.width=32",
-                                           "text_cfg.heads=1", "text_cfg.layers=1")]  # fmt: skip
+TINY_DEMO = [
+    f"model.custom.{k}"
+    for k in (
+        "embed_dim=32",
+        "vision_cfg.width=32",
+        "vision_cfg.layers=1",
+        "text_cfg.width=32",
+        "text_cfg.heads=1",
+        "text_cfg.layers=1",
+    )
+]
 QUICK = ["data.global_batch_size=16", "scheduler.warmup=1ba", "save_interval=2ba", *TINY_DEMO]
 
 
@@ -38,10 +47,15 @@ def as_dict(overrides: list) -> dict:
 def eval_datasets(sample_cfg) -> dict:
     coco_test, web_test = sample_cfg.sources["coco_test"].out, sample_cfg.sources["web_test"].out
     return {
-        "fashion_mnist": {"type": "classification", "local": coco_test, "classnames": f"{coco_test}/classnames.txt",
-                          "templates": f"{coco_test}/zeroshot_classification_templates.txt", "batch_size": 100},
+        "fashion_mnist": {
+            "type": "classification",
+            "local": coco_test,
+            "classnames": f"{coco_test}/classnames.txt",
+            "templates": f"{coco_test}/zeroshot_classification_templates.txt",
+            "batch_size": 100,
+        },
         "emoji": {"type": "retrieval", "local": web_test, "batch_size": 128},
-    }  # fmt: skip
+    }
 
 
 def sweep_of(sample_cfg, tmp_path, *extra: str, **keys) -> str:
@@ -63,11 +77,21 @@ def test_grid_and_runs_expand_into_named_runs_under_the_folder(tmp_path):
         labels={"algorithms.patch_masking.ratio": "masking", "max_duration": "samples"},
         overrides={"eval_interval": "20ba", "data": {"num_workers": 0}},
         grid={"algorithms.patch_masking.ratio": [0.5, 0.75], "max_duration": ["6400sp", "12800sp"]},
-        runs=[{"name": "tuned", "model.pretrained.path": "${folder}/masking0.75-samples6400sp/checkpoints/latest-rank0.pt"}],
+        runs=[
+            {
+                "name": "tuned",
+                "model.pretrained.path": "${folder}/masking0.75-samples6400sp/checkpoints/latest-rank0.pt",
+            }
+        ],
     )
     sweep, runs = load_sweep(path)
-    assert [r.name for r in runs] == ["masking0.5-samples6400sp", "masking0.5-samples12800sp", "masking0.75-samples6400sp",
-                                      "masking0.75-samples12800sp", "tuned"]  # fmt: skip
+    assert [r.name for r in runs] == [
+        "masking0.5-samples6400sp",
+        "masking0.5-samples12800sp",
+        "masking0.75-samples6400sp",
+        "masking0.75-samples12800sp",
+        "tuned",
+    ]
     assert run_dirs(path) == [os.path.join(sweep.folder, r.name) for r in runs]
     first, tuned = as_dict(runs[0].args), as_dict(runs[-1].args)
     assert first["eval_interval"] == "20ba" and first["data.num_workers"] == "0"
@@ -99,7 +123,9 @@ def test_typos_and_clashing_names_fail_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'grid'"):
         load_sweep(write_sweep(tmp_path / "a.yaml", gird={"seed": [1, 2]}))
     with pytest.raises(ConfigError, match=r"run seed1: .*Did you mean 'algorithms.patch_masking.ratio'"):
-        load_sweep(write_sweep(tmp_path / "b.yaml", grid={"seed": [1, 2]}, overrides={"algorithms.patch_masking.ration": 0.5}))
+        load_sweep(
+            write_sweep(tmp_path / "b.yaml", grid={"seed": [1, 2]}, overrides={"algorithms.patch_masking.ration": 0.5})
+        )
     with pytest.raises(ConfigError, match="share the names x"):
         load_sweep(write_sweep(tmp_path / "c.yaml", runs=[{"name": "x", "seed": 1}, {"name": "x", "seed": 2}]))
 
@@ -151,7 +177,7 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
     full = evaluate_scores(full_cfg)
     assert not installed
     masked = evaluate_scores(replace(full_cfg, patch_masking=0.75))
-    (module, ratio), = installed  # fmt: skip
+    ((module, ratio),) = installed
     assert isinstance(module, SamplePatchDropout) and ratio == 0.75
     # Only the dropout module is in training mode; each image keeps its class token + 25% of its patches.
     assert kept_tokens and set(kept_tokens) == {(True, False, 1 + NUM_PATCHES // 4)}
@@ -162,7 +188,10 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
 
 
 def evaluate_scores(cfg: EvalConfig) -> dict:
-    return {name: {k: v for k, v in r.items() if k != "images"} for name, r in pipeline.eval.evaluate(cfg)["datasets"].items()}
+    return {
+        name: {k: v for k, v in r.items() if k != "images"}
+        for name, r in pipeline.eval.evaluate(cfg)["datasets"].items()
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -197,8 +226,14 @@ def test_wall_clock_budget_ends_the_run_complete_with_the_lr_schedule_spent(samp
 @pytest.mark.slow
 def test_mini_sweep_trains_evaluates_and_reports(sample_build, tmp_path, capsys):
     cfg, _ = sample_build
-    path = sweep_of(cfg, tmp_path, "max_duration=4ba", "eval_interval=3ba", grid={"algorithms.patch_masking.ratio": [0.0, 0.5]},
-                    labels={"algorithms.patch_masking.ratio": "masking"})  # fmt: skip
+    path = sweep_of(
+        cfg,
+        tmp_path,
+        "max_duration=4ba",
+        "eval_interval=3ba",
+        grid={"algorithms.patch_masking.ratio": [0.0, 0.5]},
+        labels={"algorithms.patch_masking.ratio": "masking"},
+    )
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(path), {"overrides": {"eval_datasets": eval_datasets(cfg)}}), path)
     started = time.time()
     main([path])
@@ -209,7 +244,9 @@ def test_mini_sweep_trains_evaluates_and_reports(sample_build, tmp_path, capsys)
         assert summary["flops"] > 0 and summary["params"] > 0 and summary["wall_seconds"] > 0
         # Evaluated at batch 3 and again at the end: the summary holds the final scores.
         top1 = [(b, v) for b, m, v in read_rows(run.run_dir) if m == "metrics/fashion_mnist/fashion_mnist/top1"]
-        assert [b for b, _ in top1] == [3, 4] and summary["eval"]["metrics/fashion_mnist/fashion_mnist/top1"] == top1[-1][1]
+        assert [b for b, _ in top1] == [3, 4] and summary["eval"]["metrics/fashion_mnist/fashion_mnist/top1"] == top1[
+            -1
+        ][1]
     flops = [json.loads(open(os.path.join(r.run_dir, "summary.json")).read())["flops"] for r in runs]
     assert flops[1] < flops[0]  # masked patches cost nothing
     main(["--report", path])

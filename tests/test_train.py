@@ -15,8 +15,12 @@ def read_losses(run_dir) -> list:
 def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    run_train(PYTHON, train_overrides(cfg, run_dir, "max_duration=40ba", "data.global_batch_size=64",
-                                      "scheduler.warmup=5ba", "save_interval=20ba"))  # fmt: skip
+    run_train(
+        PYTHON,
+        train_overrides(
+            cfg, run_dir, "max_duration=40ba", "data.global_batch_size=64", "scheduler.warmup=5ba", "save_interval=20ba"
+        ),
+    )
     losses = read_losses(run_dir)
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -33,8 +37,10 @@ def test_composer_launcher_keeps_the_global_batch(sample_build, tmp_path, nproc)
     """Under `composer -n 2` (DDP, gloo on CPU) each rank takes half of the same global batch."""
     cfg, _ = sample_build
     run_dir = tmp_path / f"n{nproc}"
-    run_train([*COMPOSER, "-n", str(nproc)], train_overrides(
-        cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "save_interval=4ba"))  # fmt: skip
+    run_train(
+        [*COMPOSER, "-n", str(nproc)],
+        train_overrides(cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "save_interval=4ba"),
+    )
     with open(run_dir / "summary.json") as f:
         summary = json.load(f)
     assert summary["world_size"] == nproc

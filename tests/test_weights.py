@@ -8,9 +8,19 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import (AugmentConfig, ConfigError, EvalConfig, LockConfig, ModelConfig, OptimizerConfig, TrainConfig,
-                             WeightsConfig, WeightsLayout, load)  # fmt: skip
 from pipeline.augment import build_augment
+from pipeline.config import (
+    AugmentConfig,
+    ConfigError,
+    EvalConfig,
+    LockConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+    WeightsConfig,
+    WeightsLayout,
+    load,
+)
 from pipeline.eval import build_scores, evaluate, evaluate_dataset
 from pipeline.export import export
 from pipeline.model import build_clip, lock_towers
@@ -19,12 +29,20 @@ from pipeline.weights import load_initial_weights
 from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
 from tests.tiny import TINY, GradCapture, make_trainer, tiny_model
 
-EVA_TINY = ModelConfig(name="tiny-eva", custom={
-    "embed_dim": 32,
-    "vision_cfg": {"timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False, "timm_pool": "token",
-                   "timm_proj": "linear", "image_size": 224},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-})  # fmt: skip
+EVA_TINY = ModelConfig(
+    name="tiny-eva",
+    custom={
+        "embed_dim": 32,
+        "vision_cfg": {
+            "timm_model_name": "eva02_tiny_patch14_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+)
 
 
 def init(path, layout=WeightsLayout.open_clip, **kwargs) -> WeightsConfig:
@@ -65,12 +83,20 @@ def test_eva02_mim_weights_in_timms_layout_go_into_the_trunk_with_resampled_posi
 
 
 def test_openai_layout_text_tower_with_a_longer_context(tmp_path):
-    long_text = ModelConfig(name="tiny-77", custom={**TINY.custom, "text_cfg": {**TINY.custom["text_cfg"], "context_length": 77}})
+    long_text = ModelConfig(
+        name="tiny-77", custom={**TINY.custom, "text_cfg": {**TINY.custom["text_cfg"], "context_length": 77}}
+    )
     source = tiny_model(seed=3, cfg=long_text).clip
-    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("visual.")}, tmp_path / "openai_text.pt")
+    torch.save(
+        {k: v for k, v in source.state_dict().items() if not k.startswith("visual.")}, tmp_path / "openai_text.pt"
+    )
     target = tiny_model(seed=4).clip
-    load_initial_weights(target, ModelConfig(name=TINY.name, custom=TINY.custom,
-                                             text_init=init(tmp_path / "openai_text.pt", WeightsLayout.openai)))  # fmt: skip
+    load_initial_weights(
+        target,
+        ModelConfig(
+            name=TINY.name, custom=TINY.custom, text_init=init(tmp_path / "openai_text.pt", WeightsLayout.openai)
+        ),
+    )
     for key, value in source.state_dict().items():
         if not key.startswith("visual.") and key not in ("positional_embedding", "logit_scale"):
             assert torch.equal(target.state_dict()[key], value), key
@@ -92,32 +118,50 @@ def test_a_mismatched_key_or_shape_fails_naming_it(tmp_path):
         load_initial_weights(tiny_model().clip, model)
     torch.save({"payload": subprocess.Popen}, tmp_path / "code.pt")  # pickled code is refused, not run
     with pytest.raises(ConfigError, match="holds more than tensors"):
-        load_initial_weights(tiny_model().clip, ModelConfig(name=TINY.name, custom=TINY.custom, pretrained=init(tmp_path / "code.pt")))
+        load_initial_weights(
+            tiny_model().clip, ModelConfig(name=TINY.name, custom=TINY.custom, pretrained=init(tmp_path / "code.pt"))
+        )
 
 
 def test_a_composer_checkpoint_as_pretrained_scores_as_the_checkpoint_itself(sample_build, tmp_path):
-    from tests.test_eval import eval_overrides
-
     import pipeline.train
+    from tests.test_eval import eval_overrides
 
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    pipeline.train.main([DEMO_YAML, *train_overrides(cfg, run_dir, "data.global_batch_size=32", "max_duration=3ba",
-                                                     "save_interval=3ba", "scheduler.warmup=0ba")])  # fmt: skip
-    eval_cfg = load(EvalConfig, os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"), [*eval_overrides(cfg), f"load_path={run_dir}"])
+    pipeline.train.main(
+        [
+            DEMO_YAML,
+            *train_overrides(
+                cfg,
+                run_dir,
+                "data.global_batch_size=32",
+                "max_duration=3ba",
+                "save_interval=3ba",
+                "scheduler.warmup=0ba",
+            ),
+        ]
+    )
+    eval_cfg = load(
+        EvalConfig, os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"), [*eval_overrides(cfg), f"load_path={run_dir}"]
+    )
     direct = evaluate(eval_cfg)["datasets"]["fashion_mnist"]
     checkpoint = str(run_dir / "checkpoints" / "latest-rank0.pt")
     model = load(TrainConfig, DEMO_YAML, [f"model.pretrained.path={checkpoint}"]).model
     clip, _, transform, tokenizer = build_clip(model)
     load_initial_weights(clip, model)
     dataset = eval_cfg.datasets["fashion_mnist"]
-    scores = evaluate_dataset(clip.eval(), dataset, build_scores(dataset, tokenizer), transform, tokenizer, num_workers=0)
+    scores = evaluate_dataset(
+        clip.eval(), dataset, build_scores(dataset, tokenizer), transform, tokenizer, num_workers=0
+    )
     assert scores == direct
 
 
 def test_locked_towers_stay_unchanged_and_get_no_optimizer_state():
     model = tiny_model()
-    cfg = ModelConfig(name=TINY.name, custom=TINY.custom, lock_image=LockConfig(), lock_text=LockConfig(unlocked_groups=2))
+    cfg = ModelConfig(
+        name=TINY.name, custom=TINY.custom, lock_image=LockConfig(), lock_text=LockConfig(unlocked_groups=2)
+    )
     lock_towers(model.clip, cfg)
     before = {k: v.clone() for k, v in model.clip.state_dict().items()}
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-2))
@@ -130,7 +174,9 @@ def test_locked_towers_stay_unchanged_and_get_no_optimizer_state():
     assert not any(k.startswith("transformer.resblocks.0.") or k.startswith("token_embedding") for k in trained)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and all(p not in optimizer.state for p in frozen)
-    assert sum(len(g["params"]) for g in param_groups(model, OptimizerConfig())) == len(list(model.parameters())) - len(frozen)
+    assert sum(len(g["params"]) for g in param_groups(model, OptimizerConfig())) == len(list(model.parameters())) - len(
+        frozen
+    )
 
 
 def total_norm(grads: dict) -> float:
@@ -143,8 +189,14 @@ def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
     norms = {}
     for name, algorithms in (("raw", []), ("clipped", [GradientClipping("norm", 0.05)])):
         capture = GradCapture()
-        make_trainer(tiny_model(), batch_size=32, device_train_microbatch_size=8, max_duration="1ba",
-                     callbacks=[capture], algorithms=algorithms).fit()  # fmt: skip
+        make_trainer(
+            tiny_model(),
+            batch_size=32,
+            device_train_microbatch_size=8,
+            max_duration="1ba",
+            callbacks=[capture],
+            algorithms=algorithms,
+        ).fit()
         norms[name] = total_norm(capture.grads[0])
     assert norms["raw"] > 0.5
     assert norms["clipped"] == pytest.approx(0.05, rel=1e-4)
@@ -155,8 +207,14 @@ def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
 def test_gradient_clipping_on_two_ranks(tmp_path, parallelism):
     script = os.path.join(REPO, "tests", "clipping_check.py")
     out = tmp_path / "norms.pt"
-    proc = subprocess.run([*COMPOSER, "-n", "2", script, str(out), parallelism], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+    proc = subprocess.run(
+        [*COMPOSER, "-n", "2", script, str(out), parallelism],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     norms = torch.load(out, weights_only=True)
     assert norms["raw"] > 0.5 and norms["clipped"] == pytest.approx(0.05, rel=1e-4)
@@ -177,9 +235,18 @@ def test_augmentation_defaults_to_open_clips_size_normalisation_and_crop_scale()
 
 def phase_overrides(cfg, run_dir, checkpoint, *extra) -> list:
     """FLIP's unmasked tuning as its own run on the demo recipe: from a checkpoint's weights, unmasked."""
-    return train_overrides(cfg, run_dir, f"model.pretrained.path={checkpoint}", "algorithms.patch_masking=null",
-                           "data.global_batch_size=16", "max_duration=6ba", "scheduler.warmup=2ba", "save_interval=2ba",
-                           "optimizer.lr=1e-3", *extra)  # fmt: skip
+    return train_overrides(
+        cfg,
+        run_dir,
+        f"model.pretrained.path={checkpoint}",
+        "algorithms.patch_masking=null",
+        "data.global_batch_size=16",
+        "max_duration=6ba",
+        "scheduler.warmup=2ba",
+        "save_interval=2ba",
+        "optimizer.lr=1e-3",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +256,19 @@ def masked_run(sample_build, tmp_path_factory):
 
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("masked")
-    pipeline.train.main([DEMO_YAML, *train_overrides(cfg, run_dir, "algorithms.patch_masking.ratio=0.5", "max_duration=4ba",
-                                                     "data.global_batch_size=16", "save_interval=4ba")])  # fmt: skip
+    pipeline.train.main(
+        [
+            DEMO_YAML,
+            *train_overrides(
+                cfg,
+                run_dir,
+                "algorithms.patch_masking.ratio=0.5",
+                "max_duration=4ba",
+                "data.global_batch_size=16",
+                "save_interval=4ba",
+            ),
+        ]
+    )
     return str(run_dir / "checkpoints" / "ep0-ba4-rank0.pt")
 
 
@@ -213,7 +291,10 @@ def test_unmasked_tuning_phase_starts_fresh_from_the_weights_with_its_own_schedu
     trainer.fit()
     lrs = [float(v) for _, v in log.data["lr-AdamW/group0"]]
     warmup, total = 2, 6
-    expected = [t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) for t in range(total)]
+    expected = [
+        t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        for t in range(total)
+    ]
     base = trainer.state.optimizers[0].param_groups[0]["initial_lr"]
     assert lrs == pytest.approx([base * f for f in expected], rel=1e-6)
 
@@ -233,7 +314,9 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
         overrides = phase_overrides(cfg, tmp_path / name, masked_run, "autoresume=true", "deterministic=true")
         if name == "killed":
             command = [sys.executable, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
-            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
             checkpoint = tmp_path / name / "checkpoints" / "ep0-ba2-rank0.pt"
             deadline = time.time() + 300
             while not (checkpoint.exists() and (tmp_path / name / "checkpoints" / "latest-rank0.pt").exists()):

@@ -22,11 +22,13 @@ from pipeline.zeroshot import (
 
 
 def test_hits_at_k_counts_wrong_candidates_ahead_and_ties_against_the_query():
-    scores = torch.tensor([
-        [0.9, 0.1, 0.5, 0.3],  # right: candidate 2; one wrong one (0.9) ahead
-        [0.5, 0.5, 0.5, 0.5],  # right: candidate 0; the three wrong ones tie with it: all count as ahead
-        [0.1, 0.2, 0.3, 0.4],  # right: candidate 3, first
-    ])  # fmt: skip
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.5, 0.3],  # right: candidate 2; one wrong one (0.9) ahead
+            [0.5, 0.5, 0.5, 0.5],  # right: candidate 0; the three wrong ones tie with it: all count as ahead
+            [0.1, 0.2, 0.3, 0.4],  # right: candidate 3, first
+        ]
+    )
     hits = hits_at_k(scores, torch.tensor([2, 0, 3]), torch.arange(4), ks=(1, 2, 4))
     assert hits[1].tolist() == [False, False, True]
     assert hits[2].tolist() == [True, False, True]
@@ -48,13 +50,15 @@ def test_nan_scores_never_hit():
 
 def test_classification_scores_hand_computed():
     # 6 classes; labels 0, 0, 0, 1, 2: class 0 has three samples, so top-1 and mean recall differ.
-    logits = torch.tensor([
-        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 1
-        [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 2
-        [0.0, 0.6, 0.5, 0.4, 0.3, 0.2],  # label 0: rank 6 (last)
-        [0.0, 0.8, 0.0, 0.0, 0.0, 0.0],  # label 1: rank 1
-        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # label 2: all tie -> pessimistic rank 6
-    ])  # fmt: skip
+    logits = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 1
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 2
+            [0.0, 0.6, 0.5, 0.4, 0.3, 0.2],  # label 0: rank 6 (last)
+            [0.0, 0.8, 0.0, 0.0, 0.0, 0.0],  # label 1: rank 1
+            [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # label 2: all tie -> pessimistic rank 6
+        ]
+    )
     scores = classification_scores(logits, torch.tensor([0, 0, 0, 1, 2]))
     assert scores["top1"] == pytest.approx(2 / 5)
     assert scores["top5"] == pytest.approx(3 / 5)
@@ -73,11 +77,13 @@ def test_labels_outside_the_class_names_fail():
 
 
 # Similarities (images x texts). Captions 0, 1 describe image 0; 2 image 1; 3, 4 image 2.
-SIMILARITY = torch.tensor([
-    [0.9, 0.1, 0.8, 0.2, 0.3],
-    [0.2, 0.1, 0.5, 0.1, 0.5],
-    [0.4, 0.3, 0.9, 0.5, 0.5],
-])  # fmt: skip
+SIMILARITY = torch.tensor(
+    [
+        [0.9, 0.1, 0.8, 0.2, 0.3],
+        [0.2, 0.1, 0.5, 0.1, 0.5],
+        [0.4, 0.3, 0.9, 0.5, 0.5],
+    ]
+)
 TEXT_IMAGE = torch.tensor([0, 0, 1, 2, 2])
 
 
@@ -138,7 +144,11 @@ class StubCLIP:
     def __call__(self, images, tokens):
         assert images is None
         features = self.class_vectors[tokens[:, 0]] + self.template_vectors[tokens[:, 1]]
-        return {"image_features": None, "text_features": F.normalize(features, dim=-1), "logit_scale": torch.tensor(1.0)}
+        return {
+            "image_features": None,
+            "text_features": F.normalize(features, dim=-1),
+            "logit_scale": torch.tensor(1.0),
+        }
 
 
 def test_classifier_averages_normalised_prompts_and_is_rebuilt_after_reset():
@@ -146,7 +156,9 @@ def test_classifier_averages_normalised_prompts_and_is_rebuilt_after_reset():
     clip = StubCLIP(torch.randn(3, 4), torch.randn(2, 4))
     metric = ZeroShotClassification(CLASSES, TEMPLATES, stub_tokenizer)
     image_features = torch.eye(4)[:3]
-    metric.update(clip, {"ids": torch.arange(3), "labels": torch.tensor([0, 1, 2])}, Features(image_features, None, None))
+    metric.update(
+        clip, {"ids": torch.arange(3), "labels": torch.tensor([0, 1, 2])}, Features(image_features, None, None)
+    )
     per_template = F.normalize(clip.class_vectors[:, None] + clip.template_vectors[None], dim=-1)  # class x template
     expected = F.normalize(per_template.mean(dim=1), dim=-1).T
     assert torch.allclose(metric.classifier, expected, atol=1e-6)
@@ -154,7 +166,9 @@ def test_classifier_averages_normalised_prompts_and_is_rebuilt_after_reset():
 
     metric.reset()  # a new evaluation after training steps: the classifier follows the new weights
     other = StubCLIP(torch.eye(4)[:3] * 10, torch.zeros(2, 4))
-    metric.update(other, {"ids": torch.arange(3), "labels": torch.tensor([0, 1, 2])}, Features(image_features, None, None))
+    metric.update(
+        other, {"ids": torch.arange(3), "labels": torch.tensor([0, 1, 2])}, Features(image_features, None, None)
+    )
     assert torch.allclose(metric.classifier, torch.eye(4)[:3].T)
     assert metric.compute() == {"top1": 1.0, "mean_per_class_recall": 1.0}
 
@@ -179,7 +193,9 @@ def test_class_names_and_templates_from_lists_builtins_and_files(tmp_path):
 
 def test_clip_benchmark_template_files_make_its_prompts(tmp_path):
     """CLIP_benchmark's own templates ('{c}'), as its wds folders carry them, give its prompts."""
-    packaged = os.path.join(os.path.dirname(clip_benchmark.datasets.builder.__file__), "en_zeroshot_classification_templates.json")
+    packaged = os.path.join(
+        os.path.dirname(clip_benchmark.datasets.builder.__file__), "en_zeroshot_classification_templates.json"
+    )
     with open(packaged) as f:
         cifar10 = json.load(f)["cifar10"]
     path = str(tmp_path / "zeroshot_classification_templates.txt")

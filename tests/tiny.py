@@ -86,4 +86,3 @@ class RecordInput:
 
     def __call__(self, module, args):
         self.inputs.append(args[0].detach().clone() if self.keep_values else tuple(args[0].shape))
-

@@ -57,7 +57,9 @@ class TextTokenDropout:
         return full.scatter(1, self.keep.unsqueeze(-1).expand(-1, -1, width), output)
 
 
-def install_text_masking(clip: torch.nn.Module, ratio: float, mode: TextMaskingMode, tokenizer, seed: int) -> TextTokenDropout:
+def install_text_masking(
+    clip: torch.nn.Module, ratio: float, mode: TextMaskingMode, tokenizer, seed: int
+) -> TextTokenDropout:
     root = text_tower(clip).root
     hooks = TextTokenDropout(ratio, mode, *text_token_ids(tokenizer), seed)
     root.token_embedding.register_forward_pre_hook(hooks.remember_tokens)
