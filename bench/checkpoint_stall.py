@@ -50,9 +50,9 @@ def run_one(name: str, folder: str) -> dict:
     save_folder = f"s3://{os.environ['BENCH_BUCKET']}/{state_dict_type}" if bucket else f"{folder}/checkpoints"
     overrides = [
         f"run_dir={folder}/run",
-        f"save_folder={save_folder}",
+        f"checkpoint.save_folder={save_folder}",
         f"max_duration={BATCHES}ba",
-        f"save_interval={EVERY}ba",
+        f"checkpoint.save_interval={EVERY}ba",
         "data.global_batch_size=8",
         "data.num_workers=0",
         "progress_bar=false",

@@ -95,7 +95,12 @@ def main() -> None:
     rows = {"A: demo, from scratch (lr 1e-3, 500 batches)": (scores("runs/demo", "runs/eva_a.json"), moved_a)}
     rows["B at step 0: A's towers"] = (scores_of_init(init_b), None)
     for name, overrides in runs.items():
-        overrides = [*overrides, *EVA_RATES, f"max_duration={args.batches}ba", f"save_interval={args.batches}ba"]
+        overrides = [
+            *overrides,
+            *EVA_RATES,
+            f"max_duration={args.batches}ba",
+            f"checkpoint.save_interval={args.batches}ba",
+        ]
         run("pipeline/train.py", "yamls/demo_cpu.yaml", *overrides)
         label = {
             "B": f"B: A's towers + EVA rates, {args.batches} batches",
@@ -116,9 +121,9 @@ def scores_of_init(init: list) -> dict:
     from pipeline.runs import write_run_config
 
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), ["run_name=eva_b0", *init])
-    os.makedirs(cfg.save_folder, exist_ok=True)
+    os.makedirs(cfg.checkpoint.save_folder, exist_ok=True)
     state = {f"clip.{k}": v for k, v in initial_weights(init).items()}
-    torch.save({"state": {"model": state}}, os.path.join(cfg.save_folder, "latest-rank0.pt"))
+    torch.save({"state": {"model": state}}, os.path.join(cfg.checkpoint.save_folder, "latest-rank0.pt"))
     write_run_config(cfg)
     return scores(cfg.run_dir, f"{cfg.run_dir}/zeroshot.json")
 

@@ -67,8 +67,7 @@ run_name: gpu-check
 run_dir: $WORK/run
 device: gpu
 precision: amp_bf16
-save_interval: 10ba
-autoresume: true
+checkpoint: {save_interval: 10ba, autoresume: true}
 progress_bar: false
 console_log_interval: 10ba
 model: {name: ViT-B-16, context_length: 32}

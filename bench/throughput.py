@@ -200,11 +200,10 @@ def measure_peer(args, config: dict) -> dict:
     recipe = {
         "run_name": "bench",
         "run_dir": f"{folder}/run",
-        "save_folder": f"{folder}/checkpoints",
+        "checkpoint": {"save_folder": f"{folder}/checkpoints", "save_interval": "100000ba"},
         "device": args.device,
         "precision": args.precision,
         "max_duration": f"{args.steps}ba",
-        "save_interval": "100000ba",
         "progress_bar": False,
         "console_log_interval": "100000ba",
         "model": {"name": name, "custom": custom},

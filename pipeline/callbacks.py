@@ -190,7 +190,7 @@ def build_run_callbacks(cfg: TrainConfig) -> list:
     Composer callbacks and, when asked, the loss guard and the wall-clock budget."""
     callbacks = [DataLoaderWait(), SampleHash(), TrainingFlops(), *build_callbacks(cfg.callbacks)]
     if cfg.loss_guard is not None:
-        callbacks.append(LossGuard(cfg.loss_guard, cfg.save_folder))
+        callbacks.append(LossGuard(cfg.loss_guard, cfg.checkpoint.save_folder))
     if cfg.max_wall_clock is not None:
         callbacks.append(WallClockBudget(cfg.max_wall_clock, int(Time.from_timestring(cfg.max_duration).value)))
     return callbacks

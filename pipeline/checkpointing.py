@@ -14,7 +14,7 @@ What is built here:
   sharded save each rank hashes its own shard and rank 0 writes `manifest.json` (the sha256 of
   every file, HMAC-signed with the run's key, `checkpoints.key` in the save folder) before the
   pointer can move. A shard is unpickled only if its digest is in a manifest this run's key
-  signed; anything else needs trust_checkpoints.
+  signed; anything else needs checkpoint.trust.
 - Retention, and upload errors turned into one clear CheckpointUploadError.
 """
 
@@ -53,6 +53,7 @@ from numpy._core.multiarray import _reconstruct
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.torch_version import TorchVersion
 
+from pipeline.config import CheckpointConfig
 from pipeline.paths import is_remote
 
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
@@ -291,7 +292,7 @@ class SaveFolder:
         if key is None or not hmac.compare_digest(_signature(files, key), signature):
             raise CheckpointError(
                 f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
-                "this run did not write it. If you trust it, set trust_checkpoints=true."
+                "this run did not write it. If you trust it, set checkpoint.trust=true (eval: trust_checkpoints=true)."
             )
         missing = sorted(set(files) - set(self.names(name)))
         if missing or DCP_METADATA not in files:
@@ -320,8 +321,8 @@ def resume_checkpoint(save_folder: str) -> Optional[str]:
     return None
 
 
-def build_checkpoint_saver(cfg) -> CheckpointSaver:
-    """From the TrainConfig's save_* settings."""
+def build_checkpoint_saver(cfg: CheckpointConfig) -> CheckpointSaver:
+    """From the run's `checkpoint:` section."""
     folder = cfg.save_folder
     # As Composer names them; for a local folder nothing is uploaded, autoresume just needs them.
     path = parse_uri(folder)[2]
@@ -336,9 +337,9 @@ def build_checkpoint_saver(cfg) -> CheckpointSaver:
         overwrite=True,
         # Composer rotates only the local staging copies (one, for a bucket); rotate() does the rest.
         num_checkpoints_to_keep=1 if is_remote(folder) else -1,
-        upload_timeout_in_seconds=cfg.checkpoint_upload_timeout,
-        keep=cfg.save_num_checkpoints_to_keep,
-        keep_every=cfg.save_keep_every,
+        upload_timeout_in_seconds=cfg.upload_timeout,
+        keep=cfg.keep,
+        keep_every=cfg.keep_every,
     )
 
 
@@ -354,7 +355,7 @@ class CheckpointError(ValueError):
 
 SHARDED_REFUSAL = (
     "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles, and this run did not "
-    "sign it. Set trust_checkpoints=true if you trust it."
+    "sign it. Set checkpoint.trust=true (eval: trust_checkpoints=true) if you trust it."
 )
 # {file name: sha256} of the sharded checkpoint being resumed, from its signed manifest; and the
 # files of it already checked in this process (Composer validates a shard at each read).
@@ -375,7 +376,7 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
         reason = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
         raise CheckpointError(
             f"{path} holds more than tensors and plain data ({reason}), so it was not loaded. "
-            "If you trust this checkpoint, set trust_checkpoints=true."
+            "If you trust this checkpoint, set checkpoint.trust=true (eval: trust_checkpoints=true)."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path} is corrupt or truncated, so it was not loaded: {err}") from None

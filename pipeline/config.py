@@ -453,6 +453,32 @@ class LossGuardConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where the run saves, how often, what it keeps, and what it starts or resumes from."""
+
+    save_folder: str = "${run_dir}/checkpoints"  # local, or s3://bucket/prefix
+    save_interval: str = "1000ba"
+    # The newest N checkpoints are kept, locally and in the bucket (-1: all), besides those kept for
+    # good: every keep_every-th batch's (e.g. 10000) and the one `latest` names.
+    keep: int = -1
+    keep_every: Optional[int] = None
+    # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.
+    upload_timeout: int = 900
+    # Resume from the newest whole checkpoint in save_folder (full or sharded), on any world size.
+    autoresume: bool = False
+    # Full checkpoints are loaded as tensors and plain data only; sharded ones only when this run
+    # signed them (pipeline/checkpointing.py). true allows any pickled object from anywhere.
+    trust: bool = False
+    # A checkpoint to start from (weights, optimizer and time), when there is none to resume from.
+    load_path: Optional[str] = None
+
+    def __post_init__(self):
+        check_time("checkpoint.save_interval", self.save_interval)
+        check(self.keep >= -1, f"checkpoint.keep must be -1 (all) or >= 0, got {self.keep}")
+        check(self.upload_timeout > 0, f"checkpoint.upload_timeout must be > 0 seconds, got {self.upload_timeout}")
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "clip"
     run_dir: str = "runs/${run_name}"
@@ -476,23 +502,10 @@ class TrainConfig:
     precision: Optional[Precision] = None
     # Composer device; None picks gpu when available.
     device: Optional[Device] = None
-    save_folder: str = "${run_dir}/checkpoints"
-    save_interval: str = "1000ba"
-    # The newest N checkpoints are kept, locally and in the bucket (-1: all), besides those kept for
-    # good: every save_keep_every-th batch's (e.g. 10000) and the one `latest` names.
-    save_num_checkpoints_to_keep: int = -1
-    save_keep_every: Optional[int] = None
-    # Seconds to wait for a checkpoint to appear in the bucket before stopping with an error.
-    checkpoint_upload_timeout: int = 900
-    # Resume from the newest whole checkpoint in save_folder (full or sharded), on any world size.
-    autoresume: bool = False
-    # Full checkpoints are loaded as tensors and plain data only; sharded ones only when this run
-    # signed them (pipeline/checkpointing.py). true allows any pickled object from anywhere.
-    trust_checkpoints: bool = False
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Zero-shot eval sets (as in yamls/eval/*.yaml), run as Composer evaluators every eval_interval.
     eval_datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
     eval_interval: str = "1000ba"
-    load_path: Optional[str] = None
     console_log_interval: str = "50ba"
     progress_bar: bool = True
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
@@ -504,7 +517,7 @@ class TrainConfig:
     compile_config: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
-        for key in ("max_duration", "save_interval", "eval_interval", "console_log_interval"):
+        for key in ("max_duration", "eval_interval", "console_log_interval"):
             check_time(key, getattr(self, key))
         check(
             self.max_wall_clock is None or (self.max_wall_clock > 0 and self.max_duration.endswith("ba")),
@@ -594,7 +607,25 @@ def _schema_at(schema: type, dotted: str) -> Optional[type]:
     return node if not parts and is_dataclass(node) else None
 
 
+# Keys that moved, by schema: a YAML written before the move fails naming the new key.
+MOVED_KEYS = {
+    TrainConfig: {
+        "save_folder": "checkpoint.save_folder",
+        "save_interval": "checkpoint.save_interval",
+        "save_num_checkpoints_to_keep": "checkpoint.keep",
+        "save_keep_every": "checkpoint.keep_every",
+        "checkpoint_upload_timeout": "checkpoint.upload_timeout",
+        "autoresume": "checkpoint.autoresume",
+        "trust_checkpoints": "checkpoint.trust",
+        "load_path": "checkpoint.load_path",
+    },
+}
+
+
 def _unknown_key_message(schema: type, full_key: str, source: str) -> str:
+    moved = MOVED_KEYS.get(schema, {}).get(full_key)
+    if moved:
+        return f"Unknown config key '{full_key}' (from {source}). Did you mean '{moved}'? It moved there."
     parent, _, leaf = full_key.rpartition(".")
     node = _schema_at(schema, parent)
     valid = sorted(f.name for f in fields(node)) if node is not None else []

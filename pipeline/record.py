@@ -44,7 +44,7 @@ class RunRecord(LoggerDestination):
         self.cfg = cfg
         self.path = os.path.join(cfg.run_dir, METRICS_FILE)
         self.pending: list = []
-        self.is_save_batch = create_interval_scheduler(cfg.save_interval)
+        self.is_save_batch = create_interval_scheduler(cfg.checkpoint.save_interval)
         self.fit_ended = False
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -95,7 +95,10 @@ class RunRecord(LoggerDestination):
         files = [os.path.join(self.cfg.run_dir, name) for name in PUBLISHED]
         files += glob.glob(os.path.join(self.cfg.run_dir, "tensorboard", "**", "*"), recursive=True)
         files = [f for f in files if os.path.isfile(f)]
-        if is_remote(self.cfg.save_folder):
-            store, prefix = maybe_create_object_store_from_uri(self.cfg.save_folder), parse_uri(self.cfg.save_folder)[2]
+        if is_remote(self.cfg.checkpoint.save_folder):
+            store, prefix = (
+                maybe_create_object_store_from_uri(self.cfg.checkpoint.save_folder),
+                parse_uri(self.cfg.checkpoint.save_folder)[2],
+            )
             for path in files:
                 store.upload_object(os.path.join(prefix, os.path.relpath(path, self.cfg.run_dir)), path)

@@ -61,7 +61,7 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         "global_batch_size": cfg.data.global_batch_size,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "checkpoints": cfg.save_folder,
+        "checkpoints": cfg.checkpoint.save_folder,
         "loss_plot": os.path.join(cfg.run_dir, "loss.png"),
         # The last value of every evaluator metric (zero-shot scores), if any ran.
         "eval": {metric: value for _, metric, value in rows if metric.startswith("metrics/")},
@@ -72,7 +72,7 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
         print(
             f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
-            f"  checkpoints: {cfg.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
+            f"  checkpoints: {cfg.checkpoint.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
             f"  metrics:     {os.path.join(cfg.run_dir, 'metrics.csv')}\n"
             f"  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
         )

@@ -28,17 +28,17 @@ def write_run_config(cfg: TrainConfig) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, CONFIG_FILE), "w") as f:
         f.write(text)
-    if not is_remote(cfg.save_folder):
-        os.makedirs(cfg.save_folder, exist_ok=True)
-        with open(os.path.join(cfg.save_folder, CONFIG_FILE), "w") as f:
+    if not is_remote(cfg.checkpoint.save_folder):
+        os.makedirs(cfg.checkpoint.save_folder, exist_ok=True)
+        with open(os.path.join(cfg.checkpoint.save_folder, CONFIG_FILE), "w") as f:
             f.write(text)
         return
     with tempfile.TemporaryDirectory() as staging:
         local = os.path.join(staging, CONFIG_FILE)
         with open(local, "w") as f:
             f.write(text)
-        object_name = os.path.join(parse_uri(cfg.save_folder)[2], CONFIG_FILE)
-        maybe_create_object_store_from_uri(cfg.save_folder).upload_object(object_name, local)
+        object_name = os.path.join(parse_uri(cfg.checkpoint.save_folder)[2], CONFIG_FILE)
+        maybe_create_object_store_from_uri(cfg.checkpoint.save_folder).upload_object(object_name, local)
 
 
 def saved_config(folder: str) -> Optional[TrainConfig]:
@@ -98,7 +98,7 @@ def pin_sample_order(cfg: TrainConfig, saved: Optional[TrainConfig]) -> TrainCon
         if now != then:
             raise ConfigError(
                 f"{key}={now} would change the sample order of the run being resumed, which started with "
-                f"{key}={then} (its {CONFIG_FILE} in {cfg.save_folder}). "
+                f"{key}={then} (its {CONFIG_FILE} in {cfg.checkpoint.save_folder}). "
                 "Resume with the same value, or start a new run."
             )
     return cfg
@@ -111,9 +111,11 @@ def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
     is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
     if is_save_folder(load_path) or (is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE))):
         saved = saved_config(load_path)  # in both folders
-        checkpoint = resume_checkpoint(saved.save_folder if not is_save_folder(load_path) else load_path)
+        checkpoint = resume_checkpoint(saved.checkpoint.save_folder if not is_save_folder(load_path) else load_path)
         if checkpoint is None:
-            raise ConfigError(f"The run in {load_path} has no finished checkpoint in {saved.save_folder} yet")
+            raise ConfigError(
+                f"The run in {load_path} has no finished checkpoint in {saved.checkpoint.save_folder} yet"
+            )
         return model or saved.model, checkpoint
     if model is not None:
         return model, load_path

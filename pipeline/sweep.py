@@ -6,7 +6,7 @@
 
 A sweep YAML (SweepConfig in pipeline/config.py) names a training YAML, overrides common to every
 run, a `grid:` (one run per point of the cartesian product) and/or a `runs:` list (one run per
-entry). Each run is an ordinary pipeline/train.py run with autoresume in <folder>/<run name>: a
+entry). Each run is an ordinary pipeline/train.py run with checkpoint.autoresume in <folder>/<run name>: a
 killed sweep, started again, continues the run it was in from its last checkpoint, and runs whose
 summary.json says complete are skipped. key=value arguments override the sweep's own keys
 (folder=..., overrides.max_wall_clock=60, ...). `run_dirs(path)` lists the run folders for
@@ -98,9 +98,9 @@ def expand(sweep: SweepConfig) -> list:
         parts = [name_part(sweep.labels.get(k, k.rsplit(".", 1)[-1]), values[k]) for k in varying if k in values]
         name = name or "-".join(parts) or "run"
         run_dir = os.path.join(sweep.folder, name)
-        managed = {"run_name": f"{sweep.name}-{name}", "run_dir": run_dir, "autoresume": True}
+        managed = {"run_name": f"{sweep.name}-{name}", "run_dir": run_dir, "checkpoint.autoresume": True}
         if sweep.save_folder is not None:
-            managed["save_folder"] = f"{sweep.save_folder.rstrip('/')}/{name}"
+            managed["checkpoint.save_folder"] = f"{sweep.save_folder.rstrip('/')}/{name}"
         args = [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values), **managed}.items()]
         runs.append(Run(name, run_dir, args))
     duplicates = sorted({r.name for r in runs if [s.name for s in runs].count(r.name) > 1})

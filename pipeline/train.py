@@ -48,7 +48,7 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
     the config's loggers are added to `loggers`."""
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
-    guard_checkpoint_loading(cfg.trust_checkpoints)
+    guard_checkpoint_loading(cfg.checkpoint.trust)
     device = cfg.device or (Device.gpu if torch.cuda.is_available() else Device.cpu)
     precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
     clip, _, eval_transform, tokenizer = build_clip(cfg.model)
@@ -74,12 +74,12 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
             SpeedMonitor(window_size=20),
             LRMonitor(),
             *build_run_callbacks(cfg),
-            build_checkpoint_saver(cfg),
+            build_checkpoint_saver(cfg.checkpoint),
         ],
         loggers=[RunRecord(cfg), *build_loggers(cfg.loggers, cfg.run_name), *loggers],
         compile_config=cfg.compile_config,
         run_name=cfg.run_name,
-        load_path=resume_path or cfg.load_path,
+        load_path=resume_path or cfg.checkpoint.load_path,
         seed=cfg.seed,
         deterministic_mode=cfg.deterministic,
         progress_bar=cfg.progress_bar,
@@ -94,13 +94,13 @@ def main(argv: list) -> None:
     try:
         # autoresume: the newest whole checkpoint this run wrote, on whatever world size runs now,
         # and the sample order the run started with (a change to it fails here, naming the key).
-        resume_path = resume_checkpoint(cfg.save_folder) if cfg.autoresume else None
-        cfg = pin_sample_order(cfg, saved_config(cfg.save_folder) if resume_path else None)
+        resume_path = resume_checkpoint(cfg.checkpoint.save_folder) if cfg.checkpoint.autoresume else None
+        cfg = pin_sample_order(cfg, saved_config(cfg.checkpoint.save_folder) if resume_path else None)
         trainer = build_trainer(cfg, resume_path=resume_path)
         if already_complete(trainer, cfg):  # a scheduler retrying a finished job
             print(
                 f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "
-                f"{cfg.max_duration}); its checkpoints are in {cfg.save_folder}. Nothing to do."
+                f"{cfg.max_duration}); its checkpoints are in {cfg.checkpoint.save_folder}. Nothing to do."
             )
             trainer.close()
             return
@@ -110,11 +110,11 @@ def main(argv: list) -> None:
     except (BotoCoreError, ClientError, CheckpointUploadError) as err:
         sys.exit(
             f"Object storage failed: {err}\n"
-            f"Nothing is lost: the `latest` pointer under {cfg.save_folder} names the last checkpoint "
+            f"Nothing is lost: the `latest` pointer under {cfg.checkpoint.save_folder} names the last checkpoint "
             "that finished uploading. Run the same command again to resume once the store is reachable."
         )
     except CheckpointError as err:
-        source = cfg.load_path or f"the latest checkpoint under {cfg.save_folder}"
+        source = cfg.checkpoint.load_path or f"the latest checkpoint under {cfg.checkpoint.save_folder}"
         sys.exit(f"Refusing to resume from {source}: {err}")
     except ConfigError as err:  # a resume that would change the run's sample order
         sys.exit(f"ConfigError: {err}")

@@ -13,6 +13,23 @@ def test_unknown_key_names_nearest_valid_key():
         load(TrainConfig, None, ["optimizer.lrr=0.1"])
 
 
+def test_a_key_that_moved_into_the_checkpoint_section_names_its_new_place(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"'save_folder' \(from command line\)\. Did you mean 'checkpoint.save_folder'\?"
+    ):
+        load(TrainConfig, None, ["save_folder=s3://bucket/run"])
+    old = tmp_path / "old.yaml"
+    old.write_text("save_num_checkpoints_to_keep: 3\n")
+    with pytest.raises(
+        ConfigError, match=rf"'save_num_checkpoints_to_keep' \(from {old}\)\. Did you mean 'checkpoint.keep'\?"
+    ):
+        load(TrainConfig, str(old))
+    with pytest.raises(
+        ConfigError, match=r"Did you mean 'checkpoint.keep_every'\?.*Valid keys at 'checkpoint': autoresume"
+    ):
+        load(TrainConfig, None, ["checkpoint.keep_evry=4"])
+
+
 def test_unknown_key_inside_a_named_stream():
     with pytest.raises(ConfigError, match=r"Did you mean 'data.streams.web.proportion'\?.*local, proportion, remote"):
         load(TrainConfig, None, ["data.streams.web.local=x", "data.streams.web.proportoin=0.5"])
@@ -40,7 +57,7 @@ def test_missing_required_key():
 def test_overrides_win_and_interpolations_resolve():
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), ["run_name=x", "optimizer.lr=0.5"])
     assert cfg.optimizer.lr == 0.5
-    assert cfg.save_folder == "runs/x/checkpoints"
+    assert cfg.checkpoint.save_folder == "runs/x/checkpoints"
     assert cfg.data.streams["web"].proportion == 0.5
 
 
@@ -93,8 +110,17 @@ def test_sharding_none_is_an_alias_of_ddp():
 def test_a_recipe_extends_its_base_and_overrides_keys():
     b16 = load(TrainConfig, os.path.join(REPO, "yamls", "flip_b16.yaml"))
     l14 = load(TrainConfig, os.path.join(REPO, "yamls", "flip_l14.yaml"))
-    assert (l14.model.name, l14.run_name, l14.save_folder) == ("ViT-L-14", "flip-l14", "s3://my-bucket/runs/flip-l14")
-    b16.model.name, b16.run_name, b16.save_folder, b16.run_dir = "ViT-L-14", "flip-l14", l14.save_folder, l14.run_dir
+    assert (l14.model.name, l14.run_name, l14.checkpoint.save_folder) == (
+        "ViT-L-14",
+        "flip-l14",
+        "s3://my-bucket/runs/flip-l14",
+    )
+    b16.model.name, b16.run_name, b16.checkpoint.save_folder, b16.run_dir = (
+        "ViT-L-14",
+        "flip-l14",
+        l14.checkpoint.save_folder,
+        l14.run_dir,
+    )
     assert l14 == b16  # everything else comes from the base
 
 

@@ -95,9 +95,9 @@ def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
         f"max_duration={SAVED_RUN_BATCHES}ba",
         "parallelism.sharding=HYBRID_SHARD",
         "parallelism.state_dict_type=sharded",
-        f"save_folder={save_folder}",
-        f"save_interval={SAVE_EVERY}ba",
-        "autoresume=true",
+        f"checkpoint.save_folder={save_folder}",
+        f"checkpoint.save_interval={SAVE_EVERY}ba",
+        "checkpoint.autoresume=true",
         *extra,
     )
 

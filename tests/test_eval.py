@@ -122,7 +122,7 @@ def trained(sample_build, tmp_path_factory):
             "scheduler.warmup=0ba",
             "max_duration=2ba",
             "eval_interval=2ba",
-            "save_interval=2ba",
+            "checkpoint.save_interval=2ba",
         ),
     )
     train_cfg.eval_datasets = eval_cfg.datasets
@@ -167,7 +167,7 @@ def test_checkpoint_is_read_as_tensors_only_unless_trusted(trained, tmp_path):
 
     saved["state"]["callbacks"]["payload"] = Payload()
     torch.save(saved, tmp_path / "odd.pt")
-    with pytest.raises(ConfigError, match=r"test_eval.Payload.*set trust_checkpoints=true"):
+    with pytest.raises(ConfigError, match=r"test_eval.Payload.*trust_checkpoints=true"):
         load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt")))
     trusted, _, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoints=True))
     assert torch.equal(trusted.visual.conv1.weight, clip.visual.conv1.weight)
@@ -342,7 +342,7 @@ def test_eval_takes_the_model_from_the_run_so_a_changed_width_needs_no_model_sec
                 "scheduler.warmup=0ba",
                 "max_duration=2ba",
                 "eval_interval=2ba",
-                "save_interval=2ba",
+                "checkpoint.save_interval=2ba",
             ),
         ]
     )

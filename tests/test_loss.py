@@ -42,7 +42,7 @@ def test_siglip_trains_from_the_demo_recipe_and_its_run_evaluates_and_exports(sa
             "max_duration=30ba",
             "data.global_batch_size=64",
             "scheduler.warmup=5ba",
-            "save_interval=30ba",
+            "checkpoint.save_interval=30ba",
         ),
     )
     with open(run_dir / "loss.csv") as f:

@@ -37,12 +37,12 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
         run_dir,
         "max_duration=100ba",
         "data.global_batch_size=16",
-        "save_interval=10ba",
+        "checkpoint.save_interval=10ba",
         *SMALL_MODEL,
         "parallelism.sharding=FULL_SHARD",
         "parallelism.state_dict_type=sharded",
-        f"save_folder=s3://{s3_bucket}/run",
-        "autoresume=true",
+        f"checkpoint.save_folder=s3://{s3_bucket}/run",
+        "checkpoint.autoresume=true",
         "loggers.console.log_interval=1ba",
     )
     port = free_ports(1)[0]

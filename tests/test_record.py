@@ -23,7 +23,7 @@ def short_run(cfg, run_dir, *extra) -> list:
         run_dir,
         "data.global_batch_size=16",
         "max_duration=4ba",
-        "save_interval=2ba",
+        "checkpoint.save_interval=2ba",
         "scheduler.warmup=1ba",
         *extra,
     )
@@ -97,9 +97,9 @@ def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build,
                 cfg,
                 run_dir,
                 "max_duration=6ba",
-                "save_interval=1ba",
-                "save_num_checkpoints_to_keep=2",
-                "save_keep_every=4",
+                "checkpoint.save_interval=1ba",
+                "checkpoint.keep=2",
+                "checkpoint.keep_every=4",
             ),
         ]
     )
@@ -110,7 +110,7 @@ def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build,
 
 def test_a_finished_job_started_again_exits_0_saying_so(sample_build, tmp_path):
     cfg, _ = sample_build
-    overrides = short_run(cfg, tmp_path / "done", "autoresume=true")
+    overrides = short_run(cfg, tmp_path / "done", "checkpoint.autoresume=true")
     pipeline.train.main([DEMO_YAML, *overrides])
     command = [sys.executable, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

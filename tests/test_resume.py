@@ -26,11 +26,11 @@ def resumable(cfg, tmp_path, name: str, save_folder: str, *extra: str) -> list:
         f"max_duration={MAX_BATCHES}ba",
         "data.global_batch_size=16",
         "scheduler.warmup=2ba",
-        "save_interval=2ba",
-        "autoresume=true",
+        "checkpoint.save_interval=2ba",
+        "checkpoint.autoresume=true",
         "deterministic=true",
         "algorithms.patch_masking.ratio=0.5",
-        f"save_folder={save_folder}",
+        f"checkpoint.save_folder={save_folder}",
         *SMALL_MODEL,
         *extra,
     )
@@ -106,9 +106,9 @@ def test_bucket_keeps_the_newest_checkpoints_and_every_kth(sample_build, s3, s3_
         tmp_path,
         "kept",
         f"s3://{s3_bucket}/kept",
-        "save_interval=1ba",
-        "save_num_checkpoints_to_keep=2",
-        "save_keep_every=4",
+        "checkpoint.save_interval=1ba",
+        "checkpoint.keep=2",
+        "checkpoint.keep_every=4",
     )
     run_train(PYTHON, overrides)
     kept = sorted(k for k in s3.list_keys(s3_bucket) if k.startswith("kept/ep"))
@@ -122,7 +122,12 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     cfg, _ = sample_build
     # Long and slow enough (~0.5 s a batch) that the run is still saving when the first `latest`
     # pointer lands, a few seconds in.
-    longer = ["max_duration=48ba", "data.global_batch_size=64", "save_interval=4ba", "checkpoint_upload_timeout=20"]
+    longer = [
+        "max_duration=48ba",
+        "data.global_batch_size=64",
+        "checkpoint.save_interval=4ba",
+        "checkpoint.upload_timeout=20",
+    ]
     run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
     s3.client().download_file(s3_bucket, "whole/ep0-ba48-rank0.pt", str(tmp_path / "whole.pt"))
     expected = read_checkpoint(str(tmp_path / "whole.pt"))["state"]["model"]
@@ -190,7 +195,7 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3
 
     proc = corrupt_latest_and_resume(cfg, s3, s3_bucket, tmp_path, add_payload)
     assert proc.returncode != 0
-    assert "holds more than tensors and plain data" in proc.stderr and "trust_checkpoints=true" in proc.stderr
+    assert "holds more than tensors and plain data" in proc.stderr and "checkpoint.trust=true" in proc.stderr
     assert not marker.exists()
 
 

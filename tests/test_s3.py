@@ -195,7 +195,7 @@ def test_training_streams_its_shards_from_the_bucket(spark, s3, s3_bucket, tmp_p
         "max_duration=3ba",
         "data.global_batch_size=8",
         "scheduler.warmup=1ba",
-        "save_interval=3ba",
+        "checkpoint.save_interval=3ba",
         *(f"data.streams.{n}.remote={r}" for n, r in remotes.items()),
     )
     run_train(PYTHON, overrides, timeout=300)

@@ -32,7 +32,7 @@ TINY_DEMO = [
         "text_cfg.layers=1",
     )
 ]
-QUICK = ["data.global_batch_size=16", "scheduler.warmup=1ba", "save_interval=2ba", *TINY_DEMO]
+QUICK = ["data.global_batch_size=16", "scheduler.warmup=1ba", "checkpoint.save_interval=2ba", *TINY_DEMO]
 
 
 def write_sweep(path, **keys) -> str:
@@ -96,8 +96,11 @@ def test_grid_and_runs_expand_into_named_runs_under_the_folder(tmp_path):
     first, tuned = as_dict(runs[0].args), as_dict(runs[-1].args)
     assert first["eval_interval"] == "20ba" and first["data.num_workers"] == "0"
     assert first["algorithms.patch_masking.ratio"] == "0.5" and first["max_duration"] == "6400sp"
-    assert first["run_dir"] == os.path.join(sweep.folder, "masking0.5-samples6400sp") and first["autoresume"] == "true"
-    assert first["save_folder"] == "s3://bucket/sweeps/s/masking0.5-samples6400sp"
+    assert (
+        first["run_dir"] == os.path.join(sweep.folder, "masking0.5-samples6400sp")
+        and first["checkpoint.autoresume"] == "true"
+    )
+    assert first["checkpoint.save_folder"] == "s3://bucket/sweeps/s/masking0.5-samples6400sp"
     assert first["run_name"] == "s-masking0.5-samples6400sp"
     assert tuned["model.pretrained.path"] == f"{sweep.folder}/masking0.75-samples6400sp/checkpoints/latest-rank0.pt"
     assert "algorithms.patch_masking.ratio" not in tuned
@@ -208,7 +211,9 @@ def read_rows(run_dir) -> list:
 def test_wall_clock_budget_ends_the_run_complete_with_the_lr_schedule_spent(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "timed"
-    overrides = train_overrides(cfg, run_dir, *QUICK, "max_wall_clock=6", "max_duration=100000ba", "autoresume=true")
+    overrides = train_overrides(
+        cfg, run_dir, *QUICK, "max_wall_clock=6", "max_duration=100000ba", "checkpoint.autoresume=true"
+    )
     run_train(PYTHON, overrides)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_rows(run_dir)

@@ -18,7 +18,12 @@ def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, t
     run_train(
         PYTHON,
         train_overrides(
-            cfg, run_dir, "max_duration=40ba", "data.global_batch_size=64", "scheduler.warmup=5ba", "save_interval=20ba"
+            cfg,
+            run_dir,
+            "max_duration=40ba",
+            "data.global_batch_size=64",
+            "scheduler.warmup=5ba",
+            "checkpoint.save_interval=20ba",
         ),
     )
     losses = read_losses(run_dir)
@@ -39,7 +44,7 @@ def test_composer_launcher_keeps_the_global_batch(sample_build, tmp_path, nproc)
     run_dir = tmp_path / f"n{nproc}"
     run_train(
         [*COMPOSER, "-n", str(nproc)],
-        train_overrides(cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "save_interval=4ba"),
+        train_overrides(cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "checkpoint.save_interval=4ba"),
     )
     with open(run_dir / "summary.json") as f:
         summary = json.load(f)

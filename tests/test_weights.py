@@ -137,7 +137,7 @@ def test_a_composer_checkpoint_as_pretrained_scores_as_the_checkpoint_itself(sam
                 run_dir,
                 "data.global_batch_size=32",
                 "max_duration=3ba",
-                "save_interval=3ba",
+                "checkpoint.save_interval=3ba",
                 "scheduler.warmup=0ba",
             ),
         ]
@@ -243,7 +243,7 @@ def phase_overrides(cfg, run_dir, checkpoint, *extra) -> list:
         "data.global_batch_size=16",
         "max_duration=6ba",
         "scheduler.warmup=2ba",
-        "save_interval=2ba",
+        "checkpoint.save_interval=2ba",
         "optimizer.lr=1e-3",
         *extra,
     )
@@ -265,7 +265,7 @@ def masked_run(sample_build, tmp_path_factory):
                 "algorithms.patch_masking.ratio=0.5",
                 "max_duration=4ba",
                 "data.global_batch_size=16",
-                "save_interval=4ba",
+                "checkpoint.save_interval=4ba",
             ),
         ]
     )
@@ -311,7 +311,9 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
     cfg, _ = sample_build
     final = {}
     for name in ("whole", "killed"):
-        overrides = phase_overrides(cfg, tmp_path / name, masked_run, "autoresume=true", "deterministic=true")
+        overrides = phase_overrides(
+            cfg, tmp_path / name, masked_run, "checkpoint.autoresume=true", "deterministic=true"
+        )
         if name == "killed":
             command = [sys.executable, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
             proc = subprocess.Popen(
