@@ -2,6 +2,7 @@
 ranks; FSDP2 sharded checkpoints in a bucket autoresume after kill -9, on the same world size
 (bit for bit) or another one; checkpoints the run did not sign are refused."""
 
+import json
 import os
 import signal
 import subprocess
@@ -21,10 +22,9 @@ from pipeline.record import read_metrics
 from pipeline.runs import pin_sample_order
 from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
 
-BATCHES = 20
-# Composer's uploader starts its (spawned) processes at the first save: on 2 busy cores the first
-# `latest` pointer lands about a minute later, so the runs that are killed run long enough for it.
-SAVED_RUN_BATCHES, SAVE_EVERY = 100, 10
+# Uploads run in threads, so `latest` names the first checkpoint a few seconds after it is saved;
+# the killed runs are long enough to be killed before they finish.
+BATCHES, SAVE_EVERY = 40, 5
 MASKING = ["algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=0.25"]
 
 
@@ -33,12 +33,29 @@ def elastic(cfg, run_dir, *extra: str) -> list:
     return train_overrides(
         cfg,
         run_dir,
+        f"max_duration={BATCHES}ba",
         "data.global_batch_size=16",
         "scheduler.warmup=2ba",
         "deterministic=true",
         "loggers.console.log_interval=1ba",
         *MASKING,
         *SMALL_MODEL,
+        *extra,
+    )
+
+
+def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
+    """As the recipes run: FSDP2 (HYBRID_SHARD on one machine is one replica, which builds
+    FULL_SHARD's FSDP2Config exactly: replication across replicas needs GPUs), sharded checkpoints
+    in the bucket, autoresume; no checkpoint.trust."""
+    return elastic(
+        cfg,
+        run_dir,
+        "parallelism.sharding=HYBRID_SHARD",
+        "parallelism.state_dict_type=sharded",
+        f"checkpoint.save_folder={save_folder}",
+        f"checkpoint.save_interval={SAVE_EVERY}ba",
+        "checkpoint.autoresume=true",
         *extra,
     )
 
@@ -51,55 +68,60 @@ def launcher(ranks: int) -> list:
     return PYTHON if ranks == 1 else [*COMPOSER, "-n", str(ranks)]
 
 
+def assert_same_batches_and_losses(run_dir, reference_dir) -> None:
+    hashes, reference_hashes = per_batch(run_dir, "data/sample_hash"), per_batch(reference_dir, "data/sample_hash")
+    assert len(hashes) == BATCHES and len(set(hashes)) == BATCHES  # a new global batch every step, each once
+    assert hashes == reference_hashes  # the very same samples in every global batch
+    losses, reference = per_batch(run_dir, "loss/train/total"), per_batch(reference_dir, "loss/train/total")
+    assert len(losses) == BATCHES
+    assert losses == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_rank(sample_build, tmp_path_factory):
+    """The reference: one rank, DDP, the global batch of 16 as 4 micro-batches of 4."""
+    cfg, _ = sample_build
+    run_dir = tmp_path_factory.mktemp("world") / "1rank"
+    run_train(PYTHON, elastic(cfg, run_dir, "device_train_microbatch_size=4"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sample_build, s3_server, tmp_path_factory):
+    """(bucket, run folder) of a 2-rank sharded run that was never interrupted."""
+    cfg, _ = sample_build
+    bucket = s3_server.make_bucket()
+    run_dir = tmp_path_factory.mktemp("sharded") / "whole"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        run_train(launcher(2), sharded(cfg, run_dir, f"s3://{bucket}/whole"))
+    return bucket, run_dir
+
+
 # ---------------------------------------------------------------------------
 # The same config on any world size
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_rank(sample_build, tmp_path_factory):
-    """The reference: one rank, the global batch of 16 as 4 micro-batches of 4."""
+@pytest.mark.slow
+def test_ddp_on_4_ranks_trains_on_the_1_rank_batches_with_its_losses(sample_build, one_rank, tmp_path):
     cfg, _ = sample_build
-    run_dir = tmp_path_factory.mktemp("world") / "1rank"
-    run_train(PYTHON, elastic(cfg, run_dir, f"max_duration={BATCHES}ba", "device_train_microbatch_size=4"))
-    return run_dir
+    run_train(launcher(4), elastic(cfg, tmp_path))
+    assert_same_batches_and_losses(tmp_path, one_rank)
+    with open(tmp_path / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["world_size"] == 4 and summary["samples"] == BATCHES * 16  # 4 per rank, counted over all
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [2, 4])
-# HYBRID_SHARD on one machine is one replica, which builds FULL_SHARD's FSDP2Config exactly
-# (tests/test_parallel.py); replication across replicas needs GPUs.
-@pytest.mark.parametrize("sharding", ["ddp", "FULL_SHARD"])
-def test_same_batches_and_losses_on_any_number_of_ranks(sample_build, one_rank, tmp_path, sharding, ranks):
-    cfg, _ = sample_build
-    run_train(launcher(ranks), elastic(cfg, tmp_path, f"max_duration={BATCHES}ba", f"parallelism.sharding={sharding}"))
-    hashes, reference_hashes = per_batch(tmp_path, "data/sample_hash"), per_batch(one_rank, "data/sample_hash")
-    assert len(hashes) == BATCHES and len(set(hashes)) == BATCHES  # a new global batch every step
-    assert hashes == reference_hashes  # the very same samples in every global batch
-    losses, reference = per_batch(tmp_path, "loss/train/total"), per_batch(one_rank, "loss/train/total")
-    assert len(losses) == BATCHES
-    assert losses == pytest.approx(reference, rel=1e-5)
+def test_fsdp_on_2_ranks_trains_on_the_1_rank_batches_with_its_losses(uninterrupted, one_rank):
+    assert_same_batches_and_losses(uninterrupted[1], one_rank)
 
 
 # ---------------------------------------------------------------------------
 # Sharded checkpoints in the bucket: kill -9, autoresume
 # ---------------------------------------------------------------------------
-
-
-def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
-    """As the recipes run: FSDP2 (one replica here: HSDP's replication needs GPUs), sharded
-    checkpoints in the bucket every 2 batches, autoresume; no trust_checkpoints."""
-    return elastic(
-        cfg,
-        run_dir,
-        f"max_duration={SAVED_RUN_BATCHES}ba",
-        "parallelism.sharding=HYBRID_SHARD",
-        "parallelism.state_dict_type=sharded",
-        f"checkpoint.save_folder={save_folder}",
-        f"checkpoint.save_interval={SAVE_EVERY}ba",
-        "checkpoint.autoresume=true",
-        *extra,
-    )
 
 
 def latest_batch(s3, bucket: str, prefix: str) -> int:
@@ -112,77 +134,77 @@ def latest_batch(s3, bucket: str, prefix: str) -> int:
     return int(body.decode().strip().rsplit("-ba", 1)[-1])
 
 
-def kill_once_latest_passes(s3, bucket: str, prefix: str, after: int, command: list, log_path) -> int:
-    """Start `command`; SIGKILL its whole process group as soon as the bucket's `latest` names a
-    checkpoint after batch `after`. Returns that checkpoint's batch."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
-        while (batch := latest_batch(s3, bucket, prefix)) <= after:
-            assert proc.poll() is None, (
-                f"training ended before `latest` passed batch {after}: {open(log_path).read()[-3000:]}"
-            )
-            assert time.time() < deadline, f"`latest` never passed batch {after}"
-            time.sleep(0.1)
+def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_path, after: int = 0) -> int:
+    """SIGKILL the process groups of `processes` as soon as the bucket's `latest` names a
+    checkpoint after batch `after`; returns its batch."""
+    deadline = time.time() + 300
+    while (batch := latest_batch(s3, bucket, prefix)) <= after:
+        assert all(p.poll() is None for p in processes), f"training ended first: {open(log_path).read()[-3000:]}"
+        assert time.time() < deadline, f"`latest` never passed batch {after}"
+        time.sleep(0.1)
+    for proc in processes:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert batch < SAVED_RUN_BATCHES, "killed too late: the run had finished"
+    assert batch < BATCHES, "killed too late: the run had finished"
     return batch
+
+
+def start(command: list, log_path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def train_command(ranks: int, overrides: list) -> list:
     return [*launcher(ranks), os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(sample_build, s3_server, tmp_path_factory):
-    """(bucket, run folder) of a 2-rank sharded run that was never interrupted."""
-    cfg, _ = sample_build
-    env = s3_server.env()
-    bucket = s3_server.make_bucket()
-    run_dir = tmp_path_factory.mktemp("sharded") / "whole"
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        run_train(launcher(2), sharded(cfg, run_dir, f"s3://{bucket}/whole"))
-    return bucket, run_dir
+def resumed(output: str, killed_at: int) -> bool:
+    """The run's log starts at the batch after the checkpoint, not from scratch nor before it."""
+    return f"[batch={killed_at + 1}/{BATCHES}]" in output and f"[batch={killed_at}/" not in output
 
 
 @pytest.mark.slow
-# Resumed on 1 rank: tests/test_multinode.py (two nodes killed, resumed on one); each case here costs
-# minutes, as the killed run must outlast the first upload.
-@pytest.mark.parametrize("resume_ranks", [2, 4])
-def test_sharded_run_in_the_bucket_killed_on_2_ranks_resumes_on_any(
-    sample_build, s3, uninterrupted, tmp_path, resume_ranks
+def test_sharded_run_in_the_bucket_killed_and_resumed_on_2_ranks_ends_bitwise_equal(
+    sample_build, s3, uninterrupted, tmp_path
 ):
-    """kill -9 on 2 ranks once `latest` names a checkpoint, then the same command on 2 or 4 ranks:
-    the same sample hashes and losses as the uninterrupted run; on 2 ranks the same weights, bit for bit."""
     cfg, _ = sample_build
     bucket, whole = uninterrupted
     keys = s3.list_keys(bucket, "whole/")
     # Each rank wrote its own shard, rank 0 the metadata and the signed manifest; the run's key and config beside.
-    last = f"whole/ep0-ba{SAVED_RUN_BATCHES}"
+    last = f"whole/ep0-ba{BATCHES}"
     assert {f"{last}/{name}" for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json")} <= set(keys)
     assert {"whole/checkpoints.key", "whole/config.yaml"} <= set(keys)
-    prefix = f"killed-on-2-resumed-on-{resume_ranks}"
-    overrides = sharded(cfg, tmp_path / prefix, f"s3://{bucket}/{prefix}")
-    killed_at = kill_once_latest_passes(s3, bucket, prefix, 0, train_command(2, overrides), tmp_path / "killed.log")
-    proc = run_train(launcher(resume_ranks), overrides)  # the same command, on the ranks there are
-    output = proc.stdout + proc.stderr
-    assert f"[batch={killed_at + 1}/{SAVED_RUN_BATCHES}]" in output and f"[batch={killed_at}/" not in output
-    # The record covers every batch once, the same samples as the uninterrupted run's, the same losses.
-    assert per_batch(tmp_path / prefix, "data/sample_hash") == per_batch(whole, "data/sample_hash")
-    losses, expected = per_batch(tmp_path / prefix, "loss/train/total"), per_batch(whole, "loss/train/total")
-    assert len(losses) == SAVED_RUN_BATCHES
-    assert losses == pytest.approx(expected, rel=1e-5)
-    if resume_ranks == 2:
-        expected = read_checkpoint_model(f"s3://{bucket}/{last}")
-        actual = read_checkpoint_model(f"s3://{bucket}/{prefix}/ep0-ba{SAVED_RUN_BATCHES}")
-        assert actual.keys() == expected.keys() and len(expected) > 10
-        for name in expected:
-            assert torch.equal(actual[name], expected[name]), name  # bitwise
-    # The sample order was pinned in the run's config at its first start (one node then).
-    saved = load(TrainConfig, str(tmp_path / prefix / "config.yaml"))
+    overrides = sharded(cfg, tmp_path / "run", f"s3://{bucket}/killed-on-2")
+    killed = start(train_command(2, overrides), tmp_path / "killed.log")
+    killed_at = kill_once_latest_passes(s3, bucket, "killed-on-2", [killed], tmp_path / "killed.log")
+    proc = run_train(launcher(2), overrides)  # the same command again
+    assert resumed(proc.stdout + proc.stderr, killed_at)
+    assert_same_batches_and_losses(tmp_path / "run", whole)  # every batch once in the record
+    expected = read_checkpoint_model(f"s3://{bucket}/{last}")
+    actual = read_checkpoint_model(f"s3://{bucket}/killed-on-2/ep0-ba{BATCHES}")
+    assert actual.keys() == expected.keys() and len(expected) > 10
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name  # bitwise
+
+
+@pytest.mark.slow
+def test_sharded_run_killed_on_2_ranks_resumes_on_4_killed_again_resumes_on_1(
+    sample_build, s3, uninterrupted, tmp_path
+):
+    """The same command on whatever ranks there are, twice: the same samples as the uninterrupted
+    2-rank run, batch by batch, and the same losses; the sample order pinned at the first start."""
+    cfg, _ = sample_build
+    bucket, whole = uninterrupted
+    overrides = sharded(cfg, tmp_path / "run", f"s3://{bucket}/elastic")
+    killed = start(train_command(2, overrides), tmp_path / "on2.log")
+    first_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], tmp_path / "on2.log")
+    killed = start(train_command(4, overrides), tmp_path / "on4.log")
+    second_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], tmp_path / "on4.log", after=first_kill)
+    assert resumed((tmp_path / "on4.log").read_text(), first_kill)
+    proc = run_train(launcher(1), overrides)
+    assert resumed(proc.stdout + proc.stderr, second_kill)
+    assert_same_batches_and_losses(tmp_path / "run", whole)
+    saved = load(TrainConfig, str(tmp_path / "run" / "config.yaml"))
     assert saved.data.num_canonical_nodes == 1 and saved.data.shuffle_block_size == 4_000_000
 
 
@@ -202,15 +224,12 @@ def copy_prefix(s3, bucket: str, source: str, target: str) -> None:
 @pytest.mark.slow
 def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninterrupted, tmp_path, capsys, monkeypatch):
     bucket, _ = uninterrupted
-    client, last = s3.client(), f"ep0-ba{SAVED_RUN_BATCHES}"
+    client, last = s3.client(), f"ep0-ba{BATCHES}"
     monkeypatch.setenv("CLIPSTREAM_TRUST_CHECKPOINTS", "0")
 
     copy_prefix(s3, bucket, "whole", "unfinished")  # killed between the shards and the manifest
     client.delete_object(Bucket=bucket, Key=f"unfinished/{last}/manifest.json")
-    assert (
-        resume_checkpoint(f"s3://{bucket}/unfinished")
-        == f"s3://{bucket}/unfinished/ep0-ba{SAVED_RUN_BATCHES - SAVE_EVERY}"
-    )
+    assert resume_checkpoint(f"s3://{bucket}/unfinished") == f"s3://{bucket}/unfinished/ep0-ba{BATCHES - SAVE_EVERY}"
     assert f"Skipping s3://{bucket}/unfinished/{last}: it has no manifest.json" in capsys.readouterr().err
 
     copy_prefix(s3, bucket, "whole", "missing")  # one rank's shard lost
@@ -241,16 +260,13 @@ def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninter
 @pytest.mark.slow
 def test_eval_and_weights_read_a_sharded_checkpoint_only_when_signed(s3, uninterrupted):
     bucket, _ = uninterrupted
-    weights = read_checkpoint_model(f"s3://{bucket}/whole/ep0-ba{SAVED_RUN_BATCHES}")
+    weights = read_checkpoint_model(f"s3://{bucket}/whole/ep0-ba{BATCHES}")
     assert weights["clip.logit_scale"].shape == (1,) and all(key.startswith("clip.") for key in weights)
     s3.client().put_object(Bucket=bucket, Key="whole-copy/checkpoints.key", Body=os.urandom(32))
-    copy_prefix(s3, bucket, f"whole/ep0-ba{SAVED_RUN_BATCHES}", f"whole-copy/ep0-ba{SAVED_RUN_BATCHES}")
+    copy_prefix(s3, bucket, f"whole/ep0-ba{BATCHES}", f"whole-copy/ep0-ba{BATCHES}")
     with pytest.raises(CheckpointError, match="not signed by this run's key"):
-        read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{SAVED_RUN_BATCHES}")
-    assert (
-        read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{SAVED_RUN_BATCHES}", trust=True).keys()
-        == weights.keys()
-    )
+        read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{BATCHES}")
+    assert read_checkpoint_model(f"s3://{bucket}/whole-copy/ep0-ba{BATCHES}", trust=True).keys() == weights.keys()
 
 
 # ---------------------------------------------------------------------------

@@ -7,16 +7,14 @@ each launcher gets a private one through a mount namespace (`unshare -m`, needs 
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 
 from pipeline.config import TrainConfig, load
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train
 from tests.s3server import free_ports
-from tests.test_elastic import latest_batch
+from tests.test_elastic import BATCHES, SAVE_EVERY, elastic, kill_once_latest_passes, start
 
 
 def own_dev_shm() -> list:
@@ -31,19 +29,14 @@ def own_dev_shm() -> list:
 def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    # Long enough for the first `latest` pointer to land while it runs (tests/test_elastic.py).
-    overrides = train_overrides(
+    overrides = elastic(
         cfg,
         run_dir,
-        "max_duration=100ba",
-        "data.global_batch_size=16",
-        "checkpoint.save_interval=10ba",
-        *SMALL_MODEL,
-        "parallelism.sharding=FULL_SHARD",
+        "parallelism.sharding=FULL_SHARD",  # HYBRID_SHARD would replicate across the nodes: GPUs only
         "parallelism.state_dict_type=sharded",
         f"checkpoint.save_folder=s3://{s3_bucket}/run",
+        f"checkpoint.save_interval={SAVE_EVERY}ba",
         "checkpoint.autoresume=true",
-        "loggers.console.log_interval=1ba",
     )
     port = free_ports(1)[0]
     node = own_dev_shm()
@@ -66,27 +59,16 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
             DEMO_YAML,
             *overrides,
         ]
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        launchers.append(
-            subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
-    deadline = time.time() + 300
-    while (killed_at := latest_batch(s3, s3_bucket, "run")) == 0:
-        assert all(proc.poll() is None for proc in launchers), (tmp_path / "node0.log").read_text()[-3000:]
-        assert time.time() < deadline, "`latest` never named a checkpoint"
-        time.sleep(0.1)
-    for proc in launchers:  # both nodes lost
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed_at < 100
+        launchers.append(start(command, tmp_path / f"node{node_rank}.log"))
+    killed_at = kill_once_latest_passes(s3, s3_bucket, "run", launchers, tmp_path / "node0.log")
     # Both ranks wrote their shard of the checkpoint `latest` names.
     assert {f"run/ep0-ba{killed_at}/__{rank}_0.distcp" for rank in (0, 1)} <= set(s3.list_keys(s3_bucket, "run/"))
 
     proc = run_train(PYTHON, overrides)  # the same command on the one node left
     output = proc.stdout + proc.stderr
-    assert f"[batch={killed_at + 1}/100]" in output and f"[batch={killed_at}/100]" not in output
+    assert f"[batch={killed_at + 1}/{BATCHES}]" in output and f"[batch={killed_at}/{BATCHES}]" not in output
     with open(run_dir / "summary.json") as f:
         summary = json.load(f)
-    assert summary["world_size"] == 1 and summary["samples"] == 100 * 16
+    assert summary["world_size"] == 1 and summary["samples"] == BATCHES * 16
     # The sample order was pinned on the two nodes of the first start.
     assert load(TrainConfig, str(run_dir / "config.yaml")).data.num_canonical_nodes == 2

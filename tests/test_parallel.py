@@ -40,10 +40,11 @@ def test_each_fsdp_mode_follows_ddps_loss_curve_with_sharded_parameters(runs, mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state_dict_type, where", [("full", "bucket"), ("sharded", "bucket"), ("sharded", "local")])
+# Sharded in the bucket, killed and resumed on other world sizes: tests/test_elastic.py.
+@pytest.mark.parametrize("state_dict_type, where", [("full", "bucket"), ("sharded", "local")])
 def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, state_dict_type, where):
     """FULL_SHARD on 2 ranks, started again with a longer max_duration: the second start resumes from
-    batch 2 (it logs only batches 3 and 4 of 4), without trust_checkpoints: the run signed its own."""
+    batch 2 (it logs only batches 3 and 4 of 4), without checkpoint.trust: the run signed its own."""
     from tests.conftest import DEMO_YAML, train_overrides
 
     cfg, _ = sample_build

@@ -1,10 +1,9 @@
 import csv
-import json
 import os
 
 import pytest
 
-from tests.conftest import COMPOSER, PYTHON, run_train, train_overrides
+from tests.conftest import PYTHON, run_train, train_overrides
 
 
 def read_losses(run_dir) -> list:
@@ -36,22 +35,7 @@ def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, t
     assert "ep0-ba20-rank0.pt" in checkpoints and "ep0-ba40-rank0.pt" in checkpoints
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_composer_launcher_keeps_the_global_batch(sample_build, tmp_path, nproc):
-    """Under `composer -n 2` (DDP, gloo on CPU) each rank takes half of the same global batch."""
-    cfg, _ = sample_build
-    run_dir = tmp_path / f"n{nproc}"
-    run_train(
-        [*COMPOSER, "-n", str(nproc)],
-        train_overrides(cfg, run_dir, "max_duration=4ba", "data.global_batch_size=32", "checkpoint.save_interval=4ba"),
-    )
-    with open(run_dir / "summary.json") as f:
-        summary = json.load(f)
-    assert summary["world_size"] == nproc
-    assert summary["batches"] == 4
-    assert summary["samples"] == 4 * 32  # counted over all ranks: 16 per rank when nproc=2
-    assert len(read_losses(run_dir)) == 4
+# `composer -n 4` splitting the global batch over the ranks: tests/test_elastic.py.
 
 
 def test_indivisible_global_batch_is_rejected():
