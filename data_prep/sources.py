@@ -7,7 +7,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from pipeline.config import load
+from pipeline.config_loader import load
 
 
 @dataclass
