@@ -61,10 +61,9 @@ def tower_change(start: dict, end: dict) -> dict:
 
 
 def weights(checkpoint: str) -> dict:
-    from pipeline.checkpointing import read_checkpoint
+    from pipeline.runs import clip_weights
 
-    state = read_checkpoint(os.path.join(REPO, checkpoint))["state"]["model"]
-    return {k.removeprefix("clip."): v for k, v in state.items()}
+    return clip_weights(os.path.join(REPO, checkpoint))
 
 
 def initial_weights(overrides: list) -> dict:
@@ -117,13 +116,14 @@ def main() -> None:
 
 def scores_of_init(init: list) -> dict:
     """Zero-shot of the model B starts from: evaluate a fresh model after its tower init."""
+    from pipeline.checkpointing import LATEST
     from pipeline.config import TrainConfig, load
-    from pipeline.runs import write_run_config
+    from pipeline.runs import WEIGHTS_PREFIX, write_run_config
 
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), ["run_name=eva_b0", *init])
     os.makedirs(cfg.checkpoint.save_folder, exist_ok=True)
-    state = {f"clip.{k}": v for k, v in initial_weights(init).items()}
-    torch.save({"state": {"model": state}}, os.path.join(cfg.checkpoint.save_folder, "latest-rank0.pt"))
+    state = {f"{WEIGHTS_PREFIX}{k}": v for k, v in initial_weights(init).items()}
+    torch.save({"state": {"model": state}}, os.path.join(cfg.checkpoint.save_folder, LATEST.format(rank=0)))
     write_run_config(cfg)
     return scores(cfg.run_dir, f"{cfg.run_dir}/zeroshot.json")
 

@@ -10,13 +10,7 @@ from urllib.parse import urlparse
 
 from streaming.base.storage.upload import CloudUploader
 
-from pipeline.paths import is_remote
-
-
-def _s3_client():
-    import boto3
-
-    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL"))
+from pipeline.paths import is_remote, s3_client
 
 
 class StorageError(RuntimeError):
@@ -31,11 +25,11 @@ def check_bucket(path: str) -> None:
 
     bucket = urlparse(path).netloc
     try:
-        _s3_client().head_bucket(Bucket=bucket)
+        s3_client().head_bucket(Bucket=bucket)
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "?")
         problem = "does not exist" if code in ("404", "NoSuchBucket") else f"refuses access ({code})"
-        raise StorageError(f"{path}: bucket '{bucket}' {problem} at {_s3_client().meta.endpoint_url}") from err
+        raise StorageError(f"{path}: bucket '{bucket}' {problem} at {s3_client().meta.endpoint_url}") from err
 
 
 def remove_tree(path: str) -> None:
@@ -44,7 +38,7 @@ def remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         return
     url = urlparse(path)
-    client = _s3_client()
+    client = s3_client()
     prefix = url.path.lstrip("/").rstrip("/") + "/"
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=url.netloc, Prefix=prefix):
         keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
@@ -56,7 +50,7 @@ def exists(path: str) -> bool:
     if not is_remote(path):
         return os.path.exists(path)
     url = urlparse(path)
-    found = _s3_client().list_objects_v2(Bucket=url.netloc, Prefix=url.path.lstrip("/"), MaxKeys=1)
+    found = s3_client().list_objects_v2(Bucket=url.netloc, Prefix=url.path.lstrip("/"), MaxKeys=1)
     return found.get("KeyCount", 0) > 0
 
 
@@ -84,5 +78,5 @@ def read_json(path: str):
         with open(path) as f:
             return json.load(f)
     url = urlparse(path)
-    body = _s3_client().get_object(Bucket=url.netloc, Key=url.path.lstrip("/"))["Body"].read()
+    body = s3_client().get_object(Bucket=url.netloc, Key=url.path.lstrip("/"))["Body"].read()
     return json.loads(body)

@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 from urllib.parse import urlparse
 
-import boto3
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
@@ -54,7 +53,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.torch_version import TorchVersion
 
 from pipeline.config import CheckpointConfig
-from pipeline.paths import is_remote
+from pipeline.paths import is_remote, s3_client
 
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST = "latest-rank{rank}.pt"
@@ -204,9 +203,7 @@ class SaveFolder:
         if self.remote:
             url = urlparse(folder)
             self.bucket, self.prefix = url.netloc, url.path.strip("/")
-            self.client = boto3.client(
-                "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-            )
+            self.client = s3_client()
 
     def path(self, name: str) -> str:
         return f"{self.folder.rstrip('/')}/{name}"

@@ -12,9 +12,7 @@ inference: half of each image's patches dropped by training's own patch-dropout 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import re
 import sys
@@ -22,14 +20,12 @@ import time
 
 import torch
 from composer.core import DataSpec, Evaluator
-from composer.utils import reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
 
-from pipeline.checkpointing import CheckpointError, read_checkpoint_model
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.images import decode_rgb
-from pipeline.model import build_clip, encode
-from pipeline.runs import resolve_run
+from pipeline.model import encode
+from pipeline.runs import load_clip
 from pipeline.tables import align_columns
 from pipeline.towers import install_patch_dropout
 from pipeline.zeroshot import (
@@ -39,9 +35,6 @@ from pipeline.zeroshot import (
     resolve_classnames,
     resolve_templates,
 )
-
-MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`
-
 
 # ---------------------------------------------------------------------------
 # Data
@@ -132,61 +125,6 @@ def build_evaluators(datasets: dict, image_transform, tokenizer, num_workers: in
         data_spec = DataSpec(loader, get_num_samples_in_batch=lambda b: len(b["images"]), split_batch=split_eval_batch)
         evaluators.append(Evaluator(label=name, dataloader=data_spec, metric_names=[f"^{re.escape(k)}$" for k in keys]))
     return evaluators, metrics
-
-
-# ---------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------
-
-
-def read_model_weights(path: str, trust: bool) -> dict:
-    """The open_clip weights in a Composer checkpoint (local or remote, full or sharded), loaded safely."""
-    try:
-        state = read_checkpoint_model(path, trust)
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    except (KeyError, TypeError):
-        raise ConfigError(f"{path} is not a Composer checkpoint (no state.model)") from None
-    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-
-
-def _not_random_init(record: logging.LogRecord) -> bool:
-    return "initialized randomly" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _weights_loaded_after():
-    """Without open_clip's "No pretrained weights loaded ... Model initialized randomly", which is
-    untrue when a checkpoint's weights are loaded right after the model is built."""
-    root = logging.getLogger()  # open_clip logs through the root logger
-    root.addFilter(_not_random_init)
-    try:
-        yield
-    finally:
-        root.removeFilter(_not_random_init)
-
-
-def model_and_checkpoint(cfg: EvalConfig) -> tuple:
-    """(model config, checkpoint path or None): from the run that load_path names, unless the
-    eval config has its own model section."""
-    if cfg.load_path:
-        return resolve_run(cfg.load_path, cfg.model)
-    if cfg.model is None:
-        raise ConfigError("A fresh model (no load_path) needs a model section in the eval config")
-    return cfg.model, None
-
-
-def load_clip(cfg: EvalConfig) -> tuple:
-    """(open_clip model in eval mode, eval image transform, tokenizer, model config); fresh when
-    there is no load_path."""
-    model, checkpoint = model_and_checkpoint(cfg)
-    reproducibility.seed_all(cfg.seed)
-    with _weights_loaded_after() if checkpoint else contextlib.nullcontext():
-        clip, _, eval_transform, tokenizer = build_clip(model)
-    if checkpoint:
-        clip.load_state_dict(read_model_weights(checkpoint, cfg.trust_checkpoints))
-        print(f"{model.name}: weights from {checkpoint}", file=sys.stderr)
-    return clip.eval(), eval_transform, tokenizer, model
 
 
 # ---------------------------------------------------------------------------

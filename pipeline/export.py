@@ -36,8 +36,8 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
 from pipeline.config import EvalConfig, ModelConfig, load
-from pipeline.eval import load_clip
 from pipeline.model import loss_init
+from pipeline.runs import load_clip
 
 
 def open_clip_weights(clip: torch.nn.Module) -> dict:

@@ -23,17 +23,7 @@ from composer.utils import create_interval_scheduler, dist, maybe_create_object_
 from pipeline.config import TrainConfig
 from pipeline.paths import is_remote
 from pipeline.report import write_report
-
-METRICS_FILE = "metrics.csv"
-PUBLISHED = (METRICS_FILE, "loss.csv", "loss.png", "summary.json")  # config.yaml: pipeline/runs.py
-
-
-def read_metrics(path: str) -> list:
-    """[(batch, metric, value)] of a metrics file, in the order logged."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [(int(row["batch"]), row["metric"], float(row["value"])) for row in csv.DictReader(f)]
+from pipeline.run_folder import METRICS_FILE, PUBLISHED, read_metrics
 
 
 class RunRecord(LoggerDestination):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib
@@ -13,6 +12,7 @@ from composer.core import State  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.run_folder import LOSS_FILE, LOSS_PLOT, METRICS_FILE, SUMMARY_FILE, write_summary  # noqa: E402
 
 LOSS_KEY = "loss/train/total"
 FLOPS_KEY = "flops/batch"  # pipeline.callbacks.TrainingFlops
@@ -43,10 +43,10 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
     os.makedirs(cfg.run_dir, exist_ok=True)
     points = [(batch, value) for batch, metric, value in rows if metric == LOSS_KEY]
     batches, losses = [b for b, _ in points], [v for _, v in points]
-    with open(os.path.join(cfg.run_dir, "loss.csv"), "w") as f:
+    with open(os.path.join(cfg.run_dir, LOSS_FILE), "w") as f:
         f.write("batch,loss\n" + "".join(f"{batch},{loss:.6f}\n" for batch, loss in points))
     if losses:
-        plot_losses(batches, losses, os.path.join(cfg.run_dir, "loss.png"), f"{cfg.run_name}: {cfg.model.name}")
+        plot_losses(batches, losses, os.path.join(cfg.run_dir, LOSS_PLOT), f"{cfg.run_name}: {cfg.model.name}")
     summary = {
         "run_name": cfg.run_name,
         "batches": int(state.timestamp.batch),
@@ -62,18 +62,17 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "checkpoints": cfg.checkpoint.save_folder,
-        "loss_plot": os.path.join(cfg.run_dir, "loss.png"),
+        "loss_plot": os.path.join(cfg.run_dir, LOSS_PLOT),
         # The last value of every evaluator metric (zero-shot scores), if any ran.
         "eval": {metric: value for _, metric, value in rows if metric.startswith("metrics/")},
     }
-    with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(cfg.run_dir, summary)
     if final:
         trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
         print(
             f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
             f"  checkpoints: {cfg.checkpoint.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
-            f"  metrics:     {os.path.join(cfg.run_dir, 'metrics.csv')}\n"
-            f"  summary:     {os.path.join(cfg.run_dir, 'summary.json')}"
+            f"  metrics:     {os.path.join(cfg.run_dir, METRICS_FILE)}\n"
+            f"  summary:     {os.path.join(cfg.run_dir, SUMMARY_FILE)}"
         )
     return summary

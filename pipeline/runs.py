@@ -1,25 +1,28 @@
-"""A run that explains itself: its resolved config is written to the run folder and next to its
-checkpoints (local or in a bucket) when it starts, and eval / export read the model back from there.
-
-    runs/demo/config.yaml                   the run folder
-    runs/demo/checkpoints/config.yaml       next to the checkpoints (s3://bucket/run/config.yaml)
+"""A run read back: its resolved config (written to the run folder and next to its checkpoints,
+local or in a bucket, when it starts), the sample order it pinned, and its model and weights, which
+eval, export, `model.pretrained` and the bench load from here (file names: pipeline/run_folder.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import sys
 import tempfile
 from functools import reduce
 from typing import Optional
 
-from composer.utils import dist, get_file, maybe_create_object_store_from_uri, parse_uri
+from composer.utils import dist, get_file, maybe_create_object_store_from_uri, parse_uri, reproducibility
 
-from pipeline.checkpointing import is_save_folder, resume_checkpoint
-from pipeline.config import ConfigError, ModelConfig, TrainConfig, load, to_yaml
+from pipeline.checkpointing import CheckpointError, is_save_folder, read_checkpoint_model, resume_checkpoint
+from pipeline.config import ConfigError, EvalConfig, ModelConfig, TrainConfig, load, to_yaml
+from pipeline.model import build_clip
 from pipeline.paths import is_remote
+from pipeline.run_folder import CONFIG_FILE
 
-CONFIG_FILE = "config.yaml"
+WEIGHTS_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`: its keys in a checkpoint
 
 
 def write_run_config(cfg: TrainConfig) -> None:
@@ -126,3 +129,60 @@ def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
             "section (the checkpoint's architecture) or point load_path at the run folder train.py wrote"
         )
     return saved.model, load_path
+
+
+def clip_state(model_state: dict) -> dict:
+    """The open_clip weights in a Composer model state."""
+    return {k.removeprefix(WEIGHTS_PREFIX): v for k, v in model_state.items() if k.startswith(WEIGHTS_PREFIX)}
+
+
+def clip_weights(path: str, trust: bool = False) -> dict:
+    """The open_clip weights of a Composer checkpoint (full or sharded, local or remote) or of a run's
+    save folder (its newest whole checkpoint), never unpickling code unless `trust`."""
+    if is_save_folder(path):
+        path = resume_checkpoint(path)
+    try:
+        return clip_state(read_checkpoint_model(path, trust))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path} is not a Composer checkpoint (no state.model)") from None
+
+
+def _not_random_init(record: logging.LogRecord) -> bool:
+    return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_loaded_after():
+    """Without open_clip's "No pretrained weights loaded ... Model initialized randomly", which is
+    untrue when a checkpoint's weights are loaded right after the model is built."""
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(_not_random_init)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_random_init)
+
+
+def model_and_checkpoint(cfg: EvalConfig) -> tuple:
+    """(model config, checkpoint path or None): from the run that load_path names, unless the
+    eval config has its own model section."""
+    if cfg.load_path:
+        return resolve_run(cfg.load_path, cfg.model)
+    if cfg.model is None:
+        raise ConfigError("A fresh model (no load_path) needs a model section in the eval config")
+    return cfg.model, None
+
+
+def load_clip(cfg: EvalConfig) -> tuple:
+    """(open_clip model in eval mode, eval image transform, tokenizer, model config) of the run or
+    checkpoint that load_path names; fresh when there is no load_path."""
+    model, checkpoint = model_and_checkpoint(cfg)
+    reproducibility.seed_all(cfg.seed)
+    with _weights_loaded_after() if checkpoint else contextlib.nullcontext():
+        clip, _, eval_transform, tokenizer = build_clip(model)
+    if checkpoint:
+        clip.load_state_dict(clip_weights(checkpoint, cfg.trust_checkpoints))
+        print(f"{model.name}: weights from {checkpoint}", file=sys.stderr)
+    return clip.eval(), eval_transform, tokenizer, model

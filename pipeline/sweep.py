@@ -24,13 +24,13 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from pipeline.config import ConfigError, EvalConfig, SweepConfig, TrainConfig, load
+from pipeline.run_folder import CONFIG_FILE, MASKED_SCORES_FILE, METRICS_FILE, read_metrics, read_summary
 from pipeline.tables import markdown_table
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-SUMMARY, MASKED_SCORES = "summary.json", "zeroshot_masked.json"
 TRAIN_HOURS = "time/train"  # SpeedMonitor's training wall-clock (Composer's total_wct), in hours
 
 
@@ -131,14 +131,6 @@ def run_dirs(path: str) -> list:
 # ---------------------------------------------------------------------------
 
 
-def read_summary(run_dir: str) -> Optional[dict]:
-    path = os.path.join(run_dir, SUMMARY)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def is_complete(run_dir: str) -> bool:
     return bool((read_summary(run_dir) or {}).get("complete"))
 
@@ -176,7 +168,7 @@ def short_metric(metric: str) -> str:
 
 def masked_scores(run: Run, cfg: TrainConfig) -> dict:
     """{dataset/score} with FLIP's masked inference at the run's training ratio (cached in the run folder)."""
-    path = os.path.join(run.run_dir, MASKED_SCORES)
+    path = os.path.join(run.run_dir, MASKED_SCORES_FILE)
     if not os.path.isfile(path):
         from pipeline.eval import evaluate  # torch and the model code: only when an eval runs
 
@@ -202,8 +194,6 @@ def masked_scores(run: Run, cfg: TrainConfig) -> dict:
 
 def eval_curves(run_dir: str, offset: float) -> dict:
     """{dataset/score: [(training seconds, value)]} from the run's metrics.csv."""
-    from pipeline.record import METRICS_FILE, read_metrics  # Composer: only when a report is drawn
-
     rows = read_metrics(os.path.join(run_dir, METRICS_FILE))
     seconds = {batch: offset + 3600 * value for batch, metric, value in rows if metric == TRAIN_HOURS}
     curves: dict = {}
@@ -230,7 +220,7 @@ def report(sweep: SweepConfig, runs: list) -> str:
 
     done = [(run, read_summary(run.run_dir)) for run in runs]
     done = [
-        (run, summary, load(TrainConfig, os.path.join(run.run_dir, "config.yaml"))) for run, summary in done if summary
+        (run, summary, load(TrainConfig, os.path.join(run.run_dir, CONFIG_FILE))) for run, summary in done if summary
     ]
     if not done:
         raise ConfigError(f"no run of {sweep.name} has a summary yet under {sweep.folder}")

@@ -27,26 +27,18 @@ from pipeline.checkpointing import (
     is_save_folder,
     is_sharded_checkpoint,
     read_checkpoint,
-    read_checkpoint_model,
-    resume_checkpoint,
 )
 from pipeline.config import ConfigError, ModelConfig, WeightsConfig, WeightsLayout
 from pipeline.paths import is_remote
+from pipeline.runs import clip_state, clip_weights
 from pipeline.towers import layout_to_clip, resample_to_fit, tower_of_key
-
-COMPOSER_MODEL_PREFIX = "clip."  # CLIPModel holds the open_clip model as `self.clip`
 
 
 def read_weights(path: str) -> dict:
     """{key: tensor} of a weights file or export folder, or of a run's newest whole checkpoint (its
     save folder), local or remote, never unpickling code."""
-    if is_save_folder(path):
-        path = resume_checkpoint(path)
-    if is_sharded_checkpoint(path):  # a sharded Composer checkpoint, signed by its run
-        try:
-            return _composer_model(read_checkpoint_model(path))
-        except CheckpointError as err:
-            raise ConfigError(str(err)) from None
+    if is_save_folder(path) or is_sharded_checkpoint(path):  # the run's own, signed
+        return clip_weights(path)
     if is_remote(path):
         with tempfile.TemporaryDirectory() as folder:
             local = os.path.join(folder, os.path.basename(path.rstrip("/")))
@@ -61,13 +53,9 @@ def read_weights(path: str) -> dict:
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     if isinstance(data.get("state"), dict) and "model" in data["state"]:  # Composer
-        return _composer_model(data["state"]["model"])
+        return clip_state(data["state"]["model"])
     state = data.get("state_dict", data)  # open_clip's training checkpoints keep it under state_dict
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
-
-
-def _composer_model(model: dict) -> dict:
-    return {k.removeprefix(COMPOSER_MODEL_PREFIX): v for k, v in model.items() if k.startswith(COMPOSER_MODEL_PREFIX)}
 
 
 def _matches(key: str, patterns) -> bool:

@@ -30,8 +30,9 @@ from streaming import StreamingDataset
 import pipeline.eval
 from data_prep.eval_sets import flickr_to_mds, imagefolder_to_mds, wds_to_mds
 from pipeline.config import EvalConfig, load
-from pipeline.eval import load_clip, main
+from pipeline.eval import main
 from pipeline.export import export
+from pipeline.runs import load_clip
 from tests.conftest import REPO, demo_model
 from tests.test_images import encoded, in_mode, picture
 

@@ -18,7 +18,7 @@ from pipeline.checkpointing import (
     validate_checkpoint,
 )
 from pipeline.config import ConfigError, TrainConfig, load
-from pipeline.record import read_metrics
+from pipeline.run_folder import read_metrics
 from pipeline.runs import pin_sample_order
 from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
 

@@ -19,8 +19,9 @@ from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, TrainConfig, load
-from pipeline.eval import build_scores, evaluate, evaluate_dataset, load_clip, main, split_eval_batch
+from pipeline.eval import build_scores, evaluate, evaluate_dataset, main, split_eval_batch
 from pipeline.export import export
+from pipeline.runs import load_clip
 from pipeline.train import build_trainer
 from pipeline.zeroshot import retrieval_scores
 from tests.conftest import DEMO_YAML, REPO, demo_model, train_overrides

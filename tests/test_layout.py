@@ -2,12 +2,14 @@
 
 import ast
 import glob
+import inspect
 import os
 import pickle
 import pickletools
 import re
 
 import numpy as np
+import torch
 from composer.callbacks import CheckpointSaver
 
 from pipeline import checkpointing
@@ -62,64 +64,122 @@ def test_imports_go_one_way_from_data_prep_to_pipeline():
     assert used and used <= SHARED_WITH_DATA_PREP, used - SHARED_WITH_DATA_PREP
 
 
-def test_composer_still_has_the_private_upload_poll_we_shorten():
-    """PollingCheckpointSaver sets it: Composer has no public argument for the wait between checks
-    that an upload landed. If Composer renames it, this fails instead of the poll silently going
-    back to 30 s."""
-    saver = CheckpointSaver(folder="unused", save_interval="1ba")
-    assert hasattr(saver, checkpointing.UPLOAD_POLL_ATTRIBUTE)
+# ---------------------------------------------------------------------------
+# Private and undocumented APIs: each one the code touches, what for, and a check that it is still
+# there. A pinned upgrade that removes one fails here, by name, instead of silently changing
+# behaviour (the poll back to 30 s, gradients wrong on CPU, ...).
+# ---------------------------------------------------------------------------
 
 
-def test_composer_still_builds_its_upload_pools_from_the_names_we_swap_for_threads():
-    """PollingCheckpointSaver uploads in threads by swapping the module names Composer's
-    RemoteUploader builds its process pools and event from; if Composer stops using them, this fails
-    instead of each rank silently spawning processes that re-import the training script again."""
-    import inspect
+def composer_upload_poll():
+    return hasattr(CheckpointSaver(folder="unused", save_interval="1ba"), checkpointing.UPLOAD_POLL_ATTRIBUTE)
+
+
+def composer_upload_pools():
     from concurrent.futures import ThreadPoolExecutor
 
     from composer.utils import remote_uploader
 
     source = inspect.getsource(remote_uploader.RemoteUploader.__init__)
-    assert source.count("ProcessPoolExecutor(") == 2 and "multiprocessing.get_context('spawn')" in source
     saver = checkpointing.PollingCheckpointSaver("s3://bucket/run", save_interval="1ba")
-    assert isinstance(saver.remote_uploader.upload_executor, ThreadPoolExecutor)
-    assert isinstance(saver.remote_uploader.check_remote_files_exist_executor, ThreadPoolExecutor)
-    assert remote_uploader.ProcessPoolExecutor.__name__ == "ProcessPoolExecutor"  # put back
+    return (
+        source.count("ProcessPoolExecutor(") == 2
+        and "multiprocessing.get_context('spawn')" in source
+        and isinstance(saver.remote_uploader.upload_executor, ThreadPoolExecutor)
+        and isinstance(saver.remote_uploader.check_remote_files_exist_executor, ThreadPoolExecutor)
+        and remote_uploader.ProcessPoolExecutor.__name__ == "ProcessPoolExecutor"  # put back afterwards
+    )
 
 
-def test_numpy_still_pickles_arrays_with_the_reconstructor_we_allow():
-    """Composer checkpoints pickle numpy's RNG state; weights_only loading must allow exactly the
-    function numpy pickles arrays with (numpy has no public name for it)."""
+def composer_saved_checkpoints():
+    saver = CheckpointSaver(folder="unused", save_interval="1ba")
+    return saver.all_saved_checkpoints_to_timestamp == {}
+
+
+def composer_hsdp_degrees():
+    from composer.core import state
+
+    source = inspect.getsource(state._create_device_mesh)
+    return "data_parallel_replicate_degree" in source and "data_parallel_shard_degree" in source
+
+
+def numpy_reconstruct():
     pickled = pickle.dumps(np.arange(3, dtype=np.uint32), protocol=2)  # torch.save's protocol
     names = {arg for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
     reconstruct = checkpointing._reconstruct
-    assert f"{reconstruct.__module__} {reconstruct.__name__}" in names
+    return f"{reconstruct.__module__} {reconstruct.__name__}" in names
 
 
-def test_torch_still_asks_the_private_function_we_wrap_how_to_average_gradients():
-    """pipeline/parallel.py makes FSDP2 sum then divide on gloo by wrapping this function; if torch
-    renames it or changes its signature, this fails instead of gradients silently going wrong on CPU."""
-    import inspect
-
+def torch_gradient_divide_factors():
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
     from pipeline import parallel
 
-    assert _fsdp_collectives._get_gradient_divide_factors is parallel._divide_after_summing_on_gloo
-    assert list(inspect.signature(parallel._fsdp_divide_factors).parameters) == [
-        "reduce_scatter_group",
-        "all_reduce_group",
-        "reduce_dtype",
-        "device_type",
-    ]
-    assert "_get_gradient_divide_factors(" in inspect.getsource(_fsdp_collectives.foreach_reduce)
+    return (
+        _fsdp_collectives._get_gradient_divide_factors is parallel._divide_after_summing_on_gloo
+        and list(inspect.signature(parallel._fsdp_divide_factors).parameters)
+        == ["reduce_scatter_group", "all_reduce_group", "reduce_dtype", "device_type"]
+        and "_get_gradient_divide_factors(" in inspect.getsource(_fsdp_collectives.foreach_reduce)
+    )
 
 
-def test_composer_still_reads_the_hsdp_degrees_from_the_fsdp2_config():
-    """HybridShardConfig gives Composer the mesh degrees through these FSDP2Config properties."""
-    import inspect
+def torch_multihead_attention():
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    return attention._qkv_same_embed_dim and {"in_proj_weight", "in_proj_bias"} <= set(
+        dict(attention.named_parameters())
+    )
 
-    from composer.core import state
 
-    source = inspect.getsource(state._create_device_mesh)
-    assert "data_parallel_replicate_degree" in source and "data_parallel_shard_degree" in source
+def streaming_shard_tables():
+    from streaming import StreamingDataset
+    from streaming.base.format.base import reader
+
+    dataset = inspect.getsource(StreamingDataset.__init__)
+    return (
+        "self.spanner = " in dataset
+        and "self.stream_per_shard = " in dataset
+        and "self.file_pairs" in (inspect.getsource(reader))
+    )
+
+
+PRIVATE_APIS = {
+    "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
+    "pipeline/checkpointing.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
+    "composer.utils.remote_uploader.ProcessPoolExecutor / multiprocessing.get_context: "
+    "pipeline/checkpointing.py uploads in threads instead of spawned processes": composer_upload_pools,
+    "composer CheckpointSaver.all_saved_checkpoints_to_timestamp (undocumented): "
+    "pipeline/checkpointing.py signs and rotates after each save": composer_saved_checkpoints,
+    "composer.core.state._create_device_mesh reading FSDP2Config.data_parallel_*_degree: "
+    "pipeline/parallel.py HybridShardConfig": composer_hsdp_degrees,
+    "numpy._core.multiarray._reconstruct: pipeline/checkpointing.py allows it in weights_only loading "
+    "(numpy pickles arrays with it)": numpy_reconstruct,
+    "torch.distributed.fsdp._fully_shard._fsdp_collectives._get_gradient_divide_factors: "
+    "pipeline/parallel.py makes FSDP2 sum then divide on gloo": torch_gradient_divide_factors,
+    "torch.nn.MultiheadAttention._qkv_same_embed_dim and its packed in_proj: "
+    "pipeline/algorithms/flash_attention.py swaps the module's class": torch_multihead_attention,
+    "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
+    "pipeline/data.py names the shard and stream of a bad sample": streaming_shard_tables,
+}
+# The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
+KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}
+KNOWN_PRIVATE |= {"module._qkv_same_embed_dim"}
+PRIVATE_ACCESS = re.compile(r"\b(?!self\.|cls\.)([A-Za-z_]\w*)\.(_[a-z]\w*)")
+
+
+def still_there(check) -> bool:
+    try:
+        return bool(check())
+    except Exception:  # noqa: BLE001 - a missing name, a changed signature: gone either way
+        return False
+
+
+def test_every_private_api_the_code_touches_is_listed_and_still_there():
+    touched = {
+        f"{m.group(1)}.{m.group(2)}"
+        for package in ("pipeline", "data_prep", "bench")
+        for path in python_files(package)
+        for m in PRIVATE_ACCESS.finditer(open(path, encoding="utf-8").read())
+    }
+    assert touched - KNOWN_PRIVATE == set(), "private APIs used but not listed in PRIVATE_APIS"
+    gone = [what for what, check in PRIVATE_APIS.items() if not still_there(check)]
+    assert gone == [], "gone or changed in this upgrade (find the public API, or another way):\n" + "\n".join(gone)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import pipeline.train
 from pipeline.callbacks import COMPOSER_CALLBACKS, LossGuard, LossSpikeError, build_callbacks
 from pipeline.config import ConfigError, LossGuardConfig, SpikeAction
-from pipeline.record import read_metrics
+from pipeline.run_folder import read_metrics
 from tests.conftest import DEMO_YAML, REPO, train_overrides
 from tests.tiny import GradCapture, make_trainer, synthetic_dataset, tiny_model
 
