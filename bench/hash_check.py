@@ -18,7 +18,12 @@ def epoch_seconds(local: str, validate_hash, augment, tokenizer) -> float:
     from pipeline.data import CLIPStreamingDataset
 
     dataset = CLIPStreamingDataset(
-        local=local, batch_size=1, shuffle=False, augment=augment.cpu, tokenizer=tokenizer, validate_hash=validate_hash
+        local=local,
+        batch_size=1,
+        shuffle=False,
+        augment=augment.on_cpu,
+        tokenizer=tokenizer,
+        validate_hash=validate_hash,
     )
     start = time.perf_counter()
     for i in range(dataset.num_samples):

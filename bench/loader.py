@@ -12,7 +12,7 @@ sample. Loaders:
 
 - webdataset + open_clip: open_clip_train's pipeline (decode "pilrgb", its train transform, tokenizer);
 - previous: this project's loader before this benchmark (torch.manual_seed per sample + open_clip's transform);
-- augment_on=cpu: the default path (pipeline/augment.py `Augment.cpu`);
+- augment_on=cpu: the default path (pipeline/augment.py `Augment.on_cpu`);
 - augment_on=device: the workers' part (decode at the crop's scale, cut the crop, tokenize), and
   separately the device part (resize, flip, normalise, batched), on `--device`;
 - augment_on=device, decode_on_device: the workers pass JPEG bytes on; the device part decodes too
@@ -116,7 +116,7 @@ def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer, device:
     results = {}
     results["webdataset + open_clip"], _ = cpu_seconds(peer)
     results["previous (manual_seed + open_clip transform)"], _ = cpu_seconds(dataset(previous))
-    results["augment_on=cpu"], _ = cpu_seconds(dataset(augment.cpu))
+    results["augment_on=cpu"], _ = cpu_seconds(dataset(augment.on_cpu))
     for decode_on_device, name in ((False, "augment_on=device"), (True, "augment_on=device, decode_on_device")):
         workers, items = cpu_seconds(dataset(lambda d, r, flag=decode_on_device: augment.worker_part(d, r, flag)))
         parts, _ = zip(*items)

@@ -65,7 +65,7 @@ class Augment:
     def flips(self, rng: random.Random) -> bool:
         return self.hflip and rng.random() < 0.5
 
-    def cpu(self, data: bytes, rng: random.Random) -> torch.Tensor:
+    def on_cpu(self, data: bytes, rng: random.Random) -> torch.Tensor:
         """`augment_on: cpu`, in a loader worker: encoded image -> normalised float CHW tensor."""
         image = self.decode_crop(data, rng).resize((self.size, self.size), Image.Resampling.BICUBIC)
         if self.flips(rng):

@@ -154,7 +154,7 @@ def build_dataloader(
         shuffle_block_size=cfg.shuffle_block_size,
         predownload=cfg.predownload,
         cache_limit=cfg.cache_limit,
-        augment=partial(augment.worker_part, decode_on_device=cfg.decode_on_device) if on_device else augment.cpu,
+        augment=partial(augment.worker_part, decode_on_device=cfg.decode_on_device) if on_device else augment.on_cpu,
         tokenizer=tokenizer,
         stream_names=list(cfg.streams),
         validate_hash=cfg.validate_hash,

@@ -231,7 +231,7 @@ def text_token_ids(tokenizer) -> tuple:
 CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
-def tower_of_key(clip: torch.nn.Module, key: str) -> Optional[str]:
+def tower_of_key(key: str) -> Optional[str]:
     """'visual', 'text' or None (the logit scale / bias) for a key of the CLIP's state dict."""
     if key.startswith("visual."):
         return "visual"

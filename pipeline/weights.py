@@ -102,7 +102,7 @@ def load_tower(clip: torch.nn.Module, tower: str, cfg: WeightsConfig) -> int:
     """One tower's weights into `clip`; returns how many tensors arrived."""
     layout = WeightsLayout.open_clip if cfg.layout == WeightsLayout.openai else cfg.layout  # the same key names
     arriving = layout_to_clip(clip, tower, layout.value, read_weights(cfg.path))
-    expected = {k: v for k, v in clip.state_dict().items() if tower_of_key(clip, k) == tower}
+    expected = {k: v for k, v in clip.state_dict().items() if tower_of_key(k) == tower}
     fitted = _fit(clip, f"model.{tower}_init", arriving, expected, cfg)
     clip.load_state_dict(fitted, strict=False)
     return len(fitted)

@@ -78,7 +78,7 @@ def torchvision_reference(a: Augment, data: bytes, seed: int) -> torch.Tensor:
 def test_cpu_path_is_torchvisions_crop_resize_flip_normalise(mode):
     a, data = augment(), encoded(in_mode(picture(2, (60, 44)), mode, 2))
     for seed in range(5):
-        assert torch.allclose(a.cpu(data, random.Random(seed)), torchvision_reference(a, data, seed), atol=1e-6)
+        assert torch.allclose(a.on_cpu(data, random.Random(seed)), torchvision_reference(a, data, seed), atol=1e-6)
 
 
 def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode():
@@ -87,7 +87,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode():
     for seed in range(5):
         crop = a.decode_crop(data, random.Random(seed))
         assert 64 <= min(crop.size) < 256  # the crop (>= 460 px stored) decoded at 1/4 or 1/2 scale
-        diff = (a.cpu(data, random.Random(seed)) - torchvision_reference(a, data, seed)).abs()
+        diff = (a.on_cpu(data, random.Random(seed)) - torchvision_reference(a, data, seed)).abs()
         assert diff.mean() < 0.03, diff.mean()  # normalised units: about 2/255 of a pixel value
 
 
@@ -107,6 +107,6 @@ def test_device_path_matches_the_cpu_path(decode_on_device):
     assert sample_ids.tolist() == list(range(len(sources)))
     assert [p.dim() for p in payloads] == [3] * 5 + ([1, 1] if decode_on_device else [3, 3])  # JPEG bytes travel
     batch = a.on_device(payloads, boxes, flips, torch.device("cpu"))
-    cpu = torch.stack([a.cpu(data, random.Random(seed)) for seed, data in enumerate(sources)])
+    cpu = torch.stack([a.on_cpu(data, random.Random(seed)) for seed, data in enumerate(sources)])
     assert batch.shape == cpu.shape and tokens.tolist() == [[s] for s in range(len(sources))]
     assert (batch - cpu).abs().mean() < 0.02  # torch's antialiased bicubic against Pillow's: same crop, same flip

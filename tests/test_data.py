@@ -107,7 +107,7 @@ def test_augmentation_depends_on_the_sample_not_on_what_the_worker_read_before(t
         Image.effect_noise((64, 48), 40 + 10 * i).convert("RGB").save(buffer, "JPEG")
         buffers.append(buffer.getvalue())
     augment = Augment(32, (0.5, 1.0), True, (0.5,) * 3, (0.25,) * 3)
-    dataset = _dataset(_write(tmp_path / "mds", buffers), augment=augment.cpu)
+    dataset = _dataset(_write(tmp_path / "mds", buffers), augment=augment.on_cpu)
     forward = [dataset[i][0] for i in range(6)]
     backward = [dataset[i][0] for i in reversed(range(6))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
