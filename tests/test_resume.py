@@ -158,23 +158,38 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     assert [int(row.split(",")[0]) for row in rows] == list(range(48))
 
 
+@pytest.fixture(scope="module")
+def four_batches(sample_build, s3_server, tmp_path_factory) -> str:
+    """The bucket of a finished 4-batch run, in `run/`: each test below corrupts a copy of it."""
+    cfg, _ = sample_build
+    bucket = s3_server.make_bucket()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        tmp_path = tmp_path_factory.mktemp("four")
+        run_train(PYTHON, resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba"))
+    return bucket
+
+
 def corrupt_latest_and_resume(cfg, s3, bucket, tmp_path, corrupt) -> subprocess.CompletedProcess:
-    overrides = resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba")
-    run_train(PYTHON, overrides)
-    key = "run/ep0-ba4-rank0.pt"
+    """A copy of the 4-batch run with its last checkpoint corrupted, resumed to 6 batches."""
+    client, prefix = s3.client(), tmp_path.name
+    for key in s3.list_keys(bucket, "run/"):
+        client.copy_object(Bucket=bucket, Key=f"{prefix}/{key[4:]}", CopySource={"Bucket": bucket, "Key": key})
     local = tmp_path / "ckpt.pt"
-    s3.client().download_file(bucket, key, str(local))
-    s3.client().put_object(Bucket=bucket, Key=key, Body=corrupt(local.read_bytes(), local))
-    command = [*PYTHON, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides[:-1], "max_duration=6ba"]
+    client.download_file(bucket, f"{prefix}/ep0-ba4-rank0.pt", str(local))
+    client.put_object(Bucket=bucket, Key=f"{prefix}/ep0-ba4-rank0.pt", Body=corrupt(local.read_bytes(), local))
+    overrides = resumable(cfg, tmp_path, "run", f"s3://{bucket}/{prefix}", "max_duration=6ba")
+    command = [*PYTHON, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_truncated_checkpoint_is_refused_not_half_loaded(sample_build, s3, s3_bucket, tmp_path):
+def test_truncated_checkpoint_is_refused_not_half_loaded(sample_build, s3, four_batches, tmp_path):
     cfg, _ = sample_build
-    proc = corrupt_latest_and_resume(cfg, s3, s3_bucket, tmp_path, lambda data, _: data[: len(data) // 2])
+    proc = corrupt_latest_and_resume(cfg, s3, four_batches, tmp_path, lambda data, _: data[: len(data) // 2])
     assert proc.returncode != 0
     assert "Refusing to resume" in proc.stderr and "corrupt or truncated" in proc.stderr
-    assert "run/ep0-ba6-rank0.pt" not in s3.list_keys(s3_bucket)
+    assert f"{tmp_path.name}/ep0-ba6-rank0.pt" not in s3.list_keys(four_batches)
 
 
 class RunsCode:
@@ -182,7 +197,7 @@ class RunsCode:
         return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
 
 
-def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3_bucket, tmp_path, monkeypatch):
+def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, four_batches, tmp_path, monkeypatch):
     cfg, _ = sample_build
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
@@ -193,7 +208,7 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, s3
         torch.save(checkpoint, local)
         return local.read_bytes()
 
-    proc = corrupt_latest_and_resume(cfg, s3, s3_bucket, tmp_path, add_payload)
+    proc = corrupt_latest_and_resume(cfg, s3, four_batches, tmp_path, add_payload)
     assert proc.returncode != 0
     assert "holds more than tensors and plain data" in proc.stderr and "checkpoint.trust=true" in proc.stderr
     assert not marker.exists()

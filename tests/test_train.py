@@ -35,7 +35,7 @@ def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, t
     assert "ep0-ba20-rank0.pt" in checkpoints and "ep0-ba40-rank0.pt" in checkpoints
 
 
-# `composer -n 4` splitting the global batch over the ranks: tests/test_elastic.py.
+# `composer -n 2` splitting the global batch over the ranks: tests/test_elastic.py.
 
 
 def test_indivisible_global_batch_is_rejected():
