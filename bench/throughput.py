@@ -45,9 +45,25 @@ def configurations() -> list[dict]:
     return rows
 
 
+def batch_timer(device: str):
+    """A Composer callback that keeps the time each batch ended (once the GPU finished it)."""
+    from composer import Callback
+
+    class BatchTimer(Callback):
+        def __init__(self):
+            self.times = []
+
+        def batch_end(self, state, logger):
+            if device == "gpu":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    return BatchTimer()
+
+
 def measure(args, config: dict) -> dict:
     """Runs in the subprocess: train `args.steps` batches, time the ones after warm-up."""
-    from composer import Callback, Trainer
+    from composer import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.algorithms import build_algorithms
@@ -69,16 +85,7 @@ def measure(args, config: dict) -> dict:
         grad_checkpointing=config["grad_checkpointing"],
     )
 
-    class Timer(Callback):
-        def __init__(self):
-            self.times = []
-
-        def batch_end(self, state, logger):
-            if args.device == "gpu":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-    timer = Timer()
+    timer = batch_timer(args.device)
     trainer = Trainer(
         model=model,
         train_dataloader=loader,
@@ -190,7 +197,6 @@ def measure_peer(args, config: dict) -> dict:
             steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
         seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])
         return {**config, "samples_per_sec": args.batch / seconds}
-    from composer import Callback
 
     from pipeline.config import TrainConfig, load
     from pipeline.train import build_trainer
@@ -216,16 +222,7 @@ def measure_peer(args, config: dict) -> dict:
         json.dump(recipe, f)  # JSON is YAML
     cfg = load(TrainConfig, os.path.join(folder, "recipe.yaml"))
 
-    class Timer(Callback):
-        def __init__(self):
-            self.times = []
-
-        def batch_end(self, state, logger):
-            if args.device == "gpu":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-    trainer, timer = build_trainer(cfg), Timer()
+    trainer, timer = build_trainer(cfg), batch_timer(args.device)
     trainer.state.callbacks.append(timer)
     trainer.fit()
     measured = timer.times[args.warmup - 1 :]

@@ -89,6 +89,22 @@ PYTHON = [sys.executable]
 COMPOSER = [os.path.join(os.path.dirname(sys.executable), "composer")]
 
 
+def run_check_script(script: str, ranks: int, out, *args: str) -> dict:
+    """tests/<script> under `composer -n <ranks>`; what it saved to `out` (tensors and plain data)."""
+    import torch
+
+    proc = subprocess.run(
+        [*COMPOSER, "-n", str(ranks), os.path.join(REPO, "tests", script), str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS) on loopback for the whole session; see tests/s3server.py."""

@@ -1,15 +1,12 @@
 """Exact gradient accumulation: 4 micro-batches give the full batch's loss and gradients."""
 
-import os
-import subprocess
-
 import pytest
 import torch
 from composer.loggers import InMemoryLogger
 
 from pipeline.algorithms.contrastive_accumulation import FeatureCache
 from pipeline.algorithms.patch_masking import PatchMasking
-from tests.conftest import COMPOSER, REPO
+from tests.conftest import run_check_script
 from tests.tiny import TINY, TINY_SIGLIP, GradCapture, make_trainer, tiny_model
 
 
@@ -64,21 +61,7 @@ def test_recomputed_chunks_replay_the_masks(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_exact_accumulation_on_two_ranks(tmp_path, loss):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    script = os.path.join(REPO, "tests", "accumulation_check.py")
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}.pt"
-        proc = subprocess.run(
-            [*COMPOSER, "-n", str(nproc), script, str(out), loss],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        results[nproc] = torch.load(out, weights_only=True)
+    results = {n: run_check_script("accumulation_check.py", n, tmp_path / f"n{n}.pt", loss) for n in (1, 2)}
     two = results[2]
     assert two["chunked"]["loss"] == pytest.approx(two["full"]["loss"], rel=1e-6)
     assert_same_gradients(two["chunked"]["grads"], two["full"]["grads"])

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import COMPOSER, REPO
+from tests.conftest import COMPOSER, REPO, run_check_script
 
 MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: one replica of 2 on one machine
 
@@ -17,16 +17,7 @@ def runs(tmp_path_factory) -> dict:
     results = {}
     for mode in MODES:
         out = folder / f"{mode}.pt"
-        proc = subprocess.run(
-            [*COMPOSER, "-n", "2", os.path.join(REPO, "tests", "parallel_check.py"), str(out), mode],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "PYTHONPATH": REPO},
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        results[mode] = torch.load(out, weights_only=True)
+        results[mode] = run_check_script("parallel_check.py", 2, out, mode)
     return results
 
 

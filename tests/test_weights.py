@@ -26,7 +26,7 @@ from pipeline.export import export
 from pipeline.model import build_clip, lock_towers
 from pipeline.optim import build_optimizer, param_groups
 from pipeline.weights import load_initial_weights
-from tests.conftest import COMPOSER, DEMO_YAML, REPO, train_overrides
+from tests.conftest import DEMO_YAML, REPO, run_check_script, train_overrides
 from tests.tiny import TINY, GradCapture, make_trainer, tiny_model
 
 EVA_TINY = ModelConfig(
@@ -205,18 +205,7 @@ def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "FULL_SHARD"])
 def test_gradient_clipping_on_two_ranks(tmp_path, parallelism):
-    script = os.path.join(REPO, "tests", "clipping_check.py")
-    out = tmp_path / "norms.pt"
-    proc = subprocess.run(
-        [*COMPOSER, "-n", "2", script, str(out), parallelism],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    norms = torch.load(out, weights_only=True)
+    norms = run_check_script("clipping_check.py", 2, tmp_path / "norms.pt", parallelism)
     assert norms["raw"] > 0.5 and norms["clipped"] == pytest.approx(0.05, rel=1e-4)
 
 
