@@ -6,6 +6,7 @@ python pipeline/train.py yamls/demo_cpu.yaml max_duration=20ba
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipeline.config import ConfigError, Device, Precision, TrainConfig, load
@@ -108,11 +109,17 @@ def main(argv: list) -> None:
             write_run_config(cfg)  # the run folder and the checkpoints' folder say what the run was
         trainer.fit()
     except (BotoCoreError, ClientError, CheckpointUploadError) as err:
-        sys.exit(
+        print(
             f"Object storage failed: {err}\n"
             f"Nothing is lost: the `latest` pointer under {cfg.checkpoint.save_folder} names the last checkpoint "
-            "that finished uploading. Run the same command again to resume once the store is reachable."
+            "that finished uploading. Run the same command again to resume once the store is reachable.",
+            file=sys.stderr,
+            flush=True,
         )
+        # Not sys.exit: at exit Composer would wait for the uploads still in flight, which cannot land
+        # either, through every retry and timeout of a store that stopped answering (minutes).
+        sys.stdout.flush()
+        os._exit(1)
     except CheckpointError as err:
         source = cfg.checkpoint.load_path or f"the latest checkpoint under {cfg.checkpoint.save_folder}"
         sys.exit(f"Refusing to resume from {source}: {err}")

@@ -121,15 +121,15 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     checkpoint, and the same command resumes there once the store is back."""
     cfg, _ = sample_build
     # Long and slow enough (~0.5 s a batch) that the run is still saving when the first `latest`
-    # pointer lands, a few seconds in.
+    # pointer lands, a few seconds in (uploads run in threads: about 2 s after the save).
     longer = [
-        "max_duration=48ba",
+        "max_duration=24ba",
         "data.global_batch_size=64",
         "checkpoint.save_interval=4ba",
         "checkpoint.upload_timeout=20",
     ]
     run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
-    s3.client().download_file(s3_bucket, "whole/ep0-ba48-rank0.pt", str(tmp_path / "whole.pt"))
+    s3.client().download_file(s3_bucket, "whole/ep0-ba24-rank0.pt", str(tmp_path / "whole.pt"))
     expected = read_checkpoint(str(tmp_path / "whole.pt"))["state"]["model"]
 
     overrides = resumable(cfg, tmp_path, "outage", f"s3://{s3_bucket}/outage", *longer)
@@ -148,14 +148,14 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
     pointer = s3.client().get_object(Bucket=s3_bucket, Key="outage/latest-rank0.pt.symlink")["Body"].read().decode()
     s3.client().download_file(s3_bucket, pointer.strip(), str(tmp_path / "latest.pt"))
     resumed_from = read_checkpoint(str(tmp_path / "latest.pt"))["state"]["timestamp"]["Timestamp"]["batch"]
-    assert 4 <= resumed_from < 48
+    assert 4 <= resumed_from < 24
 
     run_train(PYTHON, overrides)  # the same command, the store back
-    s3.client().download_file(s3_bucket, "outage/ep0-ba48-rank0.pt", str(tmp_path / "outage.pt"))
+    s3.client().download_file(s3_bucket, "outage/ep0-ba24-rank0.pt", str(tmp_path / "outage.pt"))
     assert_same_weights(read_checkpoint(str(tmp_path / "outage.pt"))["state"]["model"], expected)
     # The record covers the whole run, each batch once, across the outage and the resumption.
     rows = (tmp_path / "outage" / "loss.csv").read_text().splitlines()[1:]
-    assert [int(row.split(",")[0]) for row in rows] == list(range(48))
+    assert [int(row.split(",")[0]) for row in rows] == list(range(24))
 
 
 @pytest.fixture(scope="module")
