@@ -163,6 +163,7 @@ PRIVATE_APIS = {
 # The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
 KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}
 KNOWN_PRIVATE |= {"module._qkv_same_embed_dim"}
+DOCUMENTED = {"os._exit"}  # public despite the underscore
 PRIVATE_ACCESS = re.compile(r"\b(?!self\.|cls\.)([A-Za-z_]\w*)\.(_[a-z]\w*)")
 
 
@@ -180,6 +181,6 @@ def test_every_private_api_the_code_touches_is_listed_and_still_there():
         for path in python_files(package)
         for m in PRIVATE_ACCESS.finditer(open(path, encoding="utf-8").read())
     }
-    assert touched - KNOWN_PRIVATE == set(), "private APIs used but not listed in PRIVATE_APIS"
+    assert touched - KNOWN_PRIVATE - DOCUMENTED == set(), "private APIs used but not listed in PRIVATE_APIS"
     gone = [what for what, check in PRIVATE_APIS.items() if not still_there(check)]
     assert gone == [], "gone or changed in this upgrade (find the public API, or another way):\n" + "\n".join(gone)
