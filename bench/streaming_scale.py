@@ -5,11 +5,11 @@
 
 Two streams mixed 80/20 (LAION-2B / COYO-700M as in the recipes) are described by MDS index.json
 files (and sparse shard files: no disk used) with the recipes' shard size: `make shards` writes
-MDSWriter's default 64 MiB shards, about
-3,200 samples of ~20 KiB (a 256 px JPEG and its caption). Each measurement is a fresh process, as
-one node's local rank 0 is: it builds the dataset (start-up: reading the indexes, the spanner),
-then draws the first batch (time to first batch: streaming resamples the streams and partitions
-and shuffles the whole epoch's sample ids into shared memory). The dataset's __getitem__ returns
+MDSWriter's default 64 MiB shards, about 3,200 samples of ~20 KiB (a 256 px JPEG and its caption).
+Each measurement is a fresh process, as one node's local rank 0 is: it builds the dataset
+(start-up: reading the indexes, the spanner), then draws the first batch (time to first batch:
+streaming resamples the streams and partitions and shuffles the whole epoch's sample ids into
+shared memory). The dataset's __getitem__ returns
 the sample id, so no shard is read: what is timed is streaming's own bookkeeping. Memory is the
 process's peak RSS (which counts the shared pages it touched) and the peak of what streaming
 put in /dev/shm (sampled every 50 ms; per node: the other ranks of the node
