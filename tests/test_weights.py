@@ -27,7 +27,7 @@ from pipeline.model import build_clip, lock_towers
 from pipeline.optim import build_optimizer, param_groups
 from pipeline.weights import load_initial_weights
 from tests.conftest import DEMO_YAML, REPO, run_check_script, train_overrides
-from tests.tiny import TINY, GradCapture, make_trainer, tiny_model
+from tests.tiny import TINY, clipping_norms, make_trainer, tiny_model
 
 EVA_TINY = ModelConfig(
     name="tiny-eva",
@@ -179,25 +179,8 @@ def test_locked_towers_stay_unchanged_and_get_no_optimizer_state():
     )
 
 
-def total_norm(grads: dict) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])))
-
-
 def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
-    from composer.algorithms import GradientClipping
-
-    norms = {}
-    for name, algorithms in (("raw", []), ("clipped", [GradientClipping("norm", 0.05)])):
-        capture = GradCapture()
-        make_trainer(
-            tiny_model(),
-            batch_size=32,
-            device_train_microbatch_size=8,
-            max_duration="1ba",
-            callbacks=[capture],
-            algorithms=algorithms,
-        ).fit()
-        norms[name] = total_norm(capture.grads[0])
+    norms = clipping_norms(batch_size=32, device_train_microbatch_size=8)
     assert norms["raw"] > 0.5
     assert norms["clipped"] == pytest.approx(0.05, rel=1e-4)
 

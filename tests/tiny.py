@@ -86,3 +86,27 @@ class RecordInput:
 
     def __call__(self, module, args):
         self.inputs.append(args[0].detach().clone() if self.keep_values else tuple(args[0].shape))
+
+
+def global_norm(grads: dict) -> float:
+    """The gradients' norm over all ranks: FSDP2 gradients are shards (DTensors); DDP's are replicas."""
+    squares = sum(
+        float(g.full_tensor().pow(2).sum()) if hasattr(g, "full_tensor") else float(g.pow(2).sum())
+        for g in grads.values()
+    )
+    return squares**0.5
+
+
+def clipping_norms(**trainer_kwargs) -> dict:
+    """{"raw", "clipped"}: the global norm of one batch's summed gradients, without and with
+    Composer's GradientClipping to a norm of 0.05 (a fresh tiny model each time)."""
+    from composer.algorithms import GradientClipping
+
+    norms = {}
+    for name, algorithms in (("raw", []), ("clipped", [GradientClipping("norm", 0.05)])):
+        capture = GradCapture()
+        make_trainer(
+            tiny_model(), max_duration="1ba", callbacks=[capture], algorithms=algorithms, **trainer_kwargs
+        ).fit()
+        norms[name] = global_norm(capture.grads[0])
+    return norms
