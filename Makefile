@@ -61,7 +61,7 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests $(ARGS)
 
-bench: install
+bench: install $(SAMPLE)
 	$(PY) bench/throughput.py $(ARGS)
 
 $(SAMPLE):

@@ -57,7 +57,7 @@ def make_jpegs(source: str, count: int, short_side: int) -> list:
 
 
 def write_both(samples: list, folder: str) -> tuple:
-    from streaming import MDSWriter
+    from data_prep.eval_sets import write_mds
 
     tar_path, mds = os.path.join(folder, "samples.tar"), os.path.join(folder, "mds")
     with tarfile.open(tar_path, "w") as tar:
@@ -66,9 +66,7 @@ def write_both(samples: list, folder: str) -> tuple:
                 info = tarfile.TarInfo(f"{i:06d}.{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    with MDSWriter(out=mds, columns={"image": "bytes", "caption": "str"}, hashes=["xxh64"]) as writer:
-        for jpeg, caption in samples:
-            writer.write({"image": jpeg, "caption": caption})
+    write_mds(mds, {"image": "bytes", "caption": "str"}, ({"image": j, "caption": c} for j, c in samples))
     return tar_path, mds
 
 

@@ -63,146 +63,63 @@ def batch_timer(device: str):
 
 def measure(args, config: dict) -> dict:
     """Runs in the subprocess: train `args.steps` batches, time the ones after warm-up."""
-    from composer import Trainer
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pipeline.algorithms import build_algorithms
-    from pipeline.config import AlgorithmsConfig, ModelConfig, PatchMaskingConfig
-    from pipeline.model import CLIPModel, build_clip
-
-    model_cfg = ModelConfig(name=args.model, custom=VIT_TI if args.model == "vit-ti" else None, context_length=32)
-    clip, _, _, tokenizer = build_clip(model_cfg)
-    model = CLIPModel(clip, model_cfg)
-    size = clip.visual.image_size if hasattr(clip.visual, "image_size") else 224
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    images = torch.randn(args.batch, 3, size, size)
-    texts = torch.randint(1, 49406, (args.batch, 32))
-    texts[:, -1] = 49407
-    loader = DataLoader(TensorDataset(images, texts, torch.arange(args.batch)), batch_size=args.batch)
-    algorithms = AlgorithmsConfig(
-        patch_masking=PatchMaskingConfig(config["masking"]) if config["masking"] else None,
-        flash_attention=config["flash_attention"],
-        grad_checkpointing=config["grad_checkpointing"],
-    )
-
-    timer = batch_timer(args.device)
-    trainer = Trainer(
-        model=model,
-        train_dataloader=loader,
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-4),
-        max_duration=f"{args.steps}ba",
-        algorithms=build_algorithms(algorithms, seed=0, tokenizer=tokenizer),
-        callbacks=[timer],
-        device=args.device,
-        precision=args.precision,
-        progress_bar=False,
-    )
     if args.device == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit()
-    measured = timer.times[args.warmup - 1 :]
-    seconds = (measured[-1] - measured[0]) / (len(measured) - 1)
+    samples_per_sec = train_pipeline(args, tempfile.mkdtemp(), config)
     if args.device == "gpu":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, whole process
-    return {**config, "samples_per_sec": args.batch / seconds, "peak_mib": peak}
+    return {**config, "samples_per_sec": samples_per_sec, "peak_mib": peak}
 
 
-def sample_images(folder: str, count: int, sources: list) -> str:
-    """The images of MDS streams as JPEG files and a tab-separated csv (open_clip_train's format)."""
+def sample_pairs(count: int, sources: list):
+    """(jpeg bytes, caption) of the first `count` images of MDS streams, taken in turn."""
     from streaming import StreamingDataset
 
     streams = [StreamingDataset(local=source, shuffle=False, batch_size=1) for source in sources]
+    for i in range(count):
+        stream = streams[i % len(streams)]
+        sample = stream[(i // len(streams)) % stream.num_samples]
+        yield sample["image"], sample.get("caption") or sample["captions"][0]
+
+
+def sample_images(folder: str, count: int, sources: list) -> str:
+    """The sample's images as JPEG files and a tab-separated csv (open_clip_train's format)."""
     csv_path = os.path.join(folder, "train.csv")
     with open(csv_path, "w") as f:
         f.write("filepath\ttitle\n")
-        for i in range(count):
-            stream = streams[i % len(streams)]
-            sample = stream[(i // len(streams)) % stream.num_samples]
+        for i, (jpeg, caption) in enumerate(sample_pairs(count, sources)):
             path = os.path.join(folder, f"{i:06d}.jpg")
             with open(path, "wb") as image:
-                image.write(sample["image"])
-            caption = sample.get("caption") or sample["captions"][0]
+                image.write(jpeg)
             f.write(f"{path}\t{caption}\n")
     return csv_path
 
 
-def measure_peer(args, config: dict) -> dict:
-    """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
-    folder = tempfile.mkdtemp()
-    csv_path = sample_images(folder, args.batch * args.steps, args.source)
-    custom = (
-        {
-            **VIT_TI,
-            "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
-            "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0},
-        }
-        if args.model == "vit-ti"
-        else None
-    )
-    name = "vit-ti-bench" if custom else args.model
-    ratio = config["masking"]
-    if config["trainer"] == "open_clip_train":
-        import open_clip
-        from open_clip_train.main import main as open_clip_main
+def model_keys(model: str) -> dict:
+    """The recipe's `model:`; vit-ti as an open_clip config (open_clip_train reads it as JSON)."""
+    if model != "vit-ti":
+        return {"name": model, "custom": None}
+    custom = {
+        **VIT_TI,
+        "vision_cfg": {**VIT_TI["vision_cfg"], "mlp_ratio": 4.0},
+        "text_cfg": {**VIT_TI["text_cfg"], "mlp_ratio": 4.0},
+    }
+    return {"name": "vit-ti-bench", "custom": custom}
 
-        if custom:
-            with open(os.path.join(folder, "vit-ti-bench.json"), "w") as f:
-                json.dump(custom, f)
-            open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
-        log = os.path.join(folder, "logs")
-        open_clip_main(
-            [
-                "--train-data",
-                csv_path,
-                "--dataset-type",
-                "csv",
-                "--model",
-                name,
-                "--batch-size",
-                str(args.batch),
-                "--workers",
-                str(args.workers),
-                "--epochs",
-                "1",
-                "--lr",
-                "1e-4",
-                "--wd",
-                "0.1",
-                "--warmup",
-                "1",
-                "--beta1",
-                "0.9",
-                "--beta2",
-                "0.98",
-                "--eps",
-                "1e-6",
-                "--precision",
-                "amp_bf16" if args.precision == "amp_bf16" else "fp32",
-                "--log-every-n-steps",
-                "1",
-                "--logs",
-                log,
-                "--name",
-                "peer",
-                "--save-frequency",
-                "0",
-                "--seed",
-                "0",
-                *(["--force-patch-dropout", str(ratio)] if ratio else []),
-            ]
-        )
-        with open(os.path.join(log, "peer", "out.log")) as f:
-            steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
-        seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])
-        return {**config, "samples_per_sec": args.batch / seconds}
 
+def train_pipeline(args, folder: str, config: dict) -> float:
+    """Samples/s after warm-up of `pipeline.train.build_trainer` on the sample's images, with the
+    configuration's algorithms."""
+    from data_prep.eval_sets import write_mds
     from pipeline.config import TrainConfig, load
     from pipeline.train import build_trainer
 
-    mds = os.path.join(folder, "mds")  # the same files, as an MDS stream
-    write_mds(csv_path, mds)
+    mds = os.path.join(folder, "mds")
+    pairs = sample_pairs(args.batch * args.steps, args.source)
+    write_mds(mds, {"image": "bytes", "caption": "str"}, ({"image": i, "caption": c} for i, c in pairs))
+    ratio = config["masking"]
     recipe = {
         "run_name": "bench",
         "run_dir": f"{folder}/run",
@@ -212,34 +129,86 @@ def measure_peer(args, config: dict) -> dict:
         "max_duration": f"{args.steps}ba",
         "progress_bar": False,
         "console_log_interval": "100000ba",
-        "model": {"name": name, "custom": custom},
+        "model": model_keys(args.model),
         "data": {"global_batch_size": args.batch, "num_workers": args.workers, "streams": {"images": {"local": mds}}},
         "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6},
         "scheduler": {"warmup": "1ba"},
-        "algorithms": {"patch_masking": {"ratio": ratio} if ratio else None},
+        "algorithms": {
+            "patch_masking": {"ratio": ratio} if ratio else None,
+            "flash_attention": config.get("flash_attention", False),
+            "grad_checkpointing": config.get("grad_checkpointing", False),
+        },
     }
     with open(os.path.join(folder, "recipe.yaml"), "w") as f:
         json.dump(recipe, f)  # JSON is YAML
-    cfg = load(TrainConfig, os.path.join(folder, "recipe.yaml"))
-
-    trainer, timer = build_trainer(cfg), batch_timer(args.device)
+    trainer, timer = build_trainer(load(TrainConfig, os.path.join(folder, "recipe.yaml"))), batch_timer(args.device)
     trainer.state.callbacks.append(timer)
     trainer.fit()
     measured = timer.times[args.warmup - 1 :]
-    return {**config, "samples_per_sec": args.batch / ((measured[-1] - measured[0]) / (len(measured) - 1))}
+    return args.batch / ((measured[-1] - measured[0]) / (len(measured) - 1))
 
 
-def write_mds(csv_path: str, out: str) -> None:
-    from streaming import MDSWriter
+def measure_peer(args, config: dict) -> dict:
+    """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
+    folder = tempfile.mkdtemp()
+    if config["trainer"] == "pipeline":
+        return {**config, "samples_per_sec": train_pipeline(args, folder, config)}
+    csv_path = sample_images(folder, args.batch * args.steps, args.source)
+    model = model_keys(args.model)
+    name, custom, ratio = model["name"], model["custom"], config["masking"]
+    import open_clip
+    from open_clip_train.main import main as open_clip_main
 
-    with (
-        open(csv_path) as f,
-        MDSWriter(out=out, columns={"image": "bytes", "caption": "str"}, hashes=["xxh64"]) as writer,
-    ):
-        for line in list(f)[1:]:
-            path, caption = line.rstrip("\n").split("\t")
-            with open(path, "rb") as image:
-                writer.write({"image": image.read(), "caption": caption})
+    if custom:
+        with open(os.path.join(folder, "vit-ti-bench.json"), "w") as f:
+            json.dump(custom, f)
+        open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
+    log = os.path.join(folder, "logs")
+    open_clip_main(
+        [
+            "--train-data",
+            csv_path,
+            "--dataset-type",
+            "csv",
+            "--model",
+            name,
+            "--batch-size",
+            str(args.batch),
+            "--workers",
+            str(args.workers),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-4",
+            "--wd",
+            "0.1",
+            "--warmup",
+            "1",
+            "--beta1",
+            "0.9",
+            "--beta2",
+            "0.98",
+            "--eps",
+            "1e-6",
+            "--precision",
+            "amp_bf16" if args.precision == "amp_bf16" else "fp32",
+            "--log-every-n-steps",
+            "1",
+            "--logs",
+            log,
+            "--name",
+            "peer",
+            "--save-frequency",
+            "0",
+            "--seed",
+            "0",
+            *(["--force-patch-dropout", str(ratio)] if ratio else []),
+        ]
+    )
+    with open(os.path.join(log, "peer", "out.log")) as f:
+        steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
+    seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])
+    return {**config, "samples_per_sec": args.batch / seconds}
 
 
 def training_flops_per_sample(model: str, masking: float) -> float:
@@ -301,9 +270,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--peer", action="store_true", help="against open_clip_train.main, loader included")
-    parser.add_argument("--workers", type=int, default=1, help="--peer: loader workers of each trainer")
+    parser.add_argument("--workers", type=int, default=1, help="loader workers of each trainer")
     parser.add_argument(
-        "--source", nargs="+", default=["data/sample/web", "data/sample/coco"], help="--peer: MDS streams of images"
+        "--source", nargs="+", default=["data/sample/web", "data/sample/coco"], help="MDS streams of images"
     )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="--peer on a GPU: dense bf16 peak (H100/H200 SXM: 989)"

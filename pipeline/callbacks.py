@@ -13,6 +13,7 @@ import re
 import statistics
 import time
 from collections import deque
+from typing import Optional
 
 import composer.callbacks
 import torch
@@ -21,7 +22,7 @@ from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, TensorboardLog
 from composer.utils import dist
 
 from pipeline.algorithms.unwrap import composer_model_of
-from pipeline.config import ConfigError, LoggersConfig, LossGuardConfig, SpikeAction, TrainConfig
+from pipeline.config import ConfigError, LoggersConfig, LossGuardConfig, SpikeAction
 
 
 def build_loggers(cfg: LoggersConfig, run_name: str) -> list:
@@ -185,12 +186,18 @@ class WallClockBudget(Callback):
         state.max_duration = Time(max(batch, min(self.max_batches, at_pace)), TimeUnit.BATCH)
 
 
-def build_run_callbacks(cfg: TrainConfig) -> list:
-    """The loader-wait timer, the global batch's sample hash, the FLOPs count, the config's
+def build_run_callbacks(
+    named: dict,
+    loss_guard: Optional[LossGuardConfig],
+    save_folder: str,
+    max_wall_clock: Optional[float],
+    max_duration: str,
+) -> list:
+    """The loader-wait timer, the global batch's sample hash, the FLOPs count, the `named`
     Composer callbacks and, when asked, the loss guard and the wall-clock budget."""
-    callbacks = [DataLoaderWait(), SampleHash(), TrainingFlops(), *build_callbacks(cfg.callbacks)]
-    if cfg.loss_guard is not None:
-        callbacks.append(LossGuard(cfg.loss_guard, cfg.checkpoint.save_folder))
-    if cfg.max_wall_clock is not None:
-        callbacks.append(WallClockBudget(cfg.max_wall_clock, int(Time.from_timestring(cfg.max_duration).value)))
+    callbacks = [DataLoaderWait(), SampleHash(), TrainingFlops(), *build_callbacks(named)]
+    if loss_guard is not None:
+        callbacks.append(LossGuard(loss_guard, save_folder))
+    if max_wall_clock is not None:
+        callbacks.append(WallClockBudget(max_wall_clock, int(Time.from_timestring(max_duration).value)))
     return callbacks

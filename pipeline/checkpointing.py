@@ -289,7 +289,7 @@ class SaveFolder:
         if key is None or not hmac.compare_digest(_signature(files, key), signature):
             raise CheckpointError(
                 f"{self.path(name)}/{MANIFEST} is not signed by this run's key ({self.path(KEY_FILE)}): "
-                "this run did not write it. If you trust it, set checkpoint.trust=true (eval: trust_checkpoints=true)."
+                "this run did not write it. If you trust it, set checkpoint.trust=true (eval: trust=true)."
             )
         missing = sorted(set(files) - set(self.names(name)))
         if missing or DCP_METADATA not in files:
@@ -352,7 +352,7 @@ class CheckpointError(ValueError):
 
 SHARDED_REFUSAL = (
     "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles, and this run did not "
-    "sign it. Set checkpoint.trust=true (eval: trust_checkpoints=true) if you trust it."
+    "sign it. Set checkpoint.trust=true (eval: trust=true) if you trust it."
 )
 # {file name: sha256} of the sharded checkpoint being resumed, from its signed manifest; and the
 # files of it already checked in this process (Composer validates a shard at each read).
@@ -373,7 +373,7 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
         reason = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0]
         raise CheckpointError(
             f"{path} holds more than tensors and plain data ({reason}), so it was not loaded. "
-            "If you trust this checkpoint, set checkpoint.trust=true (eval: trust_checkpoints=true)."
+            "If you trust this checkpoint, set checkpoint.trust=true (eval: trust=true)."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path} is corrupt or truncated, so it was not loaded: {err}") from None

@@ -532,13 +532,15 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    MOVED_KEYS: ClassVar[dict] = {"trust_checkpoints": "trust"}  # named as training's checkpoint.trust
+
     # None: the model of the run that load_path names (its saved config.yaml).
     model: Optional[ModelConfig] = None
     # A run folder (as train.py leaves it) or a Composer checkpoint, local or remote; empty: a
     # freshly initialised `model`.
     load_path: Optional[str] = None
     # Unpickle the whole checkpoint (can run code from the file) instead of tensors only.
-    trust_checkpoints: bool = False
+    trust: bool = False
     seed: int = 17  # initialises the fresh model
     datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
     num_workers: int = 2

@@ -74,7 +74,7 @@ class CLIPModel(ComposerModel):
     """Batches are (images, token ids, sample ids); the loss sees every sample of the global batch,
     and the masks' noise comes from the sample ids (pipeline/sample_noise.py).
 
-    Eval batches are dicts from `pipeline.eval.build_evaluators`, scored by its `eval_metrics`.
+    Eval batches are dicts from `pipeline.eval_data.build_evaluators`, scored by its `eval_metrics`.
     """
 
     def __init__(self, clip: torch.nn.Module, cfg: ModelConfig, eval_metrics: dict | None = None):

@@ -20,21 +20,20 @@ from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import create_interval_scheduler, dist, maybe_create_object_store_from_uri, parse_uri
 
-from pipeline.config import TrainConfig
 from pipeline.paths import is_remote
-from pipeline.report import write_report
+from pipeline.report import RunInfo, write_report
 from pipeline.run_folder import METRICS_FILE, PUBLISHED, read_metrics
 
 
 class RunRecord(LoggerDestination):
     """Rank 0 keeps the record; the other ranks' metrics are the same or rank-local and not kept."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, run: RunInfo, save_interval: str):
         super().__init__()
-        self.cfg = cfg
-        self.path = os.path.join(cfg.run_dir, METRICS_FILE)
+        self.run = run
+        self.path = os.path.join(run.run_dir, METRICS_FILE)
         self.pending: list = []
-        self.is_save_batch = create_interval_scheduler(cfg.checkpoint.save_interval)
+        self.is_save_batch = create_interval_scheduler(save_interval)  # publish with each checkpoint
         self.fit_ended = False
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -42,7 +41,7 @@ class RunRecord(LoggerDestination):
             return
         resumed_at = int(state.timestamp.batch)  # 0 for a new run: nothing is kept
         kept = [row for row in read_metrics(self.path) if row[0] < resumed_at]
-        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        os.makedirs(self.run.run_dir, exist_ok=True)
         with open(self.path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["batch", "metric", "value"])
@@ -81,14 +80,14 @@ class RunRecord(LoggerDestination):
     def publish(self, state: State, final: bool = False) -> None:
         """Draw the run's files from the whole record and copy them next to the checkpoints."""
         self.flush()
-        write_report(self.cfg, state, read_metrics(self.path), final)
-        files = [os.path.join(self.cfg.run_dir, name) for name in PUBLISHED]
-        files += glob.glob(os.path.join(self.cfg.run_dir, "tensorboard", "**", "*"), recursive=True)
+        write_report(self.run, state, read_metrics(self.path), final)
+        files = [os.path.join(self.run.run_dir, name) for name in PUBLISHED]
+        files += glob.glob(os.path.join(self.run.run_dir, "tensorboard", "**", "*"), recursive=True)
         files = [f for f in files if os.path.isfile(f)]
-        if is_remote(self.cfg.checkpoint.save_folder):
+        if is_remote(self.run.save_folder):
             store, prefix = (
-                maybe_create_object_store_from_uri(self.cfg.checkpoint.save_folder),
-                parse_uri(self.cfg.checkpoint.save_folder)[2],
+                maybe_create_object_store_from_uri(self.run.save_folder),
+                parse_uri(self.run.save_folder)[2],
             )
             for path in files:
-                store.upload_object(os.path.join(prefix, os.path.relpath(path, self.cfg.run_dir)), path)
+                store.upload_object(os.path.join(prefix, os.path.relpath(path, self.run.run_dir)), path)

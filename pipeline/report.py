@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -11,11 +12,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from composer.core import State  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
-from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.run_folder import LOSS_FILE, LOSS_PLOT, METRICS_FILE, SUMMARY_FILE, write_summary  # noqa: E402
 
 LOSS_KEY = "loss/train/total"
 FLOPS_KEY = "flops/batch"  # pipeline.callbacks.TrainingFlops
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run's report names besides its record, fixed by its config."""
+
+    run_name: str
+    run_dir: str
+    model: str
+    global_batch_size: int
+    save_folder: str  # the checkpoints
 
 
 def moving_average(values: list, window: int) -> list:
@@ -38,17 +49,17 @@ def plot_losses(batches: list, losses: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False) -> dict:
+def write_report(run: RunInfo, state: State, rows: list, final: bool = False) -> dict:
     """loss.csv, loss.png and summary.json from the run's metric rows [(batch, metric, value)]."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    os.makedirs(run.run_dir, exist_ok=True)
     points = [(batch, value) for batch, metric, value in rows if metric == LOSS_KEY]
     batches, losses = [b for b, _ in points], [v for _, v in points]
-    with open(os.path.join(cfg.run_dir, LOSS_FILE), "w") as f:
+    with open(os.path.join(run.run_dir, LOSS_FILE), "w") as f:
         f.write("batch,loss\n" + "".join(f"{batch},{loss:.6f}\n" for batch, loss in points))
     if losses:
-        plot_losses(batches, losses, os.path.join(cfg.run_dir, LOSS_PLOT), f"{cfg.run_name}: {cfg.model.name}")
+        plot_losses(batches, losses, os.path.join(run.run_dir, LOSS_PLOT), f"{run.run_name}: {run.model}")
     summary = {
-        "run_name": cfg.run_name,
+        "run_name": run.run_name,
         "batches": int(state.timestamp.batch),
         "samples": int(state.timestamp.sample),
         # Training only (Composer's total_wct: evaluation excluded), across resumptions.
@@ -58,21 +69,21 @@ def write_report(cfg: TrainConfig, state: State, rows: list, final: bool = False
         # Fit ends only at max_duration, which a wall-clock budget moves to where it is spent.
         "complete": final,
         "world_size": dist.get_world_size(),
-        "global_batch_size": cfg.data.global_batch_size,
+        "global_batch_size": run.global_batch_size,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "checkpoints": cfg.checkpoint.save_folder,
-        "loss_plot": os.path.join(cfg.run_dir, LOSS_PLOT),
+        "checkpoints": run.save_folder,
+        "loss_plot": os.path.join(run.run_dir, LOSS_PLOT),
         # The last value of every evaluator metric (zero-shot scores), if any ran.
         "eval": {metric: value for _, metric, value in rows if metric.startswith("metrics/")},
     }
-    write_summary(cfg.run_dir, summary)
+    write_summary(run.run_dir, summary)
     if final:
         trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
         print(
-            f"\nRun '{cfg.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
-            f"  checkpoints: {cfg.checkpoint.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
-            f"  metrics:     {os.path.join(cfg.run_dir, METRICS_FILE)}\n"
-            f"  summary:     {os.path.join(cfg.run_dir, SUMMARY_FILE)}"
+            f"\nRun '{run.run_name}' finished: {summary['batches']} batches, {summary['samples']} samples, {trend}\n"
+            f"  checkpoints: {run.save_folder}\n  loss plot:   {summary['loss_plot']}\n"
+            f"  metrics:     {os.path.join(run.run_dir, METRICS_FILE)}\n"
+            f"  summary:     {os.path.join(run.run_dir, SUMMARY_FILE)}"
         )
     return summary

@@ -183,6 +183,6 @@ def load_clip(cfg: EvalConfig) -> tuple:
     with _weights_loaded_after() if checkpoint else contextlib.nullcontext():
         clip, _, eval_transform, tokenizer = build_clip(model)
     if checkpoint:
-        clip.load_state_dict(clip_weights(checkpoint, cfg.trust_checkpoints))
+        clip.load_state_dict(clip_weights(checkpoint, cfg.trust))
         print(f"{model.name}: weights from {checkpoint}", file=sys.stderr)
     return clip.eval(), eval_transform, tokenizer, model

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.run_folder import read_summary  # noqa: E402
-from pipeline.sweep import run_dirs  # noqa: E402
+from pipeline.sweep_grid import run_dirs  # noqa: E402
 from pipeline.tables import markdown_table  # noqa: E402
 
 X_AXES = {"flops": "training compute (FLOPs)", "samples": "samples seen", "params": "model parameters"}

@@ -35,11 +35,12 @@ from pipeline.checkpointing import (  # noqa: E402
     resume_checkpoint,
 )
 from pipeline.data import build_dataloader  # noqa: E402
-from pipeline.eval import build_evaluators  # noqa: E402
+from pipeline.eval_data import build_evaluators  # noqa: E402
 from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
 from pipeline.parallel import build_parallelism  # noqa: E402
 from pipeline.record import RunRecord  # noqa: E402
+from pipeline.report import RunInfo  # noqa: E402
 from pipeline.runs import pin_sample_order, saved_config, write_run_config  # noqa: E402
 from pipeline.weights import load_initial_weights  # noqa: E402
 
@@ -74,10 +75,16 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
         callbacks=[
             SpeedMonitor(window_size=20),
             LRMonitor(),
-            *build_run_callbacks(cfg),
+            *build_run_callbacks(
+                cfg.callbacks, cfg.loss_guard, cfg.checkpoint.save_folder, cfg.max_wall_clock, cfg.max_duration
+            ),
             build_checkpoint_saver(cfg.checkpoint),
         ],
-        loggers=[RunRecord(cfg), *build_loggers(cfg.loggers, cfg.run_name), *loggers],
+        loggers=[
+            RunRecord(run_info(cfg), cfg.checkpoint.save_interval),
+            *build_loggers(cfg.loggers, cfg.run_name),
+            *loggers,
+        ],
         compile_config=cfg.compile_config,
         run_name=cfg.run_name,
         load_path=resume_path or cfg.checkpoint.load_path,
@@ -86,6 +93,10 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
         progress_bar=cfg.progress_bar,
         console_log_interval=cfg.console_log_interval,
     )
+
+
+def run_info(cfg: TrainConfig) -> RunInfo:
+    return RunInfo(cfg.run_name, cfg.run_dir, cfg.model.name, cfg.data.global_batch_size, cfg.checkpoint.save_folder)
 
 
 def main(argv: list) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from streaming import StreamingDataset
 
-import pipeline.eval
+import pipeline.eval_data
 from data_prep.eval_sets import flickr_to_mds, imagefolder_to_mds, wds_to_mds
 from pipeline.config import EvalConfig, load
 from pipeline.eval import main
@@ -207,7 +207,9 @@ def test_every_score_equals_clip_benchmark_on_rgba_palette_grey_and_cmyk(eval_se
         assert scores == pytest.approx(theirs[their_name]["metrics"], abs=1e-6), name
 
     # These images catch the old decoding (open_clip's transform on the image in its own mode).
-    monkeypatch.setattr(pipeline.eval, "decode_rgb", lambda data, transform: transform(Image.open(io.BytesIO(data))))
+    monkeypatch.setattr(
+        pipeline.eval_data, "decode_rgb", lambda data, transform: transform(Image.open(io.BytesIO(data)))
+    )
     before = run_pipeline_eval(cfg, sets, root, tmp_path / "before")
     for name, their_name in pairs.items():
         assert scores_as_clip_benchmark_names(before[name]) != pytest.approx(theirs[their_name]["metrics"], abs=1e-6)

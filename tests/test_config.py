@@ -4,7 +4,7 @@ import os
 import pytest
 
 from data_prep.sources import SourcesConfig
-from pipeline.config import ConfigError, TrainConfig, load
+from pipeline.config import ConfigError, EvalConfig, TrainConfig, load
 from tests.conftest import REPO
 
 
@@ -28,6 +28,8 @@ def test_a_key_that_moved_into_the_checkpoint_section_names_its_new_place(tmp_pa
         ConfigError, match=r"Did you mean 'checkpoint.keep_every'\?.*Valid keys at 'checkpoint': autoresume"
     ):
         load(TrainConfig, None, ["checkpoint.keep_evry=4"])
+    with pytest.raises(ConfigError, match=r"'trust_checkpoints' \(from command line\)\. Did you mean 'trust'\?"):
+        load(EvalConfig, None, ["trust_checkpoints=true"])  # eval's key, named as training's checkpoint.trust
 
 
 def test_unknown_key_inside_a_named_stream():

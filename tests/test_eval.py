@@ -19,7 +19,8 @@ from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, TrainConfig, load
-from pipeline.eval import build_scores, evaluate, evaluate_dataset, main, split_eval_batch
+from pipeline.eval import evaluate, evaluate_dataset, main
+from pipeline.eval_data import build_scores, split_eval_batch
 from pipeline.export import export
 from pipeline.runs import load_clip
 from pipeline.train import build_trainer
@@ -168,9 +169,9 @@ def test_checkpoint_is_read_as_tensors_only_unless_trusted(trained, tmp_path):
 
     saved["state"]["callbacks"]["payload"] = Payload()
     torch.save(saved, tmp_path / "odd.pt")
-    with pytest.raises(ConfigError, match=r"test_eval.Payload.*trust_checkpoints=true"):
+    with pytest.raises(ConfigError, match=r"test_eval.Payload.*trust=true"):
         load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt")))
-    trusted, _, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust_checkpoints=True))
+    trusted, _, _, _ = load_clip(replace(eval_cfg, load_path=str(tmp_path / "odd.pt"), trust=True))
     assert torch.equal(trusted.visual.conv1.weight, clip.visual.conv1.weight)
 
 

@@ -64,6 +64,18 @@ def test_imports_go_one_way_from_data_prep_to_pipeline():
     assert used and used <= SHARED_WITH_DATA_PREP, used - SHARED_WITH_DATA_PREP
 
 
+def test_the_eval_and_sweep_clis_are_not_libraries():
+    """What other modules need of them lives beside them: the evaluators training runs in
+    eval_data, the runs of a sweep in sweep_grid (scaling reads them), its report in sweep_report."""
+    code = python_files("pipeline") + python_files("data_prep") + python_files("bench")
+    importers = {
+        cli: sorted(os.path.relpath(p, REPO) for p in code if cli in imported_modules(p))
+        for cli in ("pipeline.eval", "pipeline.sweep")
+    }
+    # The report scores FLIP's masked inference with the eval CLI's own function.
+    assert importers == {"pipeline.eval": ["pipeline/sweep_report.py"], "pipeline.sweep": []}
+
+
 # ---------------------------------------------------------------------------
 # Private and undocumented APIs: each one the code touches, what for, and a check that it is still
 # there. A pinned upgrade that removes one fails here, by name, instead of silently changing

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import EvalConfig, LossName, load
-from pipeline.eval import evaluate, load_clip
+from pipeline.eval import evaluate
 from pipeline.export import export
 from pipeline.loss import Features, build_loss, contrastive_loss
+from pipeline.runs import load_clip
 from tests.conftest import PYTHON, REPO, run_train, train_overrides
 from tests.tiny import TINY_SIGLIP, synthetic_dataset, tiny_model
 

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 import pipeline.eval
 import pipeline.sweep
 from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
-from pipeline.sweep import expand, load_sweep, main, run_all, run_dirs
+from pipeline.sweep import main, run_all
+from pipeline.sweep_grid import expand, load_sweep, run_dirs
 from pipeline.towers import SamplePatchDropout
 from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_overrides
 from tests.tiny import NUM_PATCHES, TINY

@@ -21,7 +21,8 @@ from pipeline.config import (
     WeightsLayout,
     load,
 )
-from pipeline.eval import build_scores, evaluate, evaluate_dataset
+from pipeline.eval import evaluate, evaluate_dataset
+from pipeline.eval_data import build_scores
 from pipeline.export import export
 from pipeline.model import build_clip, lock_towers
 from pipeline.optim import build_optimizer, param_groups
