@@ -79,7 +79,7 @@ def run_spark(folder: str, out: str, rows: int, cores: int) -> dict:
         sources={"bench": source},
         spark=SparkConfig(master=f"local[{cores}]", driver_memory="1g"),
     )
-    with spark_session(cfg.spark) as spark:
+    with spark_session(cfg.spark, os.path.join(cfg.work_dir, "logs")) as spark:
         start = time.time()
         (summary,) = convert(spark, cfg, {"bench": (folder, {"urls": rows, "to_download": rows})})
         return {"seconds": time.time() - start, "written": summary["written"]}

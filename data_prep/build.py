@@ -4,50 +4,82 @@
     SPARK_MASTER=spark://host:7077 python -m data_prep.build yamls/data/merged2b.yaml
 
 All of it runs on one Spark session (local[*] unless `spark.master` or SPARK_MASTER says otherwise).
-Every URL list is read and checked before anything is downloaded. Re-running the same command
-after a kill reuses the prepared URL lists and img2dataset's finished shards, then converts again.
+Every URL list is found before Spark starts, and read and checked (columns, `where:`) before any
+list is prepared or anything downloaded; a bad one ends the build with one line and exit code 2.
+The terminal shows one line per stage and source; Spark's and img2dataset's output goes to
+`<work_dir>/logs/`. Re-running the same command after a kill reuses the prepared URL lists and
+img2dataset's finished shards, then converts again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
-import time
+from typing import TextIO
 
 from data_prep import sample
-from data_prep.download import download
+from data_prep.download import download, finished_shards
 from data_prep.sources import SourcesConfig, load_sources
-from data_prep.spark import spark_session
-from data_prep.storage import check_bucket, remove_tree
+from data_prep.spark import log_query_errors_to, spark_session
+from data_prep.storage import StorageError, check_bucket, remove_tree
+from data_prep.terminal import StageLine, log_folder, output_to, polling
 from data_prep.to_mds import convert
-from data_prep.url_lists import prepare_url_list
+from data_prep.url_lists import SourceError, check_url_list_exists, prepare_url_list, read_url_list
+from pipeline.config_loader import ConfigError
 from pipeline.tables import align_columns
 
 
+def check_before_spark(cfg: SourcesConfig) -> None:
+    for name, source in cfg.sources.items():
+        check_url_list_exists(name, source)
+        check_bucket(source.out)
+
+
+def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: TextIO) -> tuple:
+    """(img2dataset folder, {shards_done_before, shards_fetched}) of one source's prepared list."""
+    list_dir, counts, reused = prepared
+    source = cfg.sources[name]
+    folder = os.path.join(cfg.work_dir, "img2dataset", name)
+    if not reused:
+        remove_tree(folder)  # a new list: shards downloaded for an older one no longer match
+    if not counts.get("to_download"):
+        return folder, {}
+    total = math.ceil(counts["to_download"] / source.img2dataset.number_sample_per_shard)
+    line = StageLine("download", name, terminal)
+    with polling(lambda: line.show(f"{len(finished_shards(folder))}/{total} shards")):
+        fetched = download(source, list_dir, folder)
+    line.done(f"{total}/{total} shards ({fetched['shards_fetched']} fetched now)")
+    return folder, fetched
+
+
 def build(cfg: SourcesConfig) -> list:
+    """Every source's MDS stream and summary. The terminal shows one line per stage and source;
+    everything else printed meanwhile (Spark, img2dataset, streaming) goes to <logs>/build.log."""
+    logs = log_folder(cfg.work_dir)
     serving = sample.serve(cfg) if cfg.sample is not None else contextlib.nullcontext()
-    with serving, spark_session(cfg.spark) as spark:
-        print(f"Building {len(cfg.sources)} sources on {spark.sparkContext.master}", flush=True)
-        for source in cfg.sources.values():
-            check_bucket(source.out)  # before any download
-        start = time.time()
-        lists = {
-            name: prepare_url_list(spark, name, source, os.path.join(cfg.work_dir, "prepared", name))
-            for name, source in cfg.sources.items()
-        }
-        print(f"URL lists checked and deduplicated in {time.time() - start:.1f} s", flush=True)
-        downloads, fetched = {}, {}
-        for name, (list_dir, counts, reused) in lists.items():
-            folder = os.path.join(cfg.work_dir, "img2dataset", name)
-            if not reused:
-                remove_tree(folder)  # a new list: shards downloaded for an older one no longer match
-            fetched[name] = download(cfg.sources[name], list_dir, folder) if counts.get("to_download") else {}
-            downloads[name] = (folder, counts)
-        start = time.time()
-        summaries = convert(spark, cfg, downloads)
-        print(f"MDS streams written in {time.time() - start:.1f} s", flush=True)
+    with output_to(os.path.join(logs, "build.log")) as terminal, serving:
+        check_before_spark(cfg)
+        with spark_session(cfg.spark, logs) as spark:
+            log_query_errors_to(os.path.join(logs, "spark.log"))
+            print(f"Building {len(cfg.sources)} sources on {spark.sparkContext.master} (logs: {logs}/)", file=terminal)
+            frames = {name: read_url_list(spark, name, source) for name, source in cfg.sources.items()}
+            lists = {}
+            for name, source in cfg.sources.items():
+                line = StageLine("prepare", name, terminal)
+                line.show("reading the URL list")
+                prepared = os.path.join(cfg.work_dir, "prepared", name)
+                lists[name] = prepare_url_list(spark, name, source, prepared, frames[name])
+                counts, reused = lists[name][1:]
+                done = f"{counts.get('to_download', 0)} of {counts['urls']} rows to download"
+                line.done(done + (" (prepared before)" if reused else ""))
+            downloads, fetched = {}, {}
+            for name, prepared in lists.items():
+                folder, fetched[name] = download_source(cfg, name, prepared, terminal)
+                downloads[name] = (folder, prepared[1])
+            summaries = convert(spark, cfg, downloads, terminal)
     if cfg.sample is not None:
         sample.write_eval_files(cfg)
     for summary in summaries:
@@ -68,8 +100,12 @@ def format_table(summaries: list) -> str:
 def main(argv: list) -> None:
     if not argv:
         sys.exit(__doc__)
-    cfg = load_sources(argv[0], argv[1:])
-    summaries = build(cfg)
+    try:
+        cfg = load_sources(argv[0], argv[1:])
+        summaries = build(cfg)
+    except (ConfigError, SourceError, StorageError) as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
     os.makedirs(cfg.work_dir, exist_ok=True)
     with open(os.path.join(cfg.work_dir, "summary.json"), "w") as f:
         json.dump(summaries, f, indent=2)

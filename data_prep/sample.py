@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep.eval_sets import CLASSNAMES_FILE, TEMPLATES_FILE
 from data_prep.sources import SampleConfig, SourcesConfig
 from data_prep.storage import write_text
 
@@ -205,6 +204,8 @@ def write_url_list(rows: list[dict], path: str, input_format: str) -> None:
 def write_eval_files(cfg: SourcesConfig) -> None:
     """Fashion-MNIST's class names (label order) and the sample's caption patterns as prompt
     templates, next to the coco_test stream, as CLIP_benchmark's sets carry them."""
+    from data_prep.eval_sets import CLASSNAMES_FILE, TEMPLATES_FILE  # torchvision and streaming: not at start-up
+
     if "coco_test" in cfg.sources:
         out = cfg.sources["coco_test"].out.rstrip("/")
         write_text(f"{out}/{CLASSNAMES_FILE}", "".join(f"{name}\n" for name in FASHION_CLASSES))

@@ -8,8 +8,6 @@ import shutil
 import tempfile
 from urllib.parse import urlparse
 
-from streaming.base.storage.upload import CloudUploader
-
 from pipeline.paths import is_remote, s3_client
 
 
@@ -62,6 +60,8 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
         os.replace(path + ".tmp", path)
         return
+    from streaming.base.storage.upload import CloudUploader
+
     folder, name = path.rsplit("/", 1)
     with tempfile.TemporaryDirectory() as staging:
         with open(os.path.join(staging, name), "w", encoding="utf-8") as f:

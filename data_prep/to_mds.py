@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional, TextIO
 
 from data_prep.download import finished_shards
 from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.storage import check_bucket, read_json, remove_tree, write_json
+from data_prep.terminal import StageLine
 from pipeline.paths import is_remote
 
 # The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
@@ -120,8 +122,9 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
     return sum(shard["samples"] for shard in index["shards"])
 
 
-def convert(spark, cfg: SourcesConfig, downloads: dict) -> list:
-    """{name: (download folder, URL-list counts)} -> one MDS stream and summary per source."""
+def convert(spark, cfg: SourcesConfig, downloads: dict, terminal: Optional[TextIO] = None) -> list:
+    """{name: (download folder, URL-list counts)} -> one MDS stream and summary per source; a
+    progress line per source on `terminal` (stdout if None)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -137,13 +140,16 @@ def convert(spark, cfg: SourcesConfig, downloads: dict) -> list:
         source = cfg.sources[name]
         counts = {k: v for k, v in url_counts.items() if k != "to_download"}
         counts.update({row["_reason"] or "written": row["count"] for row in found if row["_source"] == name})
+        line = StageLine("write", name, terminal)
         if counts.get("written"):
+            line.show(f"{counts['written']} rows")
             keys = decisions.filter((F.col("_source") == name) & F.col("_reason").isNull()).select("key")
             written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir)
             if written != counts.get("written", 0):
                 raise RuntimeError(
                     f"source '{name}': {written} samples in the MDS index, {counts.get('written')} expected"
                 )
+        line.done(f"{counts.get('written', 0)} rows written to {source.out}")
         summary = {"source": name, "out": source.out, "urls": counts.pop("urls"), "written": counts.pop("written", 0)}
         summary.update(sorted(counts.items()))
         write_json(os.path.join(source.out, SUMMARY_FILE), summary)

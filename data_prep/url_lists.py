@@ -15,6 +15,7 @@ from glob import glob
 
 from data_prep.sources import SourceConfig
 from data_prep.storage import exists, read_json, write_json
+from pipeline.paths import is_remote
 
 COUNTS_FILE = "counts.json"
 LIST_FOLDER = "url_list"
@@ -58,8 +59,24 @@ def coco_captions_table(name: str, path: str, extra_columns: dict, min_caption_c
     return rows
 
 
-def read_url_list(spark, name: str, source: SourceConfig, staging: str):
-    """The URL list as a DataFrame with url, caption and the extra columns (renamed, cast)."""
+def check_url_list_exists(name: str, source: SourceConfig) -> None:
+    """Before Spark starts: a local URL list, or one in S3-compatible storage, must be there."""
+    path = source.url_list
+    scheme, _, rest = path.partition("://") if is_remote(path) else ("", "", path)
+    if scheme in ("s3", "s3a"):
+        try:
+            found = exists(f"s3://{rest}")
+        except Exception as err:  # noqa: BLE001 - boto3's errors: no endpoint, no bucket, no access
+            raise SourceError(f"source '{name}': cannot look up the URL list {path}: {_first_line(err)}") from None
+    else:
+        found = scheme != "" or os.path.exists(path)  # other stores: Spark finds out
+    if not found:
+        raise SourceError(f"source '{name}': the URL list {path} does not exist")
+
+
+def read_url_list(spark, name: str, source: SourceConfig):
+    """The URL list as a DataFrame with url, caption and the extra columns (renamed, cast). Reads
+    the schema (a COCO file whole), checks the columns and `where:`, and reads no rows."""
     from pyspark.sql import functions as F
 
     fmt, path = source.input_format, source.url_list
@@ -85,7 +102,7 @@ def read_url_list(spark, name: str, source: SourceConfig, staging: str):
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 - Spark's errors are Java exceptions in disguise
-        raise SourceError(f"source '{name}': cannot read the URL list {path} as {fmt}: {_first_line(err)}") from err
+        raise SourceError(f"source '{name}': cannot read the URL list {path} as {fmt}: {_first_line(err)}") from None
     needed = [url_col, caption_col, *source.extra_columns]
     missing = [col for col in needed if col not in frame.columns]
     if missing:
@@ -97,7 +114,7 @@ def read_url_list(spark, name: str, source: SourceConfig, staging: str):
         try:
             _ = frame.select(F.expr(source.filters.where)).schema  # resolves column names, reads nothing
         except Exception as err:  # noqa: BLE001
-            raise SourceError(f"source '{name}': filters.where {source.filters.where!r}: {_first_line(err)}") from err
+            raise SourceError(f"source '{name}': filters.where {source.filters.where!r}: {_first_line(err)}") from None
     columns = [F.col(url_col).cast("string").alias("url"), F.col(caption_col).cast("string").alias("caption")]
     columns += [
         F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.extra_columns.items()
@@ -146,10 +163,11 @@ def fingerprint(source: SourceConfig) -> dict:
     return {"settings": settings, "files": stats}
 
 
-def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str) -> tuple:
+def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, frame=None) -> tuple:
     """(folder of the list to download, counts before download, reused?). A list prepared from the
-    same files and settings is reused; otherwise it is prepared again (and the caller must then
-    start that source's download again, since img2dataset numbers its shards by list position)."""
+    same files and settings is reused; otherwise it is prepared again from `frame` (read_url_list's,
+    read here if not given), and the caller must then start that source's download again, since
+    img2dataset numbers its shards by list position."""
     list_dir = os.path.join(source_dir, LIST_FOLDER)
     counts_path = os.path.join(source_dir, COUNTS_FILE)
     current = fingerprint(source)
@@ -160,7 +178,8 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str) ->
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    marked = mark_rows(read_url_list(spark, name, source, source_dir), source).persist(StorageLevel.DISK_ONLY)
+    frame = frame if frame is not None else read_url_list(spark, name, source)
+    marked = mark_rows(frame, source).persist(StorageLevel.DISK_ONLY)
     counts = {row["_reason"] or "to_download": row["count"] for row in marked.groupBy("_reason").count().collect()}
     counts["urls"] = sum(counts.values())
     keep = ["url", "caption", *source.extra_columns] + (["captions"] if source.input_format == "coco_captions" else [])

@@ -23,14 +23,16 @@ def sample_overrides(root: str) -> list:
 
 
 @pytest.fixture(scope="session")
-def spark(s3_server):
+def spark(s3_server, tmp_path_factory):
     """One local Spark session for the test run; `make shards` code uses it when it is active.
     Its Python workers get the test S3 server's endpoint and keys (as a cluster's executors would)."""
     from data_prep.sources import SparkConfig
     from data_prep.spark import spark_session
 
     conf = {"spark.sql.shuffle.partitions": "4", **{f"spark.executorEnv.{k}": v for k, v in s3_server.env().items()}}
-    with spark_session(SparkConfig(master="local[2]", conf=conf)) as session:
+    with spark_session(
+        SparkConfig(master="local[2]", conf=conf), str(tmp_path_factory.mktemp("spark_logs"))
+    ) as session:
         yield session
 
 

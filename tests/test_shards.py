@@ -4,6 +4,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,47 @@ def test_bad_url_lists_fail_before_download_naming_file_and_column(spark, tmp_pa
         source.url_list = _coco(tmp_path / "captions.json", data)
     with pytest.raises(SourceError, match=match):
         prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))
+
+
+def _two_sources_yaml(tmp_path, bad: dict) -> str:
+    """A sources YAML: a good parquet source first, then `bad` (its keys over a good one's)."""
+    from omegaconf import OmegaConf
+
+    good = {"url_list": _url_list(tmp_path / "good.parquet", [{"url": "http://127.0.0.1:9/0", "caption": "x"}])}
+    sources = {"good": {**good, "out": str(tmp_path / "good")}, "bad": {**good, "out": str(tmp_path / "bad"), **bad}}
+    path = str(tmp_path / "sources.yaml")
+    OmegaConf.save({"work_dir": str(tmp_path / "work"), "sources": sources}, path)
+    return path
+
+
+def test_a_missing_url_list_fails_in_one_line_before_spark_starts(tmp_path):
+    path = _two_sources_yaml(tmp_path, {"url_list": str(tmp_path / "missing.parquet")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.build", path], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"SourceError: source 'bad': the URL list {tmp_path}/missing.parquet does not exist\n"
+    assert not os.path.exists(tmp_path / "work" / "logs" / "spark.log")  # Spark never started
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"filters": {"where": "lang = 'en'"}}, r"filters.where \"lang = 'en'\": \[UNRESOLVED_COLUMN.*`lang`"),
+        ({"caption_col": "TEXT"}, r"the URL list .*good.parquet has no column 'TEXT' \(its columns: url, caption\)"),
+    ],
+)
+def test_every_list_is_checked_before_any_is_prepared(spark, tmp_path, capfd, bad, message):
+    """The good source comes first, yet nothing is prepared: one line on stderr, exit code 2."""
+    from data_prep.build import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([_two_sources_yaml(tmp_path, bad)])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2
+    assert re.fullmatch(rf"SourceError: source 'bad': {message}[^\n]*\n", err), err
+    assert not os.path.exists(tmp_path / "work" / "prepared")
+    assert "Traceback" not in out + err and "at org.apache" not in out + err
 
 
 def test_coco_captions_keep_every_caption_and_the_sample_goes_through_it(sample_build):
@@ -280,4 +322,12 @@ def test_killed_download_and_conversion_resume_to_the_same_streams(sample_build,
     assert proc.returncode == 0, proc.stderr[-3000:]
     web = _summaries(os.path.join(root, "_work"))["web"]
     assert web["shards_done_before"] == 9 and web["shards_fetched"] == 0  # the second run finished the download
+    # The terminal: a line per stage and source; Spark's, img2dataset's and streaming's output is in the logs.
+    lines = proc.stdout.splitlines()
+    assert "prepare  web: 3302 of 3310 rows to download (prepared before)" in lines
+    assert "download web: 9/9 shards (0 fetched now)" in lines
+    coco = _summaries(os.path.join(root, "_work"))["coco"]
+    assert f"write    coco: {coco['written']} rows written to {coco['out']}" in lines
+    assert proc.stderr == ""
+    assert "dataframe_to_mds" in open(os.path.join(root, "_work", "logs", "build.log")).read()
     _same_result(root, sample_build)
