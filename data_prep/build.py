@@ -55,6 +55,18 @@ def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: Te
     return folder, fetched
 
 
+def score_downloads(spark, cfg: SourcesConfig, name: str, folder: str, terminal: TextIO, stats: dict):
+    """The CLIP-score stage of one source (data_prep/clip_score.py): its scores, as a DataFrame."""
+    from data_prep.clip_score import read_scores, score_source
+
+    scores_dir = os.path.join(cfg.work_dir, "clip_scores", name)
+    line = StageLine("score", name, terminal)
+    stats.update(score_source(spark, name, cfg.sources[name].filters.clip_score, folder, scores_dir, line.show))
+    scores = read_scores(spark, scores_dir, folder)
+    line.done(f"{scores.count()} rows scored ({stats['shards_scored_before']} shards scored before)")
+    return scores
+
+
 def build(cfg: SourcesConfig) -> list:
     """Every source's MDS stream and summary. The terminal shows one line per stage and source;
     everything else printed meanwhile (Spark, img2dataset, streaming) goes to <logs>/build.log."""
@@ -75,11 +87,13 @@ def build(cfg: SourcesConfig) -> list:
                 counts, reused = lists[name][1:]
                 done = f"{counts.get('to_download', 0)} of {counts['urls']} rows to download"
                 line.done(done + (" (prepared before)" if reused else ""))
-            downloads, fetched = {}, {}
+            downloads, fetched, scores = {}, {}, {}
             for name, prepared in lists.items():
                 folder, fetched[name] = download_source(cfg, name, prepared, terminal)
                 downloads[name] = (folder, prepared[1])
-            summaries = convert(spark, cfg, downloads, terminal)
+                if cfg.sources[name].filters.clip_score is not None:
+                    scores[name] = score_downloads(spark, cfg, name, folder, terminal, fetched[name])
+            summaries = convert(spark, cfg, downloads, scores, terminal)
     if cfg.sample is not None:
         sample.write_eval_files(cfg)
     for summary in summaries:
@@ -87,12 +101,14 @@ def build(cfg: SourcesConfig) -> list:
     return summaries
 
 
-DOWNLOAD_STATS = ("shards_done_before", "shards_fetched")
+# What the download and the scoring did this run, not reasons for a row.
+STAGE_STATS = ("shards_done_before", "shards_fetched", "shards_scored_before", "shards_scored")
 
 
 def format_table(summaries: list) -> str:
-    reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", *DOWNLOAD_STATS})
-    header = ["source", "urls", "written", *reasons, *DOWNLOAD_STATS, "out"]
+    reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", *STAGE_STATS})
+    stats = [k for k in STAGE_STATS if any(k in s for s in summaries)]
+    header = ["source", "urls", "written", *reasons, *stats, "out"]
     rows = [[str(s.get(col, 0)) for col in header] for s in summaries]
     return align_columns([header, *rows])
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from pipeline.config_loader import load
+from pipeline.config_loader import check, load
 
 
 @dataclass
@@ -32,6 +32,26 @@ class Img2DatasetOptions:
 
 
 @dataclass
+class ClipScoreConfig:
+    """Score every downloaded pair with a CLIP model (data_prep/clip_score.py); the score is kept
+    as the `clip_score` column of the stream, and rows it filters out counted as low_clip_score."""
+
+    # An open_clip model name (with `pretrained`), or local-dir:FOLDER (pipeline/export.py's output).
+    model: str = MISSING
+    pretrained: Optional[str] = None  # weights for a model name: a local file or an open_clip tag
+    min: Optional[float] = None  # keep pairs whose cosine is at least this (LAION-2B: 0.28 with ViT-B/32)
+    # keep this share of the pairs that pass the other filters, the best scored (DataComp: 0.3)
+    top_fraction: Optional[float] = None
+    batch_size: int = 64
+    device: str = "cpu"  # where the executors run the model: cpu, or cuda on GPU executors
+
+    def __post_init__(self):
+        fraction = self.top_fraction
+        check(fraction is None or 0 < fraction <= 1, f"clip_score.top_fraction must be in (0, 1], got {fraction}")
+        check(self.batch_size >= 1, f"clip_score.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class FilterConfig:
     """Every drop is counted under its reason. URL-list filters run before the download, so
     what they drop costs no bandwidth; image filters run on img2dataset's output."""
@@ -43,6 +63,7 @@ class FilterConfig:
     dedup_url: bool = True
     min_image_size: int = 0  # smaller side, in pixels, after resizing
     dedup_image_hash: bool = True  # sha256 of the downloaded bytes (see dedup_across_sources)
+    clip_score: Optional[ClipScoreConfig] = None
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """img2dataset parquet output -> filtered, image-deduplicated MDS streams (Spark), plus summaries.
 
 Every downloaded row ends in one bucket: written, or img2dataset's failure status, image_too_small,
-duplicate_image. Images are not decoded again: img2dataset's `success` means its resizer decoded and
+duplicate_image, low_clip_score (when the source has `filters.clip_score`: the score is then a
+column of the stream). Images are not decoded again: img2dataset's `success` means its resizer decoded and
 re-encoded the image (this project never passes its skip_reencode options), so a second decode
 would only repeat that check. Decisions are made on narrow columns (key, sha256, sizes); the image
 bytes move once, from img2dataset's parquet into `dataframe_to_mds`, one MDS folder per partition
@@ -15,7 +16,7 @@ import os
 from typing import Optional, TextIO
 
 from data_prep.download import finished_shards
-from data_prep.sources import SourceConfig, SourcesConfig
+from data_prep.sources import ClipScoreConfig, SourceConfig, SourcesConfig
 from data_prep.storage import check_bucket, read_json, remove_tree, write_json
 from data_prep.terminal import StageLine
 from pipeline.paths import is_remote
@@ -37,6 +38,8 @@ SHARD_HASHES = ["sha1", "xxh64"]
 
 def mds_columns(source: SourceConfig) -> dict:
     columns = {**BASE_COLUMNS, **source.extra_columns}
+    if source.filters.clip_score is not None:
+        columns["clip_score"] = "float32"
     if source.input_format == "coco_captions":
         columns["captions"] = "json"  # all of the image's captions; training picks one per epoch
     return columns
@@ -65,8 +68,9 @@ def downloaded_rows(spark, name: str, folder: str, expected: int):
     return frame
 
 
-def decide(frames: dict, cfg: SourcesConfig):
-    """One narrow DataFrame of (_source, key, _reason) for every downloaded row of every source."""
+def decide(frames: dict, cfg: SourcesConfig, scores: dict):
+    """One narrow DataFrame of (_source, key, _reason) for every downloaded row of every source.
+    `scores`: {source: its (key, clip_score) DataFrame} for the sources with a CLIP-score filter."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -88,10 +92,37 @@ def decide(frames: dict, cfg: SourcesConfig):
     group = ["sha256"] if cfg.dedup_across_sources else ["sha256", "_source"]
     first = Window.partitionBy(*group).orderBy(F.col("_reason").isNotNull(), "_rank", "key")
     duplicate = F.col("_reason").isNull() & F.col("_dedup") & (F.row_number().over(first) > 1)
-    return narrow.withColumn("_reason", F.when(duplicate, "duplicate_image").otherwise(F.col("_reason")))
+    narrow = narrow.withColumn("_reason", F.when(duplicate, "duplicate_image").otherwise(F.col("_reason")))
+    for name, source_scores in scores.items():
+        narrow = low_clip_scores(narrow, name, source_scores, cfg.sources[name].filters.clip_score)
+    return narrow.select("_source", "key", "_reason")
 
 
-def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: str) -> int:
+def low_clip_scores(narrow, name: str, scores, clip: ClipScoreConfig):
+    """Marks `name`'s rows that pass every other filter yet score below `clip.min`, or outside the
+    best `clip.top_fraction` of those that pass (exactly that share, rounded; ties by key)."""
+    from pyspark.sql import functions as F
+
+    mine = (F.col("_source") == name) & F.col("_reason").isNull()
+    narrow = narrow.join(scores.select("key", "clip_score", F.lit(name).alias("_source")), ["_source", "key"], "left")
+    if clip.min is not None:
+        narrow = narrow.withColumn(
+            "_reason", F.when(mine & (F.col("clip_score") < clip.min), "low_clip_score").otherwise(F.col("_reason"))
+        )
+    if clip.top_fraction is not None:
+        candidates = narrow.filter(mine).select("key", "clip_score").orderBy(F.desc("clip_score"), "key")
+        keep = round(candidates.count() * clip.top_fraction)
+        ranked = candidates.rdd.zipWithIndex().map(lambda pair: (pair[0]["key"], pair[1] < keep))
+        kept = ranked.toDF(["key", "_kept"]).withColumn("_source", F.lit(name))
+        narrow = narrow.join(kept, ["_source", "key"], "left")
+        narrow = narrow.withColumn(
+            "_reason", F.when(mine & ~F.col("_kept"), "low_clip_score").otherwise(F.col("_reason"))
+        )
+        narrow = narrow.drop("_kept")
+    return narrow.drop("clip_score")
+
+
+def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: str, scores=None) -> int:
     """dataframe_to_mds of the rows whose key is in `keys`; returns the samples in the merged index."""
     from streaming.base.converters import dataframe_to_mds
 
@@ -101,7 +132,10 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
 
     # Sorted by key within each partition: the same streams on every run. Persisted, so that
     # dataframe_to_mds's emptiness check and its write share one shuffle of the image bytes.
-    rows = frame.join(keys, "key", "left_semi").sortWithinPartitions("key").persist(StorageLevel.DISK_ONLY)
+    rows = frame.join(keys, "key", "left_semi")
+    if scores is not None:  # the score becomes a column of the stream
+        rows = rows.join(scores.select("key", "clip_score"), "key", "left")
+    rows = rows.sortWithinPartitions("key").persist(StorageLevel.DISK_ONLY)
     columns = mds_columns(source)
     out = (
         (os.path.join(os.path.abspath(work_dir), "mds_parts", name), source.out)
@@ -122,9 +156,11 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
     return sum(shard["samples"] for shard in index["shards"])
 
 
-def convert(spark, cfg: SourcesConfig, downloads: dict, terminal: Optional[TextIO] = None) -> list:
+def convert(
+    spark, cfg: SourcesConfig, downloads: dict, scores: Optional[dict] = None, terminal: Optional[TextIO] = None
+) -> list:
     """{name: (download folder, URL-list counts)} -> one MDS stream and summary per source; a
-    progress line per source on `terminal` (stdout if None)."""
+    progress line per source on `terminal` (stdout if None). `scores`: {name: clip_score.read_scores}."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -133,7 +169,9 @@ def convert(spark, cfg: SourcesConfig, downloads: dict, terminal: Optional[TextI
         for name, (folder, counts) in downloads.items()
     }
     frames = {name: frame for name, frame in frames.items() if frame is not None}
-    decisions = decide(frames, cfg).persist(StorageLevel.DISK_ONLY) if frames else None
+    scores = {name: frame for name, frame in (scores or {}).items() if name in frames}
+    decisions = decide(frames, cfg, scores) if frames else None
+    decisions = decisions.persist(StorageLevel.DISK_ONLY) if decisions is not None else None
     found = decisions.groupBy("_source", "_reason").count().collect() if decisions is not None else []
     summaries = []
     for name, (_, url_counts) in downloads.items():
@@ -144,7 +182,7 @@ def convert(spark, cfg: SourcesConfig, downloads: dict, terminal: Optional[TextI
         if counts.get("written"):
             line.show(f"{counts['written']} rows")
             keys = decisions.filter((F.col("_source") == name) & F.col("_reason").isNull()).select("key")
-            written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir)
+            written = write_stream(spark, name, source, frames[name], keys, cfg.work_dir, scores.get(name))
             if written != counts.get("written", 0):
                 raise RuntimeError(
                     f"source '{name}': {written} samples in the MDS index, {counts.get('written')} expected"

@@ -1,7 +1,7 @@
-"""Run under `composer -n 2`: 3 batches of the tiny CLIP under one parallelism mode (argv[2]), with
-HYBRID_SHARD's shard size (argv[3], optional).
+"""Run under `composer -n 2`: 3 batches of the tiny CLIP under each parallelism mode named (argv[2:]),
+one after another in the same processes (one launch instead of one per mode).
 
-Writes (rank 0) {"losses": [...], "local": parameters held by this rank, "total": all parameters}.
+Writes (rank 0) {mode: {"losses": [...], "local": parameters held by this rank, "total": all parameters}}.
 """
 
 import sys
@@ -15,9 +15,9 @@ from pipeline.parallel import build_parallelism
 from tests.tiny import make_trainer, tiny_model
 
 
-def main(out: str, sharding: str, shard_size: str = "") -> None:
+def run(sharding: str) -> dict:
     log = InMemoryLogger()
-    cfg = ParallelismConfig(sharding=Sharding(sharding), shard_size=int(shard_size) if shard_size else None)
+    cfg = ParallelismConfig(sharding=Sharding(sharding))
     model = tiny_model()
     total = sum(p.numel() for p in model.parameters())
     trainer = make_trainer(
@@ -25,9 +25,14 @@ def main(out: str, sharding: str, shard_size: str = "") -> None:
     )
     trainer.fit()
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trainer.state.model.parameters())
-    losses = [float(v) for _, v in log.data["loss/train/total"]]
+    trainer.close()
+    return {"losses": [float(v) for _, v in log.data["loss/train/total"]], "local": local, "total": total}
+
+
+def main(out: str, *modes: str) -> None:
+    results = {mode: run(mode) for mode in modes}
     if dist.get_global_rank() == 0:
-        torch.save({"losses": losses, "local": local, "total": total}, out)
+        torch.save(results, out)
 
 
 if __name__ == "__main__":

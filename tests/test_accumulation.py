@@ -58,10 +58,20 @@ def test_recomputed_chunks_replay_the_masks(monkeypatch):
     assert len(differences) == 4 and max(differences) < 1e-6
 
 
+LOSSES = ["clip", "siglip"]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> dict:
+    """{ranks: {loss: accumulation_check's runs}}, one launch per world size for both losses."""
+    folder = tmp_path_factory.mktemp("accumulation")
+    return {n: run_check_script("accumulation_check.py", n, folder / f"n{n}.pt", *LOSSES) for n in (1, 2)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_exact_accumulation_on_two_ranks(tmp_path, loss):
-    results = {n: run_check_script("accumulation_check.py", n, tmp_path / f"n{n}.pt", loss) for n in (1, 2)}
+@pytest.mark.parametrize("loss", LOSSES)
+def test_exact_accumulation_on_two_ranks(accumulated, loss):
+    results = {n: accumulated[n][loss] for n in (1, 2)}
     two = results[2]
     assert two["chunked"]["loss"] == pytest.approx(two["full"]["loss"], rel=1e-6)
     assert_same_gradients(two["chunked"]["grads"], two["full"]["grads"])

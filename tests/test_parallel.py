@@ -13,12 +13,7 @@ MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("parallel")
-    results = {}
-    for mode in MODES:
-        out = folder / f"{mode}.pt"
-        results[mode] = run_check_script("parallel_check.py", 2, out, mode)
-    return results
+    return run_check_script("parallel_check.py", 2, tmp_path_factory.mktemp("parallel") / "runs.pt", *MODES)
 
 
 @pytest.mark.slow

@@ -186,10 +186,19 @@ def test_gradient_clipping_bounds_the_summed_micro_batch_gradients():
     assert norms["clipped"] == pytest.approx(0.05, rel=1e-4)
 
 
+CLIPPED_PARALLELISMS = ["ddp", "FULL_SHARD"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_norms(tmp_path_factory) -> dict:
+    """{parallelism: clipping norms}, both from one 2-rank launch."""
+    return run_check_script("clipping_check.py", 2, tmp_path_factory.mktemp("clip") / "n.pt", *CLIPPED_PARALLELISMS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism", ["ddp", "FULL_SHARD"])
-def test_gradient_clipping_on_two_ranks(tmp_path, parallelism):
-    norms = run_check_script("clipping_check.py", 2, tmp_path / "norms.pt", parallelism)
+@pytest.mark.parametrize("parallelism", CLIPPED_PARALLELISMS)
+def test_gradient_clipping_on_two_ranks(two_rank_norms, parallelism):
+    norms = two_rank_norms[parallelism]
     assert norms["raw"] > 0.5 and norms["clipped"] == pytest.approx(0.05, rel=1e-4)
 
 

@@ -1,0 +1,90 @@
+"""CLIP-score stage (Spark): every downloaded image-caption pair scored by a CLIP model, in the executors.
+
+Runs after the download and before MDS, one Spark job per img2dataset shard, each writing
+`<work_dir>/clip_scores/<source>/<shard>/` (parquet: key, clip_score, and the fp16 image and text
+embeddings for later stages). A shard whose scores are complete (Spark's `_SUCCESS`) is not scored
+again, so a killed build resumes where the scoring stopped. The score is the cosine of the
+normalised image and text embeddings, as LAION's `similarity` column and DataComp's CLIP score.
+
+The model: an open_clip name with its weights (`pretrained`: a file or an open_clip tag), or
+`local-dir:FOLDER` (open_clip's hub layout, which `pipeline/export.py` writes for a run of this
+project). The executors load it once per Python worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from data_prep.download import finished_shards
+from data_prep.sources import ClipScoreConfig
+from data_prep.storage import exists
+
+SCORE_SCHEMA = "key string, clip_score float, image_embedding binary, text_embedding binary"
+_models: dict = {}  # per executor Python worker: (model, preprocess, tokenizer) by config
+
+
+def load_scorer(cfg: ClipScoreConfig) -> tuple:
+    import open_clip
+    import torch
+
+    name = (cfg.model, cfg.pretrained, cfg.device)
+    if name not in _models:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=cfg.pretrained, device=cfg.device
+        )
+        _models[name] = (model.eval(), preprocess, open_clip.get_tokenizer(cfg.model))
+    return _models[name]
+
+
+def score_batches(batches: Iterator, cfg: ClipScoreConfig) -> Iterator:
+    """mapInPandas: (key, jpg, caption) rows -> SCORE_SCHEMA rows."""
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.images import decode_rgb
+
+    model, preprocess, tokenizer = load_scorer(cfg)
+    for frame in batches:
+        for start in range(0, len(frame), cfg.batch_size):
+            chunk = frame.iloc[start : start + cfg.batch_size]
+            images = torch.stack([decode_rgb(jpg, preprocess) for jpg in chunk["jpg"]]).to(cfg.device)
+            texts = tokenizer([str(c) for c in chunk["caption"]]).to(cfg.device)
+            with torch.no_grad():
+                image = F.normalize(model.encode_image(images).float(), dim=-1)
+                text = F.normalize(model.encode_text(texts).float(), dim=-1)
+            yield pd.DataFrame(
+                {
+                    "key": chunk["key"].to_numpy(),
+                    "clip_score": (image * text).sum(-1).cpu().numpy(),
+                    "image_embedding": [e.tobytes() for e in image.half().cpu().numpy()],
+                    "text_embedding": [e.tobytes() for e in text.half().cpu().numpy()],
+                }
+            )
+
+
+def score_source(spark, name: str, cfg: ClipScoreConfig, download_folder: str, scores_dir: str, show) -> dict:
+    """Scores every finished img2dataset shard not scored before; {shards_scored, shards_scored_before}.
+    `show(text)` reports progress."""
+    from pyspark.sql import functions as F
+
+    shards = finished_shards(download_folder)
+    todo = [s for s in shards if not exists(os.path.join(score_folder(scores_dir, s), "_SUCCESS"))]
+    for number, shard in enumerate(todo, 1):
+        show(f"shard {len(shards) - len(todo) + number}/{len(shards)}")
+        rows = spark.read.parquet(shard).filter(F.col("status") == "success").select("key", "jpg", "caption")
+        scored = rows.mapInPandas(lambda batches: score_batches(batches, cfg), SCORE_SCHEMA)
+        scored.write.mode("overwrite").parquet(score_folder(scores_dir, shard))
+    return {"shards_scored": len(todo), "shards_scored_before": len(shards) - len(todo)}
+
+
+def score_folder(scores_dir: str, shard: str) -> str:
+    return os.path.join(scores_dir, os.path.basename(shard).removesuffix(".parquet"))
+
+
+def read_scores(spark, scores_dir: str, download_folder: str):
+    """key, clip_score and the embeddings of every scored row of a source."""
+    folders = [score_folder(scores_dir, s) for s in finished_shards(download_folder)]
+    return spark.read.schema(SCORE_SCHEMA).parquet(*folders)
