@@ -186,10 +186,10 @@ REASONS = (
 )
 
 
-def _same_result(root: str, sample_build) -> None:
+def _same_result(root: str, sample_build, names=("web", "coco")) -> None:
     cfg, expected = sample_build
     found = _summaries(os.path.join(root, "_work"))
-    for name in ("web", "coco"):
+    for name in names:
         assert {r: found[name].get(r, 0) for r in REASONS} == {r: expected[name].get(r, 0) for r in REASONS}
         assert _samples(os.path.join(root, name)) == _samples(cfg.sources[name].out)
 
@@ -260,10 +260,11 @@ def spark_cluster(tmp_path):
 
 @pytest.mark.slow
 def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_path):
+    """The COCO-format source (every kind of bad row, 620 URLs) built on the cluster as it is locally."""
     root = str(tmp_path / "cluster")
-    args = " ".join(_training_sources_only(sample_overrides(root)))
+    args = " ".join(o for o in sample_overrides(root) if not o.startswith("sources.") or "sources.coco." in o)
     proc = subprocess.run(
-        ["make", "-C", REPO, "shards", f"SOURCES={_sample_yaml(tmp_path, ('web', 'coco'))}", f"SHARDS_ARGS={args}"],
+        ["make", "-C", REPO, "shards", f"SOURCES={_sample_yaml(tmp_path, ('coco',))}", f"SHARDS_ARGS={args}"],
         env={**os.environ, "SPARK_MASTER": spark_cluster},
         capture_output=True,
         text=True,
@@ -271,7 +272,7 @@ def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_pa
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"on {spark_cluster}" in proc.stdout
-    _same_result(root, sample_build)
+    _same_result(root, sample_build, ("coco",))
 
 
 def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
