@@ -52,6 +52,65 @@ def demo_model():
     return load(TrainConfig, DEMO_YAML).model
 
 
+EVAL_YAML = os.path.join(REPO, "yamls", "eval", "zeroshot.yaml")
+
+
+def eval_overrides(sample_cfg) -> list:
+    """yamls/eval/zeroshot.yaml on the test build of the sample."""
+    coco_test = sample_cfg.sources["coco_test"].out
+    return [
+        f"datasets.fashion_mnist.local={coco_test}",
+        f"datasets.fashion_mnist.classnames={coco_test}/classnames.txt",
+        f"datasets.fashion_mnist.templates={coco_test}/zeroshot_classification_templates.txt",
+        f"datasets.emoji.local={sample_cfg.sources['web_test'].out}",
+        "num_workers=0",
+        "load_path=null",
+    ]
+
+
+def fresh_eval_config(sample_cfg):
+    """The eval YAML on the test sample, for a fresh demo model (no run to read the model from)."""
+    from dataclasses import replace
+
+    from pipeline.config import EvalConfig, load
+
+    return replace(load(EvalConfig, EVAL_YAML, eval_overrides(sample_cfg)), model=demo_model())
+
+
+@pytest.fixture(scope="session")
+def trained(sample_build, tmp_path_factory):
+    """Two demo batches with both eval sets as Composer evaluators, evaluated and saved at batch 2:
+    (eval config, checkpoint, the evaluators' logged scores)."""
+    from composer.loggers import InMemoryLogger
+
+    from pipeline.config import TrainConfig, load
+    from pipeline.train import build_trainer
+
+    cfg, _ = sample_build
+    run_dir = tmp_path_factory.mktemp("run")
+    eval_cfg = fresh_eval_config(cfg)
+    train_cfg = load(
+        TrainConfig,
+        DEMO_YAML,
+        train_overrides(
+            cfg,
+            run_dir,
+            "data.global_batch_size=32",
+            "scheduler.warmup=0ba",
+            "max_duration=2ba",
+            "eval_interval=2ba",
+            "checkpoint.save_interval=2ba",
+        ),
+    )
+    train_cfg.eval_datasets = eval_cfg.datasets
+    logger = InMemoryLogger()
+    trainer = build_trainer(train_cfg, loggers=[logger])  # as train.py builds it
+    trainer.fit()
+    trainer.close()
+    logged = {k: float(v[-1][1]) for k, v in logger.data.items() if k.startswith("metrics/")}
+    return eval_cfg, str(run_dir / "checkpoints" / "latest-rank0.pt"), logged
+
+
 # A small model keeps each checkpoint (weights + Adam state) a few MB.
 SMALL_MODEL = [
     "model.custom.embed_dim=32",

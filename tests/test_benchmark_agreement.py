@@ -33,10 +33,9 @@ from pipeline.config import EvalConfig, load
 from pipeline.eval import main
 from pipeline.export import export
 from pipeline.runs import load_clip
-from tests.conftest import REPO, demo_model
+from tests.conftest import EVAL_YAML, demo_model
 from tests.test_images import encoded, in_mode, picture
 
-EVAL_YAML = os.path.join(REPO, "yamls", "eval", "zeroshot.yaml")
 CLASSES = ["circle", "square", "triangle", "star", "cross", "ring"]  # 5 or more: top-5 is scored too
 TEMPLATES = ["a drawing of a {c}.", "a {c} on a plain background."]  # CLIP_benchmark's slot
 MODES = ["RGBA", "P", "L", "CMYK"]

@@ -12,40 +12,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-from composer.loggers import InMemoryLogger
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, TrainConfig, load
+from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.eval import evaluate, evaluate_dataset, main
 from pipeline.eval_data import build_scores, split_eval_batch
 from pipeline.export import export
 from pipeline.runs import load_clip
-from pipeline.train import build_trainer
 from pipeline.zeroshot import retrieval_scores
-from tests.conftest import DEMO_YAML, REPO, demo_model, train_overrides
-
-EVAL_YAML = os.path.join(REPO, "yamls", "eval", "zeroshot.yaml")
-
-
-def eval_overrides(sample_cfg) -> list:
-    """yamls/eval/zeroshot.yaml on the test build of the sample."""
-    coco_test = sample_cfg.sources["coco_test"].out
-    return [
-        f"datasets.fashion_mnist.local={coco_test}",
-        f"datasets.fashion_mnist.classnames={coco_test}/classnames.txt",
-        f"datasets.fashion_mnist.templates={coco_test}/zeroshot_classification_templates.txt",
-        f"datasets.emoji.local={sample_cfg.sources['web_test'].out}",
-        "num_workers=0",
-        "load_path=null",
-    ]
-
-
-def fresh_eval_config(sample_cfg) -> EvalConfig:
-    """The eval YAML on the test sample, for a fresh demo model (no run to read the model from)."""
-    return replace(load(EvalConfig, EVAL_YAML, eval_overrides(sample_cfg)), model=demo_model())
+from tests.conftest import DEMO_YAML, EVAL_YAML, REPO, demo_model, eval_overrides, fresh_eval_config, train_overrides
 
 
 def fresh_eval_yaml(tmp_path) -> str:
@@ -106,34 +84,6 @@ def test_eval_config_typos_and_missing_class_names_fail_early():
         load(EvalConfig, EVAL_YAML, ["datasets.emoji.type=retreival"])
     with pytest.raises(ConfigError, match="needs classnames"):
         build_scores(EvalDatasetConfig(type=EvalTask.classification, local="x"), tokenizer=None)
-
-
-@pytest.fixture(scope="module")
-def trained(sample_build, tmp_path_factory):
-    """Two demo batches with both eval sets as Composer evaluators, evaluated and saved at batch 2."""
-    cfg, _ = sample_build
-    run_dir = tmp_path_factory.mktemp("run")
-    eval_cfg = fresh_eval_config(cfg)
-    train_cfg = load(
-        TrainConfig,
-        DEMO_YAML,
-        train_overrides(
-            cfg,
-            run_dir,
-            "data.global_batch_size=32",
-            "scheduler.warmup=0ba",
-            "max_duration=2ba",
-            "eval_interval=2ba",
-            "checkpoint.save_interval=2ba",
-        ),
-    )
-    train_cfg.eval_datasets = eval_cfg.datasets
-    logger = InMemoryLogger()
-    trainer = build_trainer(train_cfg, loggers=[logger])  # as train.py builds it
-    trainer.fit()
-    trainer.close()
-    logged = {k: float(v[-1][1]) for k, v in logger.data.items() if k.startswith("metrics/")}
-    return eval_cfg, str(run_dir / "checkpoints" / "latest-rank0.pt"), logged
 
 
 def test_evaluators_during_training_match_the_eval_of_the_checkpoint(trained):

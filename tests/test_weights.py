@@ -126,7 +126,7 @@ def test_a_mismatched_key_or_shape_fails_naming_it(tmp_path):
 
 def test_a_composer_checkpoint_as_pretrained_scores_as_the_checkpoint_itself(sample_build, tmp_path):
     import pipeline.train
-    from tests.test_eval import eval_overrides
+    from tests.conftest import eval_overrides
 
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
