@@ -3,11 +3,14 @@ single-process converter it replaced, side by side on the same synthetic img2dat
 
     python bench/shards.py                       # 10k, 100k and 1M rows
     python bench/shards.py --rows 10000 100000
+    python bench/shards.py --engines score --rows 100000 300000 1000000   # the CLIP-score stage
 
 The input is what img2dataset leaves: parquet shards of 10,000 rows with a `_stats.json` each,
 small JPEGs (every one distinct: a shared flat-colour JPEG, 32x32 by default, with a unique tail
 after its end marker), 5% failed downloads, 3% exact duplicate images, 2% images below the size
-filter. Each run is a fresh subprocess; peak RSS is sampled every 0.2 s for the driver (the Python
+filter. `--engines score` times the CLIP-score stage (data_prep/clip_score.py) on the same input
+with a tiny fresh CLIP (the demo recipe's, exported in open_clip's hub layout), 64 pairs a batch.
+Each run is a fresh subprocess; peak RSS is sampled every 0.2 s for the driver (the Python
 process that runs the conversion), the Spark JVM and the Spark Python workers (largest sum seen).
 Prints a markdown table.
 """
@@ -85,6 +88,29 @@ def run_spark(folder: str, out: str, rows: int, cores: int) -> dict:
         return {"seconds": time.time() - start, "written": summary["written"]}
 
 
+def run_spark_score(folder: str, out: str, cores: int, model: str) -> dict:
+    from data_prep.clip_score import read_scores, score_source
+    from data_prep.sources import ClipScoreConfig, SparkConfig
+    from data_prep.spark import spark_session
+
+    with spark_session(SparkConfig(master=f"local[{cores}]", driver_memory="1g"), out + "_logs") as spark:
+        start = time.time()
+        score_source(spark, "bench", ClipScoreConfig(model=model), folder, out, show=lambda text: None)
+        seconds = time.time() - start
+        return {"seconds": seconds, "written": read_scores(spark, out, folder).count()}
+
+
+def export_tiny_clip(folder: str) -> str:
+    """The demo recipe's CLIP, freshly initialised, in open_clip's hub layout: `local-dir:` names it."""
+    from pipeline.config import TrainConfig, load
+    from pipeline.export import export
+    from pipeline.model import build_clip
+
+    model = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml")).model
+    export(build_clip(model)[0], model, folder)
+    return f"local-dir:{folder}"
+
+
 def run_single_process(folder: str, out: str) -> dict:
     import types
 
@@ -109,6 +135,8 @@ def child(args) -> None:
     sys.path.insert(0, REPO)
     if args.engine == "spark":
         result = run_spark(args.input, args.out, args.rows, args.cores)
+    elif args.engine == "score":
+        result = run_spark_score(args.input, args.out, args.cores, args.model)
     else:
         result = run_single_process(args.input, args.out)
     print("RESULT " + json.dumps(result), flush=True)
@@ -121,7 +149,7 @@ def _rss_mib(process) -> float:
         return 0.0
 
 
-def measure(engine: str, folder: str, rows: int, cores: int, scratch: str) -> dict:
+def measure(engine: str, folder: str, rows: int, cores: int, scratch: str, model: str) -> dict:
     import psutil
 
     out = os.path.join(scratch, f"{engine}_{rows}")
@@ -138,6 +166,8 @@ def measure(engine: str, folder: str, rows: int, cores: int, scratch: str) -> di
         str(rows),
         "--cores",
         str(cores),
+        "--model",
+        model,
     ]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     driver = psutil.Process(process.pid)
@@ -163,6 +193,7 @@ def measure(engine: str, folder: str, rows: int, cores: int, scratch: str) -> di
     result = json.loads(stdout.split("RESULT ", 1)[1])
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out + "_work", ignore_errors=True)
+    shutil.rmtree(out + "_logs", ignore_errors=True)
     return {"engine": engine, "rows": rows, **result, **peaks}
 
 
@@ -179,7 +210,11 @@ def main() -> None:
     parser.add_argument(
         "--scratch", default=None, help="where the synthetic input and outputs go (default: a temp dir)"
     )
-    parser.add_argument("--child", choices=["spark", "single"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engines", nargs="+", default=["single", "spark"], choices=["single", "spark", "score"], help="what to run"
+    )
+    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["spark", "single", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,11 +223,12 @@ def main() -> None:
         return child(args)
     scratch = args.scratch or tempfile.mkdtemp(prefix="bench_shards_")
     results = []
+    model = export_tiny_clip(os.path.join(scratch, "tiny_clip")) if "score" in args.engines else ""
     for rows in args.rows:
         folder = os.path.join(scratch, f"input_{rows}")
         make_input(folder, rows, args.image_size)
-        for engine in ("single", "spark"):
-            results.append(measure(engine, folder, rows, args.cores, scratch))
+        for engine in args.engines:
+            results.append(measure(engine, folder, rows, args.cores, scratch, model))
             print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(folder)
     print(
@@ -200,12 +236,12 @@ def main() -> None:
         " (the single process uses one core)\n"
     )
     print(
-        "| rows | engine | written | seconds | rows/s per core | driver peak MiB | JVM peak MiB |"
+        "| rows | engine | written (score: rows scored) | seconds | rows/s per core | driver peak MiB | JVM peak MiB |"
         " Spark Python workers peak MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        per_core = r["rows"] / r["seconds"] / (args.cores if r["engine"] == "spark" else 1)
+        per_core = r["rows"] / r["seconds"] / (1 if r["engine"] == "single" else args.cores)
         print(
             f"| {r['rows']:,} | {r['engine']} | {r['written']:,} | {r['seconds']:.1f} | {per_core:,.0f} | "
             f"{r['driver']:.0f} | {r['jvm']:.0f} | {r['workers']:.0f} |"

@@ -36,6 +36,9 @@ def check_before_spark(cfg: SourcesConfig) -> None:
     for name, source in cfg.sources.items():
         check_url_list_exists(name, source)
         check_bucket(source.out)
+    for path in cfg.decontaminate.eval_sets if cfg.decontaminate else []:
+        if not os.path.isfile(os.path.join(path, "index.json")):
+            raise SourceError(f"decontaminate.eval_sets: {path} is not an MDS stream (no index.json)")
 
 
 def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: TextIO) -> tuple:
@@ -106,7 +109,8 @@ STAGE_STATS = ("shards_done_before", "shards_fetched", "shards_scored_before", "
 
 
 def format_table(summaries: list) -> str:
-    reasons = sorted({k for s in summaries for k in s} - {"source", "out", "urls", "written", *STAGE_STATS})
+    counted = {k for s in summaries for k, v in s.items() if isinstance(v, int)}
+    reasons = sorted(counted - {"urls", "written", *STAGE_STATS})
     stats = [k for k in STAGE_STATS if any(k in s for s in summaries)]
     header = ["source", "urls", "written", *reasons, *stats, "out"]
     rows = [[str(s.get(col, 0)) for col in header] for s in summaries]

@@ -30,7 +30,6 @@ from collections.abc import Iterable
 from typing import Optional
 
 import webdataset
-from streaming import MDSWriter
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from data_prep.storage import remove_tree
@@ -57,10 +56,15 @@ def read_image(source: ImageSource, name: Optional[str] = None) -> bytes:
 
 
 def write_mds(out: str, columns: dict, samples: Iterable[dict]) -> int:
-    """Write (replacing) a local MDS stream; returns the number of samples."""
+    """Write (replacing) a local MDS stream, its shards hashed as `make shards` hashes them (training
+    checks them); returns the number of samples."""
+    from streaming import MDSWriter
+
+    from data_prep.to_mds import SHARD_HASHES
+
     remove_tree(out)  # MDS shards can't be appended to
     count = 0
-    with MDSWriter(out=out, columns=columns) as writer:
+    with MDSWriter(out=out, columns=columns, hashes=SHARD_HASHES) as writer:
         for sample in samples:
             writer.write(sample)
             count += 1

@@ -52,6 +52,22 @@ class ClipScoreConfig:
 
 
 @dataclass
+class SemanticDedupConfig:
+    """SemDeDup (data_prep/curation.py): k-means on the CLIP-score stage's image embeddings, then in
+    each cluster a row whose cosine with an earlier row (source order) reaches `threshold` is
+    counted as semantic_duplicate; the first is kept. Needs filters.clip_score (its embeddings)."""
+
+    threshold: float = 0.95
+    # k-means clusters; each cluster's rows are compared pairwise in one task (SemDeDup: 50,000 for LAION-440M).
+    clusters: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        check(-1 <= self.threshold <= 1, f"dedup_semantic.threshold is a cosine in [-1, 1], got {self.threshold}")
+        check(self.clusters >= 1, f"dedup_semantic.clusters must be >= 1, got {self.clusters}")
+
+
+@dataclass
 class FilterConfig:
     """Every drop is counted under its reason. URL-list filters run before the download, so
     what they drop costs no bandwidth; image filters run on img2dataset's output."""
@@ -64,6 +80,13 @@ class FilterConfig:
     min_image_size: int = 0  # smaller side, in pixels, after resizing
     dedup_image_hash: bool = True  # sha256 of the downloaded bytes (see dedup_across_sources)
     clip_score: Optional[ClipScoreConfig] = None
+    dedup_semantic: Optional[SemanticDedupConfig] = None
+
+    def __post_init__(self):
+        check(
+            self.dedup_semantic is None or self.clip_score is not None,
+            "filters.dedup_semantic compares the image embeddings of filters.clip_score: set a clip_score model",
+        )
 
 
 @dataclass
@@ -111,14 +134,30 @@ class SparkConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    """Training rows whose image is in an eval set are dropped as eval_overlap, and listed (with the
+    eval image) in the source's summary: the same bytes (sha256) for every source, and an image
+    embedding within `threshold` cosine for the sources with filters.clip_score (that model embeds
+    the eval images too)."""
+
+    eval_sets: list[str] = field(default_factory=list)  # eval MDS streams (data_prep/eval_sets.py converts others)
+    threshold: float = 0.95
+
+    def __post_init__(self):
+        check(bool(self.eval_sets), "decontaminate.eval_sets is empty: list the eval MDS streams to keep out")
+
+
+@dataclass
 class SourcesConfig:
     # Deduplicated URL lists and img2dataset outputs (the staging area; local, or s3:// on a
     # cluster) and the sample's served files live here; safe to delete once the streams exist.
     work_dir: str = "data/_work"
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     spark: SparkConfig = field(default_factory=SparkConfig)
-    # Image-hash dedup over all sources: an image is kept in the first source (YAML order) that has it.
+    # Image-hash (and semantic) dedup over all sources: an image is kept in the first source (YAML order)
+    # that has it. Semantic dedup across sources takes the first source's settings and needs one model.
     dedup_across_sources: bool = False
+    decontaminate: Optional[DecontaminateConfig] = None
     # Set only for the built-in sample: its URL lists are generated and served before download.
     sample: Optional[SampleConfig] = None
 

@@ -11,12 +11,14 @@ and one merged index written last, so a killed conversion never leaves a stream 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional, TextIO
 
+from data_prep import curation
 from data_prep.download import finished_shards
-from data_prep.sources import ClipScoreConfig, SourceConfig, SourcesConfig
+from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.storage import check_bucket, read_json, remove_tree, write_json
 from data_prep.terminal import StageLine
 from pipeline.paths import is_remote
@@ -68,9 +70,9 @@ def downloaded_rows(spark, name: str, folder: str, expected: int):
     return frame
 
 
-def decide(frames: dict, cfg: SourcesConfig, scores: dict):
-    """One narrow DataFrame of (_source, key, _reason) for every downloaded row of every source.
-    `scores`: {source: its (key, clip_score) DataFrame} for the sources with a CLIP-score filter."""
+def decide(spark, frames: dict, cfg: SourcesConfig, scores: dict) -> tuple:
+    """(one narrow DataFrame of (_source, key, _reason) for every downloaded row of every source,
+    [eval overlaps]). `scores`: {source: clip_score.read_scores} for the sources scored."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -93,33 +95,37 @@ def decide(frames: dict, cfg: SourcesConfig, scores: dict):
     first = Window.partitionBy(*group).orderBy(F.col("_reason").isNotNull(), "_rank", "key")
     duplicate = F.col("_reason").isNull() & F.col("_dedup") & (F.row_number().over(first) > 1)
     narrow = narrow.withColumn("_reason", F.when(duplicate, "duplicate_image").otherwise(F.col("_reason")))
-    for name, source_scores in scores.items():
-        narrow = low_clip_scores(narrow, name, source_scores, cfg.sources[name].filters.clip_score)
-    return narrow.select("_source", "key", "_reason")
+    return curate(spark, narrow.select("_source", "_rank", "key", "sha256", "_reason"), cfg, scores)
 
 
-def low_clip_scores(narrow, name: str, scores, clip: ClipScoreConfig):
-    """Marks `name`'s rows that pass every other filter yet score below `clip.min`, or outside the
-    best `clip.top_fraction` of those that pass (exactly that share, rounded; ties by key)."""
+def curate(spark, narrow, cfg: SourcesConfig, scores: dict) -> tuple:
+    """The decisions the CLIP-score stage's output makes (data_prep/curation.py), in their order."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    mine = (F.col("_source") == name) & F.col("_reason").isNull()
-    narrow = narrow.join(scores.select("key", "clip_score", F.lit(name).alias("_source")), ["_source", "key"], "left")
-    if clip.min is not None:
-        narrow = narrow.withColumn(
-            "_reason", F.when(mine & (F.col("clip_score") < clip.min), "low_clip_score").otherwise(F.col("_reason"))
-        )
-    if clip.top_fraction is not None:
-        candidates = narrow.filter(mine).select("key", "clip_score").orderBy(F.desc("clip_score"), "key")
-        keep = round(candidates.count() * clip.top_fraction)
-        ranked = candidates.rdd.zipWithIndex().map(lambda pair: (pair[0]["key"], pair[1] < keep))
-        kept = ranked.toDF(["key", "_kept"]).withColumn("_source", F.lit(name))
-        narrow = narrow.join(kept, ["_source", "key"], "left")
-        narrow = narrow.withColumn(
-            "_reason", F.when(mine & ~F.col("_kept"), "low_clip_score").otherwise(F.col("_reason"))
-        )
-        narrow = narrow.drop("_kept")
-    return narrow.drop("clip_score")
+    embeddings = {
+        name: frame.select(F.lit(name).alias("_source"), "key", "image_embedding") for name, frame in scores.items()
+    }
+    overlaps = []
+    if cfg.decontaminate is not None:
+        clips = {name: cfg.sources[name].filters.clip_score for name in scores}
+        found = curation.eval_overlaps(spark, narrow, embeddings, clips, cfg.decontaminate)
+        overlaps = [row.asDict() for row in found.orderBy("_source", "key").collect()]
+        narrow = curation.mark(narrow, found, "eval_overlap").persist(StorageLevel.DISK_ONLY)
+    semantic = [name for name in scores if cfg.sources[name].filters.dedup_semantic is not None]
+    if semantic:
+        groups = [semantic] if cfg.dedup_across_sources else [[name] for name in semantic]
+        for names in groups:
+            rows = curation.candidates(
+                narrow, functools.reduce(type(narrow).unionByName, (embeddings[n] for n in names))
+            )
+            dedup = cfg.sources[names[0]].filters.dedup_semantic
+            found = curation.semantic_duplicates(rows, dedup, cfg.dedup_across_sources)
+            narrow = curation.mark(narrow, found, "semantic_duplicate").persist(StorageLevel.DISK_ONLY)
+    for name, frame in scores.items():
+        low = curation.low_clip_scores(narrow, name, frame, cfg.sources[name].filters.clip_score)
+        narrow = curation.mark(narrow, low, "low_clip_score")
+    return narrow.select("_source", "key", "_reason"), overlaps
 
 
 def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: str, scores=None) -> int:
@@ -170,7 +176,7 @@ def convert(
     }
     frames = {name: frame for name, frame in frames.items() if frame is not None}
     scores = {name: frame for name, frame in (scores or {}).items() if name in frames}
-    decisions = decide(frames, cfg, scores) if frames else None
+    decisions, overlaps = decide(spark, frames, cfg, scores) if frames else (None, [])
     decisions = decisions.persist(StorageLevel.DISK_ONLY) if decisions is not None else None
     found = decisions.groupBy("_source", "_reason").count().collect() if decisions is not None else []
     summaries = []
@@ -190,6 +196,10 @@ def convert(
         line.done(f"{counts.get('written', 0)} rows written to {source.out}")
         summary = {"source": name, "out": source.out, "urls": counts.pop("urls"), "written": counts.pop("written", 0)}
         summary.update(sorted(counts.items()))
+        if cfg.decontaminate is not None:  # each training row dropped, with the eval image it matched
+            summary["eval_overlaps"] = [
+                {k: v for k, v in o.items() if k != "_source"} for o in overlaps if o["_source"] == name
+            ]
         write_json(os.path.join(source.out, SUMMARY_FILE), summary)
         summaries.append(summary)
     if decisions is not None:

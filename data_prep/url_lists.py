@@ -22,6 +22,7 @@ LIST_FOLDER = "url_list"
 # MDS column types -> the Spark types the URL list's extra columns are cast to.
 SPARK_TYPES = {"int32": "int", "int64": "bigint", "float32": "float", "float64": "double", "str": "string"}
 COCO_COLUMNS = ("url", "caption", "captions")
+AFTER_DOWNLOAD = ("min_image_size", "dedup_image_hash", "clip_score", "dedup_semantic")
 
 
 class SourceError(ValueError):
@@ -155,11 +156,14 @@ def mark_rows(frame, source: SourceConfig):
 
 
 def fingerprint(source: SourceConfig) -> dict:
-    """What the prepared list depends on: the source's settings and its URL files' sizes and times."""
+    """What the prepared list depends on: the source's settings (but the filters that run after the
+    download) and its URL files' sizes and times."""
     path = source.url_list
     files = sorted(glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]
     stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k != "out"}
+    # Filters applied after the download don't change the list: changing them downloads nothing again.
+    settings["filters"] = {k: v for k, v in settings["filters"].items() if k not in AFTER_DOWNLOAD}
     return {"settings": settings, "files": stats}
 
 

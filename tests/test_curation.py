@@ -1,17 +1,28 @@
 """`make shards` that curates: the CLIP-score stage, checked against open_clip scoring the same pairs."""
 
+import hashlib
+import io
 import json
 import os
 from dataclasses import replace
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from streaming import StreamingDataset
 
 from data_prep.clip_score import read_scores, score_source
 from data_prep.download import finished_shards
-from data_prep.sources import ClipScoreConfig, SourcesConfig
+from data_prep.sources import (
+    ClipScoreConfig,
+    DecontaminateConfig,
+    FilterConfig,
+    SemanticDedupConfig,
+    SourceConfig,
+    SourcesConfig,
+)
 from data_prep.to_mds import convert
 from pipeline.images import decode_rgb
 
@@ -113,3 +124,133 @@ def test_top_fraction_keeps_exactly_that_share_the_best_scored(spark, sample_bui
     uncurated = StreamingDataset(local=cfg.sources["web"].out, batch_size=1)
     dropped = {uncurated[i]["key"] for i in range(uncurated.num_samples)} - set(stream)
     assert min(reference[k] for k in stream) >= max(reference[k] for k in dropped)
+
+
+def reencoded(jpeg: bytes) -> bytes:
+    """The same picture resized to 3/4 and saved again at a lower quality: other bytes, other sha256."""
+    image = decode_rgb(jpeg)
+    buffer = io.BytesIO()
+    image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BICUBIC).save(
+        buffer, "JPEG", quality=70
+    )
+    return buffer.getvalue()
+
+
+def write_download(folder, images: list) -> str:
+    """img2dataset's output (one finished shard) for (jpeg, caption) pairs, keys in list order."""
+    rows = []
+    for i, (jpeg, caption) in enumerate(images):
+        width, height = Image.open(io.BytesIO(jpeg)).size
+        sha256 = hashlib.sha256(jpeg).hexdigest()
+        rows.append(
+            dict(
+                key=f"{i:09d}",
+                url=f"u{i}",
+                caption=caption,
+                jpg=jpeg,
+                sha256=sha256,
+                status="success",
+                width=width,
+                height=height,
+            )
+        )
+    os.makedirs(folder)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "00000.parquet"))
+    with open(os.path.join(folder, "00000_stats.json"), "w") as f:
+        f.write("{}")
+    return str(folder)
+
+
+def stream_images(out: str, count: int) -> list:
+    dataset = StreamingDataset(local=out, batch_size=1, shuffle=False)
+    return [(dataset[i]["image"], dataset[i]["caption"]) for i in range(count)]
+
+
+def reference_embeddings(model_name: str, images: list) -> torch.Tensor:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    with torch.no_grad():
+        pixels = torch.stack([decode_rgb(jpeg, preprocess) for jpeg, _ in images])
+        return torch.nn.functional.normalize(model.eval().encode_image(pixels), dim=-1)
+
+
+def curated_download(spark, tmp_path, scorer, images: list, **settings) -> dict:
+    """The summary of `images` downloaded, scored by `scorer` and converted with `settings`."""
+    download = write_download(tmp_path / "i2d", images)
+    clip = ClipScoreConfig(model=scorer)
+    score_source(spark, "web", clip, download, str(tmp_path / "scores"), show=lambda text: None)
+    filters = FilterConfig(clip_score=clip, dedup_semantic=settings.pop("dedup_semantic", None))
+    source = SourceConfig(url_list="unused", out=str(tmp_path / "web"), filters=filters)
+    cfg = SourcesConfig(work_dir=str(tmp_path / "work"), sources={"web": source}, **settings)
+    scores = {"web": read_scores(spark, str(tmp_path / "scores"), download)}
+    (summary,) = convert(spark, cfg, {"web": (download, {"urls": len(images), "to_download": len(images)})}, scores)
+    return summary
+
+
+def first_in_order_duplicates(embeddings: torch.Tensor, threshold: float, rows: list) -> set:
+    """Brute force over every pair (no clustering): rows whose cosine with an earlier row reaches the bar."""
+    similarity = torch.triu(embeddings[rows] @ embeddings[rows].T, 1)
+    return {rows[j] for j in range(len(rows)) if (similarity[:, j] >= threshold).any()}
+
+
+def test_exact_copies_are_caught_by_sha256_and_reencoded_ones_only_by_semantic_dedup(
+    spark, sample_build, scorer, tmp_path
+):
+    cfg, _ = sample_build
+    base = stream_images(cfg.sources["web"].out, 60)
+    exact = [base[i] for i in (5, 6, 7)]
+    resized = [(reencoded(base[i][0]), base[i][1] + " again") for i in (3, 10, 20, 30, 40)]
+    images = base + exact + resized
+    embeddings = reference_embeddings(scorer, images)
+    copies = range(len(base) + len(exact), len(images))
+    originals = (3, 10, 20, 30, 40)
+    bar = min(float(embeddings[c] @ embeddings[o]) for c, o in zip(copies, originals)) - 1e-4
+    unique = [i for i in range(len(images)) if i not in range(len(base), len(base) + len(exact))]
+    expected = first_in_order_duplicates(embeddings, bar, unique)
+    assert set(copies) <= expected  # every re-encoded copy is a semantic duplicate of an earlier row
+
+    without = curated_download(spark, tmp_path / "without", scorer, images)
+    assert without["duplicate_image"] == 3 and "semantic_duplicate" not in without  # sha256 misses re-encodings
+    dedup = SemanticDedupConfig(threshold=bar, clusters=3)
+    summary = curated_download(spark, tmp_path / "with", scorer, images, dedup_semantic=dedup)
+    assert summary["duplicate_image"] == 3
+    assert summary["semantic_duplicate"] == len(expected)
+    kept = {int(k) for k in _stream_keys(str(tmp_path / "with" / "web"))}
+    assert kept == set(unique) - expected  # the first of each group, in source order, is kept
+
+
+def _stream_keys(out: str) -> list:
+    dataset = StreamingDataset(local=out, batch_size=1, shuffle=False)
+    return [dataset[i]["key"] for i in range(dataset.num_samples)]
+
+
+def test_eval_images_planted_in_the_training_list_are_dropped_and_listed(spark, sample_build, scorer, tmp_path):
+    cfg, _ = sample_build
+    evals = stream_images(cfg.sources["web_test"].out, 365)
+    training = stream_images(cfg.sources["web"].out, 40)
+    planted = {
+        40: evals[2],
+        41: evals[7],
+        42: (reencoded(evals[11][0]), "eval 11"),
+        43: (reencoded(evals[19][0]), "eval 19"),
+    }
+    images = training + list(planted.values())
+    eval_embeddings = reference_embeddings(scorer, evals)
+    embeddings = reference_embeddings(scorer, images)
+    nearest = (embeddings @ eval_embeddings.T).max(dim=1)
+    bar = float(min(nearest.values[42], nearest.values[43])) - 1e-4
+    expected = {i for i in range(len(images)) if nearest.values[i] >= bar}
+    assert set(planted) <= expected
+
+    decontaminate = DecontaminateConfig(eval_sets=[cfg.sources["web_test"].out], threshold=bar)
+    summary = curated_download(spark, tmp_path, scorer, images, decontaminate=decontaminate)
+    assert summary["eval_overlap"] == len(expected)
+    listed = {int(o["key"]): o for o in summary["eval_overlaps"]}
+    assert set(listed) == expected
+    assert [(listed[k]["eval_index"], listed[k]["similarity"]) for k in (40, 41)] == [
+        (2, 1.0),
+        (7, 1.0),
+    ]  # the same bytes
+    assert {listed[k]["eval_index"] for k in (42, 43)} <= {int(i) for i in nearest.indices[[42, 43]]} | {11, 19}
+    assert not set(planted) & {int(k) for k in _stream_keys(str(tmp_path / "web"))}

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from streaming import StreamingDataset
 
-from data_prep.sources import SourceConfig
+from data_prep.sources import ClipScoreConfig, SourceConfig
 from data_prep.url_lists import SourceError, prepare_url_list
 from tests.conftest import REPO, SAMPLE_YAML, sample_overrides
 from tests.s3server import free_ports
@@ -67,6 +67,9 @@ def test_where_caption_and_url_filters_run_before_download(spark, tmp_path):
         ("http://a/1", "the same url, now safe"),
     ]
     assert prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))[2]  # same input: reused
+    source.filters.min_image_size = 32  # a filter after the download: the list (and the download) stays
+    source.filters.clip_score = ClipScoreConfig(model="ViT-B-32", min=0.28)
+    assert prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))[2]
     source.filters.min_caption_chars = 6
     assert not prepare_url_list(spark, "laion", source, str(tmp_path / "prep"))[2]  # settings changed
 
