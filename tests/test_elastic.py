@@ -137,8 +137,9 @@ def latest_batch(s3, bucket: str, prefix: str) -> int:
 
 def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_path, after: int = 0) -> int:
     """SIGKILL the process groups of `processes` as soon as the bucket's `latest` names a
-    checkpoint after batch `after`; returns its batch."""
-    deadline = time.time() + 300
+    checkpoint after batch `after`; returns its batch. (Start-up of several ranks on 2 busy cores
+    can take minutes before the first checkpoint.)"""
+    deadline = time.time() + 600
     while (batch := latest_batch(s3, bucket, prefix)) <= after:
         assert all(p.poll() is None for p in processes), f"training ended first: {open(log_path).read()[-3000:]}"
         assert time.time() < deadline, f"`latest` never passed batch {after}"
