@@ -33,7 +33,7 @@ T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # Student's t, two-sided 
 
 
 def run(*command: str) -> None:
-    subprocess.run([*command], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
 def train(run_dir: str, streams: dict, batches: int, seed: int) -> dict:

@@ -24,13 +24,16 @@ SCORE_SCHEMA = "key string, clip_score float, image_embedding binary, text_embed
 _models: dict = {}  # per executor Python worker: (model, preprocess, tokenizer) by config
 
 
+def scorer_key(cfg: ClipScoreConfig) -> tuple:
+    """What makes two scoring configs the same model (their filter settings aside)."""
+    return cfg.model, cfg.pretrained, cfg.device
+
+
 def load_scorer(cfg: ClipScoreConfig) -> tuple:
     import open_clip
-    import torch
 
-    name = (cfg.model, cfg.pretrained, cfg.device)
+    name = scorer_key(cfg)
     if name not in _models:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         model, _, preprocess = open_clip.create_model_and_transforms(
             cfg.model, pretrained=cfg.pretrained, device=cfg.device
         )

@@ -15,6 +15,7 @@ from functools import partial
 
 import numpy as np
 
+from data_prep.clip_score import scorer_key
 from data_prep.sources import ClipScoreConfig, DecontaminateConfig, SemanticDedupConfig
 
 OVERLAP_SCHEMA = "_source string, key string, eval_set string, eval_index long, similarity float"
@@ -114,8 +115,12 @@ def eval_overlaps(spark, narrow, embeddings: dict, clips: dict, cfg: Decontamina
         "_source", "key", "eval_set", "eval_index", F.lit(1.0).cast("float").alias("similarity")
     )
     names, indices = [name for name, _, _ in images], [i for _, i, _ in images]
+    matrices: dict = {}  # the eval images embedded once per scoring model
     for source, frame in embeddings.items():
-        matrix = embed_images(images, clips[source])
+        key = scorer_key(clips[source])
+        if key not in matrices:
+            matrices[key] = embed_images(images, clips[source])
+        matrix = matrices[key]
         rows = candidates(pending.filter(F.col("_source") == source), frame)
         near = rows.mapInPandas(
             partial(nearest_eval_images, names=names, indices=indices, matrix=matrix, threshold=cfg.threshold),
@@ -177,5 +182,5 @@ def low_clip_scores(narrow, name: str, scores, clip: ClipScoreConfig):
         ranked = passing.select("key", "clip_score").orderBy(F.desc("clip_score"), "key")
         keep = round(ranked.count() * clip.top_fraction)
         beyond = ranked.rdd.zipWithIndex().filter(lambda pair: pair[1] >= keep).map(lambda pair: (pair[0]["key"],))
-        low = low.select("key").unionByName(beyond.toDF("key string")) if not beyond.isEmpty() else low.select("key")
+        low = low.select("key").unionByName(beyond.toDF("key string"))
     return low.select(F.lit(name).alias("_source"), "key")

@@ -1,9 +1,10 @@
 """img2dataset parquet output -> filtered, image-deduplicated MDS streams (Spark), plus summaries.
 
 Every downloaded row ends in one bucket: written, or img2dataset's failure status, image_too_small,
-duplicate_image, low_clip_score (when the source has `filters.clip_score`: the score is then a
-column of the stream). Images are not decoded again: img2dataset's `success` means its resizer decoded and
-re-encoded the image (this project never passes its skip_reencode options), so a second decode
+duplicate_image, eval_overlap (with `decontaminate:`), semantic_duplicate and low_clip_score (for a
+source with `filters.clip_score`, whose score is then a column of the stream; data_prep/curation.py).
+Images are not decoded again: img2dataset's `success` means its resizer decoded and re-encoded the
+image (this project never passes its skip_reencode options), so a second decode
 would only repeat that check. Decisions are made on narrow columns (key, sha256, sizes); the image
 bytes move once, from img2dataset's parquet into `dataframe_to_mds`, one MDS folder per partition
 and one merged index written last, so a killed conversion never leaves a stream that looks complete.
