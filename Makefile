@@ -1,4 +1,4 @@
-# make demo   - install, build the sample shards, train a tiny CLIP on CPU, print where things are
+# make demo   - install, build the sample shards, train a tiny CLIP on CPU, evaluate it, curate the sample with it
 # make test   - install, lint and check formatting (ruff), run the test suite (what CI runs)
 # make shards [SOURCES=yamls/data/merged2b.yaml SHARDS_ARGS="key=value ..."] - img2dataset -> MDS, on Spark
 #                                                      (local[*]; SPARK_MASTER=spark://host:7077 for a cluster)
@@ -49,9 +49,13 @@ shards: install
 train: install
 	$(VENV)/bin/composer -n $(NPROC) pipeline/train.py $(TRAIN) $(ARGS)
 
+# The demo ends by curating the sample with the model it trained: CLIP score, semantic dedup and
+# eval-set decontamination (yamls/data/sample_curated.yaml), reusing the sample's downloads.
 demo: shards
 	$(VENV)/bin/composer -n 1 pipeline/train.py yamls/demo_cpu.yaml $(ARGS)
 	$(PY) pipeline/eval.py yamls/eval/zeroshot.yaml load_path=runs/demo
+	$(PY) pipeline/export.py yamls/eval/zeroshot.yaml runs/demo/export/tiny-vit-demo load_path=runs/demo
+	$(PY) -m data_prep.build yamls/data/sample_curated.yaml
 
 eval: install
 	$(PY) pipeline/eval.py $(EVAL) $(ARGS)

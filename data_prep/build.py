@@ -46,8 +46,9 @@ def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: Te
     list_dir, counts, reused = prepared
     source = cfg.sources[name]
     folder = os.path.join(cfg.work_dir, "img2dataset", name)
-    if not reused:
-        remove_tree(folder)  # a new list: shards downloaded for an older one no longer match
+    if not reused:  # a new list: shards downloaded and scored for an older one no longer match
+        remove_tree(folder)
+        remove_tree(os.path.join(cfg.work_dir, "clip_scores", name))
     if not counts.get("to_download"):
         return folder, {}
     total = math.ceil(counts["to_download"] / source.img2dataset.number_sample_per_shard)
@@ -60,11 +61,12 @@ def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: Te
 
 def score_downloads(spark, cfg: SourcesConfig, name: str, folder: str, terminal: TextIO, stats: dict):
     """The CLIP-score stage of one source (data_prep/clip_score.py): its scores, as a DataFrame."""
-    from data_prep.clip_score import read_scores, score_source
+    from data_prep.clip_score import read_scores, score_source, scorer_id
 
-    scores_dir = os.path.join(cfg.work_dir, "clip_scores", name)
+    clip = cfg.sources[name].filters.clip_score
+    scores_dir = os.path.join(cfg.work_dir, "clip_scores", name, scorer_id(clip))
     line = StageLine("score", name, terminal)
-    stats.update(score_source(spark, name, cfg.sources[name].filters.clip_score, folder, scores_dir, line.show))
+    stats.update(score_source(spark, name, clip, folder, scores_dir, line.show))
     scores = read_scores(spark, scores_dir, folder)
     line.done(f"{scores.count()} rows scored ({stats['shards_scored_before']} shards scored before)")
     return scores

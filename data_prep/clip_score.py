@@ -1,9 +1,10 @@
 """CLIP-score stage (Spark): every downloaded image-caption pair scored by a CLIP model, in the executors.
 
 Runs after the download and before MDS, one Spark job per img2dataset shard, each writing
-`<work_dir>/clip_scores/<source>/<shard>/` (parquet: key, clip_score, and the fp16 image and text
-embeddings for later stages). A shard whose scores are complete (Spark's `_SUCCESS`) is not scored
-again, so a killed build resumes where the scoring stopped. The score is the cosine of the
+`<work_dir>/clip_scores/<source>/<scorer id>/<shard>/` (parquet: key, clip_score, and the fp16 image
+and text embeddings for later stages). A shard whose scores are complete (Spark's `_SUCCESS`) is not
+scored again, so a killed build resumes where the scoring stopped; another model, or the same folder
+with new weights, has another scorer id and scores everything again. The score is the cosine of the
 normalised image and text embeddings, as LAION's `similarity` column and DataComp's CLIP score.
 
 The model: an open_clip name with its weights (`pretrained`: a file or an open_clip tag), or
@@ -13,6 +14,8 @@ project). The executors load it once per Python worker.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -24,9 +27,22 @@ SCORE_SCHEMA = "key string, clip_score float, image_embedding binary, text_embed
 _models: dict = {}  # per executor Python worker: (model, preprocess, tokenizer) by config
 
 
+def scorer_id(cfg: ClipScoreConfig) -> str:
+    """A short digest of the scoring model: its name and weights, with the sizes and times of its
+    local files (a `local-dir:` folder, a `pretrained` file), so a retrained export is a new scorer."""
+    paths = [cfg.model.removeprefix("local-dir:")] if cfg.model.startswith("local-dir:") else []
+    paths += [cfg.pretrained] if cfg.pretrained and os.path.exists(cfg.pretrained) else []
+    files = [p for p in paths if os.path.isfile(p)]
+    for path in paths:
+        files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    text = json.dumps([cfg.model, cfg.pretrained, stats])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def scorer_key(cfg: ClipScoreConfig) -> tuple:
-    """What makes two scoring configs the same model (their filter settings aside)."""
-    return cfg.model, cfg.pretrained, cfg.device
+    """What makes two scoring configs the same loaded model (their filter settings aside)."""
+    return scorer_id(cfg), cfg.device
 
 
 def load_scorer(cfg: ClipScoreConfig) -> tuple:

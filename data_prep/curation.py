@@ -50,13 +50,17 @@ def embed(arrays: np.ndarray) -> np.ndarray:
 
 
 def eval_images(cfg: DecontaminateConfig) -> list:
-    """[(eval set, index, image bytes)] of every image of the eval streams."""
+    """[(eval set, index, image bytes, sha256s)] of every image of the eval streams. The sha256s are
+    those of the stored bytes and, for a stream `make shards` wrote, of the bytes it downloaded."""
     from streaming import StreamingDataset
 
     images = []
     for path in cfg.eval_sets:
         dataset = StreamingDataset(local=path, batch_size=1, shuffle=False)
-        images += [(path, i, dataset[i]["image"]) for i in range(dataset.num_samples)]
+        for i in range(dataset.num_samples):
+            sample = dataset[i]
+            digests = {hashlib.sha256(sample["image"]).hexdigest(), sample.get("sha256")} - {None}
+            images.append((path, i, sample["image"], digests))
     return images
 
 
@@ -73,7 +77,7 @@ def embed_images(images: list, clip: ClipScoreConfig) -> np.ndarray:
     with torch.no_grad():
         for start in range(0, len(images), clip.batch_size):
             pixels = torch.stack(
-                [decode_rgb(data, preprocess) for _, _, data in images[start : start + clip.batch_size]]
+                [decode_rgb(data, preprocess) for _, _, data, _ in images[start : start + clip.batch_size]]
             )
             chunks.append(F.normalize(model.encode_image(pixels.to(clip.device)).float(), dim=-1).half().cpu().numpy())
     return embed([row.tobytes() for chunk in chunks for row in chunk])
@@ -107,14 +111,14 @@ def eval_overlaps(spark, narrow, embeddings: dict, clips: dict, cfg: Decontamina
 
     images = eval_images(cfg)
     by_hash = spark.createDataFrame(
-        [(hashlib.sha256(data).hexdigest(), name, i) for name, i, data in images],
+        [(digest, name, i) for name, i, _, digests in images for digest in digests],
         "sha256 string, eval_set string, eval_index long",
     )
     pending = narrow.filter(F.col("_reason").isNull())
     found = pending.join(by_hash, "sha256").select(
         "_source", "key", "eval_set", "eval_index", F.lit(1.0).cast("float").alias("similarity")
     )
-    names, indices = [name for name, _, _ in images], [i for _, i, _ in images]
+    names, indices = [name for name, _, _, _ in images], [i for _, i, _, _ in images]
     matrices: dict = {}  # the eval images embedded once per scoring model
     for source, frame in embeddings.items():
         key = scorer_key(clips[source])

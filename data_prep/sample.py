@@ -7,7 +7,8 @@ Every Nth emoji and Fashion-MNIST's own test set are held out as "web_test" / "c
 
 `serve(...)` writes the images and URL lists and serves them on 127.0.0.1 so that
 img2dataset really downloads them. Each training list also gets missing URLs, corrupt
-images, empty captions and repeated URLs, so the build's accounting is exercised.
+images, empty captions and repeated URLs, so the build's accounting is exercised; the web list also
+gets near-duplicates and copies of held-out emoji, for the curation stages.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -118,6 +120,33 @@ def _add_bad_rows(rows: list[dict], name: str, cfg: SampleConfig, files_dir: str
         rows.append(dict(row))
 
 
+def _reencode(source: str, target: str) -> None:
+    """`source` resized to 3/4 and saved as a JPEG of lower quality: the same picture, other bytes."""
+    with Image.open(source) as image:
+        image.convert("RGB").resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BICUBIC).save(
+            target, "JPEG", quality=70
+        )
+
+
+def _add_planted_copies(lists: dict, cfg: SampleConfig, files_dir: str, rng: random.Random) -> None:
+    """Near-duplicates of training emoji and copies of held-out ones, appended to the web list."""
+    web, held_out = lists["web"], lists["web_test"]
+    planted = os.path.join(files_dir, "emoji", "planted")
+    os.makedirs(planted, exist_ok=True)
+    for i, row in enumerate(rng.sample(web[: len(web) // 2], cfg.near_duplicates)):
+        _reencode(os.path.join(files_dir, row["url"]), os.path.join(planted, f"near{i}.jpg"))
+        web.append({**row, "url": f"emoji/planted/near{i}.jpg"})
+    for i, row in enumerate(rng.sample(held_out, cfg.eval_copies)):
+        source = os.path.join(files_dir, row["url"])
+        if i % 2 == 0:  # the same file under another URL
+            name = f"eval{i}.png"
+            shutil.copyfile(source, os.path.join(planted, name))
+        else:
+            name = f"eval{i}.jpg"
+            _reencode(source, os.path.join(planted, name))
+        web.append({**row, "url": f"emoji/planted/{name}"})
+
+
 def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
     """Write images under files_dir; return {source: rows} with URLs relative to the server root."""
     check_packages()
@@ -147,6 +176,7 @@ def write_sample(cfg: SampleConfig, files_dir: str) -> dict:
 
     for name in ("web", "coco"):
         _add_bad_rows(lists[name], name, cfg, files_dir, rng)
+    _add_planted_copies(lists, cfg, files_dir, rng)
     return lists
 
 

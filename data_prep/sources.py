@@ -118,6 +118,11 @@ class SampleConfig:
     corrupt_images: int = 4
     empty_captions: int = 4
     duplicate_urls: int = 4
+    # Planted in the web list for `make demo`'s curation step: resized, re-encoded copies of training
+    # emoji (other bytes: only semantic dedup finds them), and held-out emoji copied into training,
+    # half as the same file and half re-encoded (eval_overlap by sha256, and by embedding).
+    near_duplicates: int = 6
+    eval_copies: int = 4
     seed: int = 0
     # The loopback port it is served on. Fixed, so a re-run serves the same URLs and resumes.
     port: int = 18080

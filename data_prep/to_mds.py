@@ -33,6 +33,7 @@ BASE_COLUMNS = {
     "url": "str",
     "width": "int32",
     "height": "int32",
+    "sha256": "str",  # of the bytes downloaded (img2dataset's): decontamination against this stream matches it
 }
 SUMMARY_FILE = "summary.json"
 # Per shard, written at build time and checked when training first reads the shard.

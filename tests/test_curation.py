@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import pyarrow as pa
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from data_prep.clip_score import read_scores, score_source
+from data_prep.clip_score import read_scores, score_source, scorer_id
 from data_prep.download import finished_shards
 from data_prep.sources import (
     ClipScoreConfig,
@@ -84,19 +85,67 @@ def test_the_stage_scores_every_pair_as_open_clip_does_and_a_rerun_scores_nothin
     assert again == {"shards_scored": 0, "shards_scored_before": 1}  # a killed build resumes past scored shards
 
 
+def test_a_new_model_or_retrained_weights_get_a_new_scorer_id_so_no_stale_score_is_reused(scorer, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(scorer.removeprefix("local-dir:"), copy)
+    first = scorer_id(ClipScoreConfig(model=f"local-dir:{copy}"))
+    assert scorer_id(ClipScoreConfig(model=f"local-dir:{copy}", top_fraction=0.3)) == first  # a filter setting
+    assert scorer_id(ClipScoreConfig(model="ViT-B-32", pretrained="openai")) != first
+    weights = copy / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # the same folder, retrained
+    assert scorer_id(ClipScoreConfig(model=f"local-dir:{copy}")) != first
+
+
+def convert_web(spark, sample_build, tmp_path, scores: dict, filters: FilterConfig, **settings) -> tuple:
+    """The sample's web download converted again with `filters` and `settings`: (summary, stream)."""
+    cfg, _ = sample_build
+    source = replace(cfg.sources["web"], out=str(tmp_path / "web"), filters=filters)
+    curated = SourcesConfig(work_dir=str(tmp_path / "work"), sources={"web": source}, **settings)
+    with open(os.path.join(cfg.work_dir, "prepared", "web", "counts.json")) as f:  # the URL list's counts
+        url_counts = {k: v for k, v in json.load(f).items() if k != "fingerprint"}
+    download = os.path.join(cfg.work_dir, "img2dataset", "web")
+    (summary,) = convert(spark, curated, {"web": (download, url_counts)}, scores)
+    return summary, StreamingDataset(local=source.out, batch_size=1, shuffle=False)
+
+
 def curate(spark, sample_build, scored, tmp_path, clip: ClipScoreConfig) -> tuple:
     """The web source converted with `clip`: (its summary, {key: clip_score} of the stream)."""
     cfg, _ = sample_build
     download, scores_dir, _, _ = scored
-    web = cfg.sources["web"]
-    source = replace(web, out=str(tmp_path / "web"), filters=replace(web.filters, clip_score=clip))
-    curated = SourcesConfig(work_dir=str(tmp_path / "work"), sources={"web": source})
-    with open(os.path.join(cfg.work_dir, "prepared", "web", "counts.json")) as f:  # the URL list's counts
-        url_counts = {k: v for k, v in json.load(f).items() if k != "fingerprint"}
+    filters = replace(cfg.sources["web"].filters, clip_score=clip)
     scores = {"web": read_scores(spark, scores_dir, download)}
-    (summary,) = convert(spark, curated, {"web": (download, url_counts)}, scores)
-    stream = StreamingDataset(local=source.out, batch_size=1)
+    summary, stream = convert_web(spark, sample_build, tmp_path, scores, filters)
     return summary, {stream[i]["key"]: stream[i]["clip_score"] for i in range(stream.num_samples)}
+
+
+def test_the_samples_eval_copies_of_the_same_file_match_the_eval_streams_downloaded_sha256(
+    spark, sample_build, tmp_path
+):
+    """The held-out emoji the sample plants in its web list, through its real download, no scorer:
+    a copy of the same file matches the eval stream's `sha256` (of the downloaded bytes; both stored
+    JPEGs were re-encoded by img2dataset), and a re-encoded copy is left for the embedding stage."""
+    cfg, summaries = sample_build
+    web_test = cfg.sources["web_test"].out
+    decontaminate = DecontaminateConfig(eval_sets=[web_test])
+    summary, _ = convert_web(spark, sample_build, tmp_path, {}, cfg.sources["web"].filters, decontaminate=decontaminate)
+    training = StreamingDataset(local=cfg.sources["web"].out, batch_size=1, shuffle=False)
+    training = [training[i] for i in range(training.num_samples)]
+    evals = StreamingDataset(local=web_test, batch_size=1, shuffle=False)
+    eval_index = {evals[i]["sha256"]: i for i in range(evals.num_samples)}
+    # The reference: every training row whose downloaded bytes an eval image had (a few emoji render alike).
+    expected = {row["key"]: eval_index[row["sha256"]] for row in training if row["sha256"] in eval_index}
+    planted = {row["url"].rsplit("/", 1)[1]: row["key"] for row in training if "/planted/" in row["url"]}
+    assert {planted["eval0.png"], planted["eval2.png"]} <= expected.keys()  # the same file
+    assert not {planted["eval1.jpg"], planted["eval3.jpg"]} & expected.keys()  # re-encoded: other bytes
+    assert summary["eval_overlap"] == len(expected)
+    assert summary["written"] == summaries["web"]["written"] - len(expected)
+    listed = {o["key"]: o for o in summary["eval_overlaps"]}
+    assert {key: o["eval_index"] for key, o in listed.items()} == expected
+    assert {(o["eval_set"], o["similarity"]) for o in listed.values()} == {(web_test, 1.0)}
+    by_key = {row["key"]: row for row in training}
+    for key in (planted["eval0.png"], planted["eval2.png"]):
+        assert evals[expected[key]]["caption"] == by_key[key]["caption"]
+        assert evals[expected[key]]["image"] == by_key[key]["image"]  # img2dataset re-encodes alike
 
 
 def test_min_drops_exactly_the_pairs_below_and_keeps_the_score_as_a_column(spark, sample_build, scored, tmp_path):
