@@ -93,6 +93,8 @@ def nearest_eval_images(batches, names: list, indices: list, matrix: np.ndarray,
         similarity = embed(frame["image_embedding"]) @ matrix.T
         best = similarity.argmax(axis=1)
         close = similarity[np.arange(len(frame)), best] >= threshold
+        if not close.any():  # an empty frame's list columns are float64, which Arrow cannot make strings of
+            continue
         yield pd.DataFrame(
             {
                 "_source": frame["_source"][close].to_numpy(),

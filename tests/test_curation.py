@@ -269,6 +269,31 @@ def test_exact_copies_are_caught_by_sha256_and_reencoded_ones_only_by_semantic_d
     assert kept == set(unique) - expected  # the first of each group, in source order, is kept
 
 
+def test_eval_matching_yields_only_rows_that_match_in_types_arrow_takes():
+    """A batch with no match yields nothing: an empty frame's columns would be float64, and Spark's Arrow
+    conversion to the string columns fails (as it did in `make demo`'s curation step)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from data_prep.curation import nearest_eval_images
+
+    rows = np.eye(4, dtype=np.float16)
+    frame = pd.DataFrame(
+        {"_source": ["web"] * 4, "key": ["a", "b", "c", "d"], "image_embedding": [r.tobytes() for r in rows]}
+    )
+    matrix = np.eye(4, dtype=np.float32)[:2]  # two eval images: the same as rows a and b
+    batches = [frame.iloc[2:], frame, frame.iloc[:0]]
+    found = list(nearest_eval_images(batches, names=["ev", "ev"], indices=[0, 1], matrix=matrix, threshold=0.99))
+    assert len(found) == 1 and found[0]["key"].tolist() == ["a", "b"]
+    schema = pa.schema(
+        [("_source", pa.string()), ("key", pa.string()), ("eval_set", pa.string()), ("eval_index", pa.int64())]
+        + [("similarity", pa.float32())]
+    )
+    table = pa.Table.from_pandas(found[0], schema=schema, preserve_index=False)
+    assert table.column("eval_index").to_pylist() == [0, 1] and table.column("similarity").to_pylist() == [1.0, 1.0]
+
+
 def _stream_keys(out: str) -> list:
     dataset = StreamingDataset(local=out, batch_size=1, shuffle=False)
     return [dataset[i]["key"] for i in range(dataset.num_samples)]
