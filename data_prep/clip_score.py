@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from data_prep.download import finished_shards
 from data_prep.sources import ClipScoreConfig
-from data_prep.storage import exists
+from data_prep.storage import exists, local_file_stats
 
 SCORE_SCHEMA = "key string, clip_score float, image_embedding binary, text_embedding binary"
 _models: dict = {}  # per executor Python worker: (model, preprocess, tokenizer) by config
@@ -31,11 +31,8 @@ def scorer_id(cfg: ClipScoreConfig) -> str:
     """A short digest of the scoring model: its name and weights, with the sizes and times of its
     local files (a `local-dir:` folder, a `pretrained` file), so a retrained export is a new scorer."""
     paths = [cfg.model.removeprefix("local-dir:")] if cfg.model.startswith("local-dir:") else []
-    paths += [cfg.pretrained] if cfg.pretrained and os.path.exists(cfg.pretrained) else []
-    files = [p for p in paths if os.path.isfile(p)]
-    for path in paths:
-        files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
-    stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    paths += [cfg.pretrained] if cfg.pretrained else []  # an open_clip tag is no file: no stats
+    stats = [stat for path in paths for stat in local_file_stats(path)]
     text = json.dumps([cfg.model, cfg.pretrained, stats])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from glob import glob
 from urllib.parse import urlparse
 
 from pipeline.paths import is_remote, s3_client
@@ -50,6 +51,13 @@ def exists(path: str) -> bool:
     url = urlparse(path)
     found = s3_client().list_objects_v2(Bucket=url.netloc, Prefix=url.path.lstrip("/"), MaxKeys=1)
     return found.get("KeyCount", 0) > 0
+
+
+def local_file_stats(path: str) -> list:
+    """[file, size, mtime_ns] of a local file, or of every file under a local folder, sorted (none if
+    the path does not exist): what a result cached from those files depends on."""
+    files = sorted(glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]
+    return [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
 
 
 def write_text(path: str, text: str) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from glob import glob
 
 from data_prep.sources import SourceConfig
-from data_prep.storage import exists, read_json, write_json
+from data_prep.storage import exists, local_file_stats, read_json, write_json
 from pipeline.paths import is_remote
 
 COUNTS_FILE = "counts.json"
@@ -158,13 +157,10 @@ def mark_rows(frame, source: SourceConfig):
 def fingerprint(source: SourceConfig) -> dict:
     """What the prepared list depends on: the source's settings (but the filters that run after the
     download) and its URL files' sizes and times."""
-    path = source.url_list
-    files = sorted(glob(os.path.join(path, "**"), recursive=True)) if os.path.isdir(path) else [path]
-    stats = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k != "out"}
     # Filters applied after the download don't change the list: changing them downloads nothing again.
     settings["filters"] = {k: v for k, v in settings["filters"].items() if k not in AFTER_DOWNLOAD}
-    return {"settings": settings, "files": stats}
+    return {"settings": settings, "files": local_file_stats(source.url_list)}
 
 
 def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, frame=None) -> tuple:
