@@ -61,6 +61,25 @@ def free_ports(n: int) -> list:
             s.close()
 
 
+def rendezvous_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, as a cluster's fixed MASTER_PORT is
+    (torch's 29500). A port in that range can also be the source port the kernel picks for a
+    connect(): a rank retrying before the server listens may then connect to itself (seen here on
+    an even ephemeral port, after 17,663 tries)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first_ephemeral = int(f.read().split()[0])
+    candidates = list(range(max(1024, first_ephemeral - 8192), first_ephemeral))
+    secrets.SystemRandom().shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise S3ServerError(f"no free port below the ephemeral range ({first_ephemeral})")
+
+
 class S3ServerError(RuntimeError):
     pass
 

@@ -2,12 +2,14 @@
 ranks; FSDP2 sharded checkpoints in a bucket autoresume after kill -9, on the same world size
 (bit for bit) or another one; checkpoints the run did not sign are refused."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -135,14 +137,16 @@ def latest_batch(s3, bucket: str, prefix: str) -> int:
     return int(body.decode().strip().rsplit("-ba", 1)[-1])
 
 
-def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_path, after: int = 0) -> int:
+def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_paths: list, after: int = 0) -> int:
     """SIGKILL the process groups of `processes` as soon as the bucket's `latest` names a
     checkpoint after batch `after`; returns its batch. (Start-up of several ranks on 2 busy cores
-    can take minutes before the first checkpoint.)"""
+    can take minutes before the first checkpoint.) A failure shows where each process stood."""
     deadline = time.time() + 600
     while (batch := latest_batch(s3, bucket, prefix)) <= after:
-        assert all(p.poll() is None for p in processes), f"training ended first: {open(log_path).read()[-3000:]}"
-        assert time.time() < deadline, f"`latest` never passed batch {after}"
+        if not all(p.poll() is None for p in processes):
+            pytest.fail(f"training ended first:\n{stacks_and_logs(processes, log_paths)}")
+        if time.time() > deadline:
+            pytest.fail(f"`latest` never passed batch {after}:\n{stacks_and_logs(processes, log_paths)}")
         time.sleep(0.1)
     for proc in processes:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -151,9 +155,33 @@ def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_p
     return batch
 
 
+def stacks_and_logs(processes: list, log_paths: list) -> str:
+    """SIGABRT what still runs, one process at a time, so faulthandler (see start) writes each
+    thread's Python stack to its log; then the end of every log: a process that hangs says where."""
+    for proc in processes:
+        if proc.poll() is None:
+            for running in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):  # ended with its child
+                    running.send_signal(signal.SIGABRT)
+                time.sleep(0.5)
+    for proc in processes:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return "\n".join(f"--- {path}:\n{open(path).read()[-6000:]}" for path in log_paths)
+
+
 def start(command: list, log_path) -> subprocess.Popen:
     with open(log_path, "w") as log:
-        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
 
 
 def train_command(ranks: int, overrides: list) -> list:
@@ -178,7 +206,7 @@ def test_sharded_run_in_the_bucket_killed_and_resumed_on_2_ranks_ends_bitwise_eq
     assert {"whole/checkpoints.key", "whole/config.yaml"} <= set(keys)
     overrides = sharded(cfg, tmp_path / "run", f"s3://{bucket}/killed-on-2")
     killed = start(train_command(2, overrides), tmp_path / "killed.log")
-    killed_at = kill_once_latest_passes(s3, bucket, "killed-on-2", [killed], tmp_path / "killed.log")
+    killed_at = kill_once_latest_passes(s3, bucket, "killed-on-2", [killed], [tmp_path / "killed.log"])
     proc = run_train(launcher(2), overrides)  # the same command again
     assert resumed(proc.stdout + proc.stderr, killed_at)
     assert_same_batches_and_losses(tmp_path / "run", whole)  # every batch once in the record
@@ -199,9 +227,9 @@ def test_sharded_run_killed_on_2_ranks_resumes_on_4_killed_again_resumes_on_1(
     bucket, whole = uninterrupted
     overrides = sharded(cfg, tmp_path / "run", f"s3://{bucket}/elastic")
     killed = start(train_command(2, overrides), tmp_path / "on2.log")
-    first_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], tmp_path / "on2.log")
+    first_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], [tmp_path / "on2.log"])
     killed = start(train_command(4, overrides), tmp_path / "on4.log")
-    second_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], tmp_path / "on4.log", after=first_kill)
+    second_kill = kill_once_latest_passes(s3, bucket, "elastic", [killed], [tmp_path / "on4.log"], after=first_kill)
     assert resumed((tmp_path / "on4.log").read_text(), first_kill)
     proc = run_train(launcher(1), overrides)
     assert resumed(proc.stdout + proc.stderr, second_kill)

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import TrainConfig, load
 from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train
-from tests.s3server import free_ports
+from tests.s3server import rendezvous_port
 from tests.test_elastic import BATCHES, SAVE_EVERY, elastic, kill_once_latest_passes, start
 
 
@@ -38,9 +38,9 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
         f"checkpoint.save_interval={SAVE_EVERY}ba",
         "checkpoint.autoresume=true",
     )
-    port = free_ports(1)[0]
+    port = rendezvous_port()
     node = own_dev_shm()
-    launchers = []
+    launchers, logs = [], [tmp_path / "node0.log", tmp_path / "node1.log"]
     for node_rank in (0, 1):
         command = [
             *node,
@@ -59,8 +59,8 @@ def test_two_nodes_killed_resume_on_the_one_left(sample_build, s3, s3_bucket, tm
             DEMO_YAML,
             *overrides,
         ]
-        launchers.append(start(command, tmp_path / f"node{node_rank}.log"))
-    killed_at = kill_once_latest_passes(s3, s3_bucket, "run", launchers, tmp_path / "node0.log")
+        launchers.append(start(command, logs[node_rank]))
+    killed_at = kill_once_latest_passes(s3, s3_bucket, "run", launchers, logs)
     # Both ranks wrote their shard of the checkpoint `latest` names.
     assert {f"run/ep0-ba{killed_at}/__{rank}_0.distcp" for rank in (0, 1)} <= set(s3.list_keys(s3_bucket, "run/"))
 
