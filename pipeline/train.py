@@ -53,6 +53,9 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
     guard_checkpoint_loading(cfg.checkpoint.trust)
     device = cfg.device or (Device.gpu if torch.cuda.is_available() else Device.cpu)
     precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
+    # Before any StreamingDataset: with no process group, streaming makes and destroys its own on the
+    # same MASTER_PORT, and a rank of Composer's rendezvous could then join the store being torn down.
+    dist.initialize_dist(device.value)
     clip, _, eval_transform, tokenizer = build_clip(cfg.model)
     load_initial_weights(clip, cfg.model)  # EVA-CLIP: pretrained towers (a resumed run then loads its checkpoint)
     lock_towers(clip, cfg.model)
