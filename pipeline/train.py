@@ -55,7 +55,8 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
     precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
     # Before any StreamingDataset: with no process group, streaming makes and destroys its own on the
     # same MASTER_PORT, and a rank of Composer's rendezvous could then join the store being torn down.
-    dist.initialize_dist(device.value)
+    if dist.get_world_size() > 1:  # as the Trainer does: one process runs without a process group
+        dist.initialize_dist(device.value)
     clip, _, eval_transform, tokenizer = build_clip(cfg.model)
     load_initial_weights(clip, cfg.model)  # EVA-CLIP: pretrained towers (a resumed run then loads its checkpoint)
     lock_towers(clip, cfg.model)
