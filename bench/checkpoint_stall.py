@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -40,9 +39,9 @@ CONFIGS = {"full, bucket": ("full", True), "sharded, local": ("sharded", False),
 
 def run_one(name: str, folder: str) -> dict:
     """Runs under `composer -n 2`: the intervals between batch ends, and the save batches."""
-    from composer import Callback
     from composer.utils import dist
 
+    from bench.throughput import batch_timer
     from pipeline.config import TrainConfig, load
     from pipeline.train import build_trainer
 
@@ -65,14 +64,7 @@ def run_one(name: str, folder: str) -> dict:
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), overrides)
     cfg.model.custom = MODEL
 
-    class BatchEnds(Callback):
-        def __init__(self):
-            self.times = []
-
-        def batch_end(self, state, logger):
-            self.times.append(time.perf_counter())
-
-    trainer, ends = build_trainer(cfg), BatchEnds()
+    trainer, ends = build_trainer(cfg), batch_timer("cpu")
     trainer.state.callbacks.append(ends)
     trainer.fit()
     trainer.close()  # waits for the uploads: not counted
