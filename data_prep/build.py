@@ -119,6 +119,13 @@ def format_table(summaries: list) -> str:
     return align_columns([header, *rows])
 
 
+def build_summary_path(work_dir: str, sources_yaml: str) -> str:
+    """Where a build of `sources_yaml` leaves its table as JSON: one file per sources YAML, since
+    builds share a work_dir (make demo's curation step reuses the sample's downloads)."""
+    name = os.path.splitext(os.path.basename(sources_yaml))[0]
+    return os.path.join(work_dir, "summaries", f"{name}.json")
+
+
 def main(argv: list) -> None:
     if not argv:
         sys.exit(__doc__)
@@ -128,8 +135,9 @@ def main(argv: list) -> None:
     except (ConfigError, SourceError, StorageError) as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    with open(os.path.join(cfg.work_dir, "summary.json"), "w") as f:
+    path = build_summary_path(cfg.work_dir, argv[0])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(summaries, f, indent=2)
     print("\nShard build summary (every URL is written or counted under one reason):")
     print(format_table(summaries))

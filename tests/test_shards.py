@@ -174,7 +174,8 @@ def _samples(out: str) -> set:
 
 
 def _summaries(work_dir: str) -> dict:
-    with open(os.path.join(work_dir, "summary.json")) as f:
+    """The build summary of _sample_yaml's sources.yaml."""
+    with open(os.path.join(work_dir, "summaries", "sources.json")) as f:
         return {s["source"]: s for s in json.load(f)}
 
 
