@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import COMPOSER, REPO, run_check_script
+from tests.conftest import COMPOSER, REPO, run_check_script, train_overrides
 
 MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: one replica of 2 on one machine
 
@@ -62,6 +62,15 @@ def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, stat
     assert "[batch=1/4]" not in second  # resumed, not started again from scratch
     with open(run_dir / "loss.csv") as f:
         assert [int(line.split(",")[0]) for line in f.read().split()[1:]] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_makes_one_process_group_before_its_streams(sample_build, tmp_path):
+    """Composer's group is made before any StreamingDataset, which otherwise makes and destroys one
+    of its own on the same MASTER_PORT: a second rendezvous there can hang (1 of 2 ranks joined)."""
+    cfg, _ = sample_build
+    made = run_check_script("rendezvous_check.py", 2, tmp_path / "made.pt", *train_overrides(cfg, tmp_path / "run"))
+    assert made == {"groups_made": 1}
 
 
 def test_hybrid_shard_builds_composers_replicate_by_shard_mesh(monkeypatch):
