@@ -14,7 +14,6 @@ img2dataset's finished shards, then converts again.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ from data_prep import sample
 from data_prep.download import download, finished_shards
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.spark import log_query_errors_to, spark_session
-from data_prep.storage import StorageError, check_bucket, remove_tree
+from data_prep.storage import StorageError, check_bucket, remove_tree, write_json
 from data_prep.terminal import StageLine, log_folder, output_to, polling
 from data_prep.to_mds import convert
 from data_prep.url_lists import SourceError, check_url_list_exists, prepare_url_list, read_url_list
@@ -135,10 +134,7 @@ def main(argv: list) -> None:
     except (ConfigError, SourceError, StorageError) as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
-    path = build_summary_path(cfg.work_dir, argv[0])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(summaries, f, indent=2)
+    write_json(build_summary_path(cfg.work_dir, argv[0]), summaries)
     print("\nShard build summary (every URL is written or counted under one reason):")
     print(format_table(summaries))
 
