@@ -19,6 +19,8 @@ NPROC   ?= 1
 ARGS    ?=
 SHARDS_ARGS ?=
 SWEEP_ARGS ?=
+# pytest-xdist workers for `make test` (the suite is measured on 2 cores)
+TEST_WORKERS ?= 2
 # The last part of the built-in sample that `make shards` writes: the sweeps train and evaluate on it.
 SAMPLE  := data/sample/eval/coco_test/index.json
 DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
@@ -63,7 +65,7 @@ eval: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 bench: install $(SAMPLE)
 	$(PY) bench/throughput.py $(ARGS)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -37,12 +38,26 @@ def spark(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sample_build(tmp_path_factory, spark):
-    """(config, summaries) of a real sample build: loopback HTTP -> img2dataset -> MDS."""
+def sample_build(tmp_path_factory, request):
+    """(config, summaries) of a real sample build: loopback HTTP -> img2dataset -> MDS. Built once
+    per test run: under pytest-xdist the first worker to need it builds it, the others wait and read
+    it (they start no Spark for it)."""
+    from filelock import FileLock
+
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    root = str(tmp_path_factory.mktemp("sample"))
-    cfg = load_sources(SAMPLE_YAML, sample_overrides(root))
-    return cfg, {s["source"]: s for s in build(cfg)}
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    built = shared / "sample_build.json"
+    with FileLock(str(shared / "sample_build.lock")):
+        if not built.exists():
+            request.getfixturevalue("spark")  # the build uses the active session
+            overrides = sample_overrides(str(shared / "sample"))
+            summaries = build(load_sources(SAMPLE_YAML, overrides))
+            built.write_text(json.dumps({"overrides": overrides, "summaries": summaries}))
+    recorded = json.loads(built.read_text())
+    cfg = load_sources(SAMPLE_YAML, recorded["overrides"])
+    return cfg, {s["source"]: s for s in recorded["summaries"]}
 
 
 def demo_model():
@@ -189,3 +204,23 @@ def s3(s3_server, monkeypatch):
 def s3_bucket(s3) -> str:
     """A fresh, empty bucket on the session's S3 server."""
     return s3.make_bucket()
+
+
+# `make test` runs pytest-xdist with --dist loadgroup: each group below runs whole on one worker, so
+# a module's fixtures run once and one Spark session serves every test that uses Spark. The slowest
+# groups go first (as `--durations` measured them) so the two workers end together; the
+# sample-free accumulation checks run while the other worker builds the sample.
+SLOWEST_FIRST = ["spark", "test_accumulation", "test_resume", "test_elastic", "test_parallel", "test_sweep"]
+
+
+def pytest_collection_modifyitems(items):
+    spark_modules = {item.module.__name__ for item in items if "spark" in item.fixturenames}
+
+    def group(item) -> str:
+        module = item.module.__name__
+        return "spark" if module in spark_modules else module.rsplit(".", 1)[-1]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the others keep their order
