@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ import pytest
 
 from data_prep.build import build
 from data_prep.sources import load_sources
+from data_prep.storage import read_json, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_YAML = os.path.join(REPO, "yamls", "data", "sample.yaml")
@@ -54,8 +54,8 @@ def sample_build(tmp_path_factory, request):
             request.getfixturevalue("spark")  # the build uses the active session
             overrides = sample_overrides(str(shared / "sample"))
             summaries = build(load_sources(SAMPLE_YAML, overrides))
-            built.write_text(json.dumps({"overrides": overrides, "summaries": summaries}))
-    recorded = json.loads(built.read_text())
+            write_json(str(built), {"overrides": overrides, "summaries": summaries})
+    recorded = read_json(str(built))
     cfg = load_sources(SAMPLE_YAML, recorded["overrides"])
     return cfg, {s["source"]: s for s in recorded["summaries"]}
 
