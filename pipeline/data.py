@@ -16,8 +16,10 @@ from streaming.base.hashing import get_hash
 
 from pipeline.augment import Augment, collate_device_parts
 from pipeline.config import AugmentOn, ConfigError, DataConfig, Device
+from pipeline.shm_prefix import register_prefixes_one_at_a_time
 
 log = logging.getLogger(__name__)
+register_prefixes_one_at_a_time()
 
 
 class CorruptShardError(RuntimeError):

@@ -15,6 +15,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from pipeline.config import ConfigError, EvalDatasetConfig, EvalTask
 from pipeline.images import decode_rgb
+from pipeline.shm_prefix import register_prefixes_one_at_a_time
 from pipeline.zeroshot import (
     DatasetScores,
     ZeroShotClassification,
@@ -22,6 +23,8 @@ from pipeline.zeroshot import (
     resolve_classnames,
     resolve_templates,
 )
+
+register_prefixes_one_at_a_time()
 
 
 class EvalDataset(StreamingDataset):

@@ -7,11 +7,13 @@ import pytest
 from data_prep.build import build
 from data_prep.sources import load_sources
 from data_prep.storage import read_json, write_json
+from pipeline.shm_prefix import register_prefixes_one_at_a_time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_YAML = os.path.join(REPO, "yamls", "data", "sample.yaml")
 DEMO_YAML = os.path.join(REPO, "yamls", "demo_cpu.yaml")
 SMALL_SAMPLE = ["sample.fashion_train=600", "sample.fashion_test=200"]
+register_prefixes_one_at_a_time()  # the test workers build StreamingDatasets side by side
 
 
 def sample_overrides(root: str) -> list:

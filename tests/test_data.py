@@ -1,8 +1,10 @@
 """The training dataset: shard hashes checked on first read, undecodable samples replaced and counted,
 COCO-style captions chosen per epoch."""
 
+import atexit
 import glob
 import io
+import multiprocessing
 import os
 import shutil
 
@@ -113,3 +115,37 @@ def test_augmentation_depends_on_the_sample_not_on_what_the_worker_read_before(t
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     dataset.next_epoch = 1  # another epoch, other crops
     assert not torch.equal(dataset[0][0], forward[0])
+
+
+def _build_datasets(local: str, count: int, start, built, errors) -> None:
+    # A forked child leaves by os._exit, and Python's resource tracker then unlinks what it left
+    # in no order, which races with datasets starting elsewhere. Like a job that exits, it unlinks
+    # its own shared memory, in order, once every child has built its datasets.
+    atexit._clear()  # the parent's handlers, which would unlink the parent's shared memory
+    start.wait()
+    failure = None
+    try:
+        for _ in range(count):
+            _dataset(local)
+    except Exception as err:  # noqa: BLE001 - reported to the test, which names it
+        failure = repr(err)
+    errors.put(failure)
+    built.wait(timeout=120)
+    atexit._run_exitfuncs()
+
+
+def test_jobs_starting_together_on_one_machine_each_get_their_own_shared_memory(tmp_path):
+    """streaming alone lets two processes take the same free /dev/shm prefix, and one then fails with
+    FileExistsError (mosaicml/streaming#884); here 6 processes build 3 datasets each at once."""
+    locals_ = [_write(tmp_path / str(i), [_png(i)]) for i in range(6)]
+    context = multiprocessing.get_context("fork")  # the parent's streaming, patched by tests/conftest.py
+    start, built, errors = context.Event(), context.Barrier(len(locals_)), context.Queue()
+    processes = [context.Process(target=_build_datasets, args=(local, 3, start, built, errors)) for local in locals_]
+    for process in processes:
+        process.start()
+    start.set()
+    failures = [errors.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=120)
+    assert failures == [None] * len(locals_)
+    assert [process.exitcode for process in processes] == [0] * len(locals_)

@@ -154,6 +154,20 @@ def streaming_shard_tables():
     )
 
 
+def streaming_shm_prefix():
+    from streaming import StreamingDataset
+    from streaming.base.shared import prefix
+
+    from pipeline import shm_prefix
+
+    return (
+        shm_prefix._find_and_create_prefix is prefix.get_shm_prefix
+        and list(inspect.signature(prefix.get_shm_prefix).parameters)
+        == ["streams_local", "streams_remote", "world", "retry"]
+        and "get_shm_prefix(" in inspect.getsource(StreamingDataset.__init__)
+    )
+
+
 PRIVATE_APIS = {
     "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
     "pipeline/checkpointing.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
@@ -171,6 +185,8 @@ PRIVATE_APIS = {
     "pipeline/algorithms/flash_attention.py swaps the module's class": torch_multihead_attention,
     "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
     "pipeline/data.py names the shard and stream of a bad sample": streaming_shard_tables,
+    "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__ (undocumented): "
+    "pipeline/shm_prefix.py registers prefixes under a machine-wide lock": streaming_shm_prefix,
 }
 # The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
 KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}
