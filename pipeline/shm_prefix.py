@@ -4,27 +4,50 @@ streaming names a dataset's shared memory by the first prefix it finds free in /
 creates it, so two jobs starting at the same moment on one machine (a sweep's runs launched side
 by side, two test workers) can pick the same prefix, and one dies with
 `FileExistsError: '/000003_locals'` (mosaicml/streaming#884 and #901, open). Here each node's
-local leader holds a machine-wide file lock from before its ranks look for a free prefix until it
-has created it; the job's other ranks wait at a barrier until their leader holds the lock.
+local leader holds a file lock in /dev/shm itself (so it is shared exactly by the processes that
+share those names) from before its ranks look for a free prefix until it has created it; the job's
+other ranks wait at a barrier until their leader holds the lock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from tempfile import gettempdir
 
 import streaming.base.dataset as streaming_dataset
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import distributed as dist
 
-# The folder streaming keeps its own machine-wide locks in; readable and writable by every user.
-LOCK_PATH = os.path.join(gettempdir(), "streaming_shm_prefix.lock")
+log = logging.getLogger(__name__)
+
+LOCK_PATH = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else gettempdir(), "streaming_shm_prefix.lock")
+# Two multi-node jobs starting at once on the same nodes could each hold the lock on one node while
+# waiting at a barrier for their ranks on the other; waiting this long, then going on without the
+# lock, turns that deadlock back into streaming's own (rare) race.
+LOCK_WAIT_S = 60
 _find_and_create_prefix = streaming_dataset.get_shm_prefix
 
 
-def _under_node_lock(streams_local, streams_remote, world, retry: int = 100):
-    with FileLock(LOCK_PATH, mode=0o666) if world.is_local_leader else nullcontext():
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    lock = FileLock(LOCK_PATH, mode=0o666)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        log.warning("%s held for %d s by another job; registering shared memory without it", LOCK_PATH, LOCK_WAIT_S)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _under_machine_lock(streams_local, streams_remote, world, retry: int = 100):
+    with _machine_lock() if world.is_local_leader else nullcontext():
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return _find_and_create_prefix(streams_local, streams_remote, world, retry)
@@ -32,4 +55,4 @@ def _under_node_lock(streams_local, streams_remote, world, retry: int = 100):
 
 def register_prefixes_one_at_a_time() -> None:
     """Every StreamingDataset built in this process from now on takes its prefix under the lock."""
-    streaming_dataset.get_shm_prefix = _under_node_lock
+    streaming_dataset.get_shm_prefix = _under_machine_lock
