@@ -37,7 +37,7 @@ def _machine_lock() -> Iterator[None]:
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        log.warning("%s held for %d s by another job; registering shared memory without it", LOCK_PATH, LOCK_WAIT_S)
+        log.warning("%s held for %g s by another job; registering shared memory without it", LOCK_PATH, LOCK_WAIT_S)
         yield
         return
     try:

@@ -149,3 +149,16 @@ def test_jobs_starting_together_on_one_machine_each_get_their_own_shared_memory(
         process.join(timeout=120)
     assert failures == [None] * len(locals_)
     assert [process.exitcode for process in processes] == [0] * len(locals_)
+
+
+def test_a_lock_held_too_long_is_waited_for_then_gone_around_with_a_warning(tmp_path, monkeypatch, caplog):
+    from filelock import FileLock
+
+    from pipeline import shm_prefix
+
+    local = _write(tmp_path / "held", [_png(0)])
+    monkeypatch.setattr(shm_prefix, "LOCK_WAIT_S", 0.5)
+    with FileLock(shm_prefix.LOCK_PATH), caplog.at_level("WARNING", logger="pipeline.shm_prefix"):
+        dataset = _dataset(local)
+    assert dataset.num_samples == 1
+    assert f"{shm_prefix.LOCK_PATH} held for 0.5 s by another job" in caplog.text
