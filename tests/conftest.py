@@ -215,6 +215,9 @@ def s3_bucket(s3) -> str:
 SLOWEST_FIRST = ["spark", "test_accumulation", "test_resume", "test_elastic", "test_parallel", "test_sweep"]
 
 
+# tryfirst: xdist names each test's group from these marks in its own hook, which would otherwise run
+# first (the conftest is registered before xdist's worker plugin) and find none: no group, split modules.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     spark_modules = {item.module.__name__ for item in items if "spark" in item.fixturenames}
 

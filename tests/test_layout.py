@@ -212,3 +212,12 @@ def test_every_private_api_the_code_touches_is_listed_and_still_there():
     assert touched - KNOWN_PRIVATE - DOCUMENTED == set(), "private APIs used but not listed in PRIVATE_APIS"
     gone = [what for what, check in PRIVATE_APIS.items() if not still_there(check)]
     assert gone == [], "gone or changed in this upgrade (find the public API, or another way):\n" + "\n".join(gone)
+
+
+def test_each_test_module_reaches_xdist_as_one_group(request):
+    """`make test` relies on xdist's loadgroup keeping a module (and its module-scoped runs) on one
+    worker; xdist learns the group only from a suffix on the node id, which a pytest upgrade can
+    silently stop (pytest-dev/pytest-xdist#1386): the suite would still pass, each run made twice."""
+    assert [mark.args for mark in request.node.iter_markers("xdist_group")] == [("test_layout",)]
+    if request.config.getoption("dist", "no") == "loadgroup" or getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@test_layout"), request.node.nodeid
