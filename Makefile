@@ -62,6 +62,9 @@ demo: shards
 eval: install
 	$(PY) pipeline/eval.py $(EVAL) $(ARGS)
 
+# One compute thread a test process: the suite's 2 workers often run 2 ranks each on 2 cores, and
+# threads beyond the cores only spin (torchrun likewise sets 1 when a node runs several ranks).
+test: export OMP_NUM_THREADS := 1
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
