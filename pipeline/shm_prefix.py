@@ -7,6 +7,12 @@ by side, two test workers) can pick the same prefix, and one dies with
 local leader holds a file lock in /dev/shm itself (so it is shared exactly by the processes that
 share those names) from before its ranks look for a free prefix until it has created it; the job's
 other ranks wait at a barrier until their leader holds the lock.
+
+streaming also finds a free prefix by attaching to every prefix already in /dev/shm, and registers
+each attachment to be closed at exit, so a process holds one more file open for each prefix there
+each time it builds a dataset. Prefixes left by killed jobs stay in /dev/shm, and a long process
+(an eval of many sets, a test worker) runs out of files. Here those attachments close as soon as the
+scan moves on.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from tempfile import gettempdir
 
 import streaming.base.dataset as streaming_dataset
+import streaming.base.shared.prefix as streaming_prefix
 from filelock import FileLock, Timeout
 from torch import distributed as dist
 
@@ -29,6 +36,13 @@ LOCK_PATH = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else gettempdir
 # lock, turns that deadlock back into streaming's own (rare) race.
 LOCK_WAIT_S = 60
 _find_and_create_prefix = streaming_dataset.get_shm_prefix
+_SharedMemory = streaming_prefix.SharedMemory
+
+
+def _attach_closed_on_release(name=None, create=None, size=0, auto_cleanup=True):
+    """streaming's SharedMemory, but an attachment (create=False) is not held open until exit: it
+    closes when released, as the scan moves on (what the process created is still cleaned at exit)."""
+    return _SharedMemory(name, create, size, auto_cleanup=auto_cleanup and create is not False)
 
 
 @contextmanager
@@ -54,5 +68,7 @@ def _under_machine_lock(streams_local, streams_remote, world, retry: int = 100):
 
 
 def register_prefixes_one_at_a_time() -> None:
-    """Every StreamingDataset built in this process from now on takes its prefix under the lock."""
+    """Every StreamingDataset built in this process from now on takes its prefix under the lock,
+    and closes what it attached to while looking for one."""
     streaming_dataset.get_shm_prefix = _under_machine_lock
+    streaming_prefix.SharedMemory = _attach_closed_on_release

@@ -1,18 +1,43 @@
-"""Run under `composer -n 2`: 3 batches of the tiny CLIP under each parallelism mode named (argv[2:]),
-one after another in the same processes (one launch instead of one per mode).
+"""Run under `composer -n 2` (one launch instead of one per check): first the run's Trainer as
+train.py builds it (the demo recipe with the `key=value` overrides among argv[2:]), counting the
+process groups made on the way; then 3 batches of the tiny CLIP under each parallelism mode named
+among argv[2:], one after another in the same processes.
 
-Writes (rank 0) {mode: {"losses": [...], "local": parameters held by this rank, "total": all parameters}}.
+Writes (rank 0) {"groups_made": how many times torch.distributed.init_process_group ran while the
+Trainer was built, mode: {"losses": [...], "local": parameters held by this rank, "total": all
+parameters}}. One group is right: Composer's. Two means a StreamingDataset made and destroyed its own
+first, on the same MASTER_PORT, and the ranks' second rendezvous can join the first one's dying store
+(a hang).
 """
 
 import sys
 
 import torch
+import torch.distributed
 from composer.loggers import InMemoryLogger
 from composer.utils import dist
 
-from pipeline.config import ParallelismConfig, Sharding
+from pipeline.config import ParallelismConfig, Sharding, TrainConfig, load
 from pipeline.parallel import build_parallelism
+from pipeline.train import build_trainer
+from tests.conftest import DEMO_YAML
 from tests.tiny import make_trainer, tiny_model
+
+
+def groups_made_building(overrides: list) -> int:
+    made = []
+    init_process_group = torch.distributed.init_process_group
+
+    def counted(*args, **kwargs):
+        made.append(args or kwargs)
+        return init_process_group(*args, **kwargs)
+
+    torch.distributed.init_process_group = counted  # streaming and Composer both call it through the module
+    try:
+        build_trainer(load(TrainConfig, DEMO_YAML, overrides)).close()
+    finally:
+        torch.distributed.init_process_group = init_process_group
+    return len(made)
 
 
 def run(sharding: str) -> dict:
@@ -29,8 +54,10 @@ def run(sharding: str) -> dict:
     return {"losses": [float(v) for _, v in log.data["loss/train/total"]], "local": local, "total": total}
 
 
-def main(out: str, *modes: str) -> None:
-    results = {mode: run(mode) for mode in modes}
+def main(out: str, *args: str) -> None:
+    overrides, modes = [a for a in args if "=" in a], [a for a in args if "=" not in a]
+    results = {"groups_made": groups_made_building(overrides)}  # first: before any process group
+    results.update({mode: run(mode) for mode in modes})
     if dist.get_global_rank() == 0:
         torch.save(results, out)
 

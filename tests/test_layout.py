@@ -156,7 +156,7 @@ def streaming_shard_tables():
 
 def streaming_shm_prefix():
     from streaming import StreamingDataset
-    from streaming.base.shared import prefix
+    from streaming.base.shared import memory, prefix
 
     from pipeline import shm_prefix
 
@@ -165,6 +165,9 @@ def streaming_shm_prefix():
         and list(inspect.signature(prefix.get_shm_prefix).parameters)
         == ["streams_local", "streams_remote", "world", "retry"]
         and "get_shm_prefix(" in inspect.getsource(StreamingDataset.__init__)
+        and shm_prefix._SharedMemory is memory.SharedMemory
+        and list(inspect.signature(memory.SharedMemory).parameters) == ["name", "create", "size", "auto_cleanup"]
+        and "SharedMemory(name, False)" in inspect.getsource(prefix)
     )
 
 
@@ -185,8 +188,9 @@ PRIVATE_APIS = {
     "pipeline/algorithms/flash_attention.py swaps the module's class": torch_multihead_attention,
     "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
     "pipeline/data.py names the shard and stream of a bad sample": streaming_shard_tables,
-    "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__ (undocumented): "
-    "pipeline/shm_prefix.py registers prefixes under a machine-wide lock": streaming_shm_prefix,
+    "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__, and the SharedMemory it "
+    "attaches with (undocumented): pipeline/shm_prefix.py registers prefixes under a machine-wide lock and "
+    "closes those attachments when released instead of at exit": streaming_shm_prefix,
 }
 # The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
 KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}

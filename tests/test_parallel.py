@@ -12,8 +12,11 @@ MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    return run_check_script("parallel_check.py", 2, tmp_path_factory.mktemp("parallel") / "runs.pt", *MODES)
+def runs(sample_build, tmp_path_factory) -> dict:
+    """parallel_check.py on 2 ranks: the recipe's Trainer built on the test shards, then every mode."""
+    cfg, _ = sample_build
+    folder = tmp_path_factory.mktemp("parallel")
+    return run_check_script("parallel_check.py", 2, folder / "runs.pt", *MODES, *train_overrides(cfg, folder / "run"))
 
 
 @pytest.mark.slow
@@ -65,12 +68,10 @@ def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, stat
 
 
 @pytest.mark.slow
-def test_a_two_rank_run_makes_one_process_group_before_its_streams(sample_build, tmp_path):
+def test_a_two_rank_run_makes_one_process_group_before_its_streams(runs):
     """Composer's group is made before any StreamingDataset, which otherwise makes and destroys one
     of its own on the same MASTER_PORT: a second rendezvous there can hang (1 of 2 ranks joined)."""
-    cfg, _ = sample_build
-    made = run_check_script("rendezvous_check.py", 2, tmp_path / "made.pt", *train_overrides(cfg, tmp_path / "run"))
-    assert made == {"groups_made": 1}
+    assert runs["groups_made"] == 1
 
 
 def test_hybrid_shard_builds_composers_replicate_by_shard_mesh(monkeypatch):
