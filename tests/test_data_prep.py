@@ -2,6 +2,8 @@ import glob
 import io
 import json
 import os
+import shutil
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +11,7 @@ import pytest
 from PIL import Image
 from streaming import StreamingDataset
 
+from data_prep.sample import sample_files
 from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.to_mds import BASE_COLUMNS, convert
 
@@ -30,6 +33,23 @@ def test_img2dataset_downloaded_from_loopback(sample_build):
     rows = pq.read_table(shards[0], columns=["url", "status"]).to_pylist()
     assert all(row["url"].startswith("http://127.0.0.1:") for row in rows)
     assert sum(row["status"] == "success" for row in rows) > 0.9 * len(rows)
+
+
+def test_the_sample_is_written_once_per_config_and_served_again_as_written(sample_build, tmp_path):
+    cfg, _ = sample_build
+    files = os.path.join(cfg.work_dir, "sample_files")
+    image = os.path.join(files, "emoji", "00000.png")
+    written = os.stat(image).st_mtime_ns
+    rows = sample_files(replace(cfg.sample, port=1), files)  # a re-run, on another port
+    assert os.stat(image).st_mtime_ns == written  # nothing rendered again
+    served = pq.read_table(cfg.sources["web"].url_list).to_pylist()  # "http://127.0.0.1:<port>/emoji/..."
+    assert [row["url"] for row in rows["web"]] == [row["url"].split("/", 3)[3] for row in served]
+    assert [row["caption"] for row in rows["web"]] == [row["caption"] for row in served]
+
+    copy = shutil.copytree(files, tmp_path / "files")
+    more = replace(cfg.sample, fashion_train=cfg.sample.fashion_train + 1)
+    assert len(sample_files(more, copy)["coco"]) == len(rows["coco"]) + 1  # another config: written again
+    assert os.stat(os.path.join(copy, "emoji", "00000.png")).st_mtime_ns != written
 
 
 @pytest.mark.parametrize("source", ["web", "coco"])
