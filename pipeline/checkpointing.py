@@ -57,7 +57,7 @@ from pipeline.paths import is_remote, s3_client
 
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST = "latest-rank{rank}.pt"
-UPLOAD_POLL_SECONDS = 2.0
+UPLOAD_POLL_SECONDS = 0.5
 # Composer's CheckpointSaver has no public argument for its wait between checks that an upload
 # landed (30 s); tests/test_layout.py fails loudly if this private name disappears.
 UPLOAD_POLL_ATTRIBUTE = "_symlink_upload_wait_before_next_try_in_seconds"
@@ -94,6 +94,7 @@ class PollingCheckpointSaver(CheckpointSaver):
             super().__init__(folder, *args, **kwargs)
         self.save_folder = folder  # Composer's self.folder is the local staging folder for a bucket
         self.keep, self.keep_every = keep, keep_every
+        self.closed = False
         # The `latest` pointer is written only after the checkpoint it names is in the bucket,
         # so a shorter poll is as safe, just quicker.
         setattr(self, UPLOAD_POLL_ATTRIBUTE, UPLOAD_POLL_SECONDS)
@@ -145,6 +146,9 @@ class PollingCheckpointSaver(CheckpointSaver):
             super().fit_end(state, logger)
 
     def post_close(self) -> None:
+        if self.closed:  # Composer's hook at exit calls it again, even after Trainer.close()
+            return
+        self.closed = True
         super().post_close()  # every upload, the last `latest` pointer included, has landed
         self.rotate()
 
