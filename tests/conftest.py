@@ -163,6 +163,21 @@ def run_train(launcher: list, overrides: list, timeout: int = 600) -> subprocess
     return proc
 
 
+def train_here(overrides: list) -> None:
+    """pipeline/train.py's main in this test process, as `python pipeline/train.py` runs it, for the
+    uninterrupted runs a test compares against: a new process would import torch and Composer again
+    (about 10 s of a core). Runs a test kills, or whose exit code and output it checks, stay processes."""
+    import torch
+
+    import pipeline.train
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        pipeline.train.main([DEMO_YAML, *overrides])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # `deterministic=true` sets it for the process
+
+
 PYTHON = [sys.executable]
 COMPOSER = [os.path.join(os.path.dirname(sys.executable), "composer")]
 
@@ -212,7 +227,21 @@ def s3_bucket(s3) -> str:
 # a module's fixtures run once and one Spark session serves every test that uses Spark. The slowest
 # groups go first (as `--durations` measured them) so the two workers end together; the
 # sample-free accumulation checks run while the other worker builds the sample.
-SLOWEST_FIRST = ["spark", "test_accumulation", "test_resume", "test_elastic", "test_parallel", "test_sweep"]
+SLOWEST_FIRST = [
+    "spark",
+    "test_accumulation",
+    "test_elastic",
+    "test_shards_end_to_end",
+    "test_resume",
+    "test_parallel",
+    "test_sweep",
+    "test_multinode",
+    "test_weights",
+    "test_record",
+    "test_train",
+    "test_loss",
+    "test_eval",
+]
 
 
 # tryfirst: xdist names each test's group from these marks in its own hook, which would otherwise run

@@ -1,13 +1,16 @@
-"""Run under `composer -n 2` (one launch instead of one per check): first the run's Trainer as
-train.py builds it (the demo recipe with the `key=value` overrides among argv[2:]), counting the
-process groups made on the way; then 3 batches of the tiny CLIP under each parallelism mode named
-among argv[2:], one after another in the same processes.
+"""Run under `composer -n 2` (one launch instead of one per check):
 
-Writes (rank 0) {"groups_made": how many times torch.distributed.init_process_group ran while the
-Trainer was built, mode: {"losses": [...], "local": parameters held by this rank, "total": all
-parameters}}. One group is right: Composer's. Two means a StreamingDataset made and destroyed its own
-first, on the same MASTER_PORT, and the ranks' second rendezvous can join the first one's dying store
-(a hang).
+    parallel_check.py OUT MODE... [run KEY=VALUE...]...
+
+First, for each `run`, train.py's main on the demo recipe with those overrides, one run after
+another (the first legs of test_parallel's autoresume tests); the process groups made during the
+first run are counted. Then 3 batches of the tiny CLIP under each parallelism MODE, one after another
+in the same processes.
+
+Writes (rank 0) {"groups_made": how many times torch.distributed.init_process_group ran during the
+first run, mode: {"losses": [...], "local": parameters held by this rank, "total": all parameters}}.
+One group is right: Composer's. Two means a StreamingDataset made and destroyed its own first, on the
+same MASTER_PORT, and the ranks' second rendezvous can join the first one's dying store (a hang).
 """
 
 import sys
@@ -17,14 +20,14 @@ import torch.distributed
 from composer.loggers import InMemoryLogger
 from composer.utils import dist
 
-from pipeline.config import ParallelismConfig, Sharding, TrainConfig, load
+import pipeline.train
+from pipeline.config import ParallelismConfig, Sharding
 from pipeline.parallel import build_parallelism
-from pipeline.train import build_trainer
 from tests.conftest import DEMO_YAML
 from tests.tiny import make_trainer, tiny_model
 
 
-def groups_made_building(overrides: list) -> int:
+def groups_made_running(overrides: list) -> int:
     made = []
     init_process_group = torch.distributed.init_process_group
 
@@ -34,7 +37,7 @@ def groups_made_building(overrides: list) -> int:
 
     torch.distributed.init_process_group = counted  # streaming and Composer both call it through the module
     try:
-        build_trainer(load(TrainConfig, DEMO_YAML, overrides)).close()
+        pipeline.train.main([DEMO_YAML, *overrides])
     finally:
         torch.distributed.init_process_group = init_process_group
     return len(made)
@@ -55,8 +58,16 @@ def run(sharding: str) -> dict:
 
 
 def main(out: str, *args: str) -> None:
-    overrides, modes = [a for a in args if "=" in a], [a for a in args if "=" not in a]
-    results = {"groups_made": groups_made_building(overrides)}  # first: before any process group
+    modes, runs = [], []
+    for arg in args:
+        if arg == "run":
+            runs.append([])
+        else:
+            (runs[-1] if runs else modes).append(arg)
+    first, *others = runs
+    results = {"groups_made": groups_made_running(first)}  # first: before any process group
+    for overrides in others:
+        pipeline.train.main([DEMO_YAML, *overrides])
     results.update({mode: run(mode) for mode in modes})
     if dist.get_global_rank() == 0:
         torch.save(results, out)

@@ -1,8 +1,9 @@
 """Runs that outlive their nodes: the same config gives the same batches and losses on 1, 2 or 4
-ranks; FSDP2 sharded checkpoints in a bucket autoresume after kill -9, on the same world size
-(bit for bit) or another one; checkpoints the run did not sign are refused."""
+ranks; DDP's checkpoints and FSDP2's sharded ones in a bucket autoresume after kill -9, on the same
+world size (bit for bit) or another one; checkpoints the run did not sign are refused."""
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.checkpointing import (
+    CHECKPOINT_NAME,
     CheckpointError,
     read_checkpoint_model,
     resume_checkpoint,
@@ -21,8 +23,8 @@ from pipeline.checkpointing import (
 )
 from pipeline.config import ConfigError, TrainConfig, load
 from pipeline.run_folder import read_metrics
-from pipeline.runs import pin_sample_order
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
+from pipeline.runs import pin_sample_order, resolve_run
+from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_here, train_overrides
 
 # Uploads run in threads, so `latest` names the first checkpoint a few seconds after it is saved;
 # the killed runs are long enough to be killed before they finish.
@@ -46,19 +48,23 @@ def elastic(cfg, run_dir, *extra: str) -> list:
     )
 
 
-def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
-    """As the recipes run: FSDP2 (HYBRID_SHARD on one machine is one replica, which builds
-    FULL_SHARD's FSDP2Config exactly: replication across replicas needs GPUs), sharded checkpoints
-    in the bucket, autoresume; no checkpoint.trust."""
+def in_bucket(cfg, run_dir, save_folder: str, *extra: str) -> list:
+    """DDP (the default), checkpoints in the bucket, autoresume; no checkpoint.trust."""
     return elastic(
         cfg,
         run_dir,
-        "parallelism.sharding=HYBRID_SHARD",
-        "parallelism.state_dict_type=sharded",
         f"checkpoint.save_folder={save_folder}",
         f"checkpoint.save_interval={SAVE_EVERY}ba",
         "checkpoint.autoresume=true",
         *extra,
+    )
+
+
+def sharded(cfg, run_dir, save_folder: str, *extra: str) -> list:
+    """As the recipes run: FSDP2 (HYBRID_SHARD on one machine is one replica, which builds
+    FULL_SHARD's FSDP2Config exactly: replication across replicas needs GPUs), sharded checkpoints."""
+    return in_bucket(
+        cfg, run_dir, save_folder, "parallelism.sharding=HYBRID_SHARD", "parallelism.state_dict_type=sharded", *extra
     )
 
 
@@ -84,21 +90,32 @@ def one_rank(sample_build, tmp_path_factory):
     """The reference: one rank, DDP, the global batch of 16 as 4 micro-batches of 4."""
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("world") / "1rank"
-    run_train(PYTHON, elastic(cfg, run_dir, "device_train_microbatch_size=4"))
+    train_here(elastic(cfg, run_dir, "device_train_microbatch_size=4"))
     return run_dir
+
+
+def run_uninterrupted(sample_build, s3_server, tmp_path_factory, overrides) -> tuple:
+    """(bucket, run folder) of a 2-rank run of overrides(cfg, run_dir, save_folder), never interrupted."""
+    cfg, _ = sample_build
+    bucket = s3_server.make_bucket()
+    run_dir = tmp_path_factory.mktemp("world") / "whole"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        run_train(launcher(2), overrides(cfg, run_dir, f"s3://{bucket}/whole"))
+    return bucket, run_dir
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(sample_build, s3_server, tmp_path_factory):
     """(bucket, run folder) of a 2-rank sharded run that was never interrupted."""
-    cfg, _ = sample_build
-    bucket = s3_server.make_bucket()
-    run_dir = tmp_path_factory.mktemp("sharded") / "whole"
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in s3_server.env().items():
-            patch.setenv(key, value)
-        run_train(launcher(2), sharded(cfg, run_dir, f"s3://{bucket}/whole"))
-    return bucket, run_dir
+    return run_uninterrupted(sample_build, s3_server, tmp_path_factory, sharded)
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(sample_build, s3_server, tmp_path_factory):
+    """(bucket, run folder) of a 2-rank DDP run that was never interrupted."""
+    return run_uninterrupted(sample_build, s3_server, tmp_path_factory, in_bucket)
 
 
 # ---------------------------------------------------------------------------
@@ -108,11 +125,10 @@ def uninterrupted(sample_build, s3_server, tmp_path_factory):
 
 @pytest.mark.slow
 # 4 ranks: FSDP, in the kill-and-resume chain below; every mode on 1, 2 and 4 ranks: bench/world_size.py.
-def test_ddp_on_2_ranks_trains_on_the_1_rank_batches_with_its_losses(sample_build, one_rank, tmp_path):
-    cfg, _ = sample_build
-    run_train(launcher(2), elastic(cfg, tmp_path))
-    assert_same_batches_and_losses(tmp_path, one_rank)
-    with open(tmp_path / "summary.json") as f:
+def test_ddp_on_2_ranks_trains_on_the_1_rank_batches_with_its_losses(ddp_uninterrupted, one_rank):
+    _, run_dir = ddp_uninterrupted
+    assert_same_batches_and_losses(run_dir, one_rank)
+    with open(run_dir / "summary.json") as f:
         summary = json.load(f)
     assert summary["world_size"] == 2 and summary["samples"] == BATCHES * 16  # 8 per rank, counted over all
 
@@ -134,7 +150,7 @@ def latest_batch(s3, bucket: str, prefix: str) -> int:
         body = client.get_object(Bucket=bucket, Key=f"{prefix}/latest-rank0.pt.symlink")["Body"].read()
     except client.exceptions.NoSuchKey:
         return 0
-    return int(body.decode().strip().rsplit("-ba", 1)[-1])
+    return int(CHECKPOINT_NAME.match(os.path.basename(body.decode().strip())).group(1))
 
 
 def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_paths: list, after: int = 0) -> int:
@@ -211,10 +227,39 @@ def test_sharded_run_in_the_bucket_killed_and_resumed_on_2_ranks_ends_bitwise_eq
     assert resumed(proc.stdout + proc.stderr, killed_at)
     assert_same_batches_and_losses(tmp_path / "run", whole)  # every batch once in the record
     expected = read_checkpoint_model(f"s3://{bucket}/{last}")
-    actual = read_checkpoint_model(f"s3://{bucket}/killed-on-2/ep0-ba{BATCHES}")
+    assert_bitwise_equal(read_checkpoint_model(f"s3://{bucket}/killed-on-2/ep0-ba{BATCHES}"), expected)
+
+
+@pytest.mark.slow
+def test_ddp_run_in_the_bucket_killed_and_resumed_on_2_ranks_ends_bitwise_equal(
+    sample_build, s3, ddp_uninterrupted, tmp_path
+):
+    cfg, _ = sample_build
+    bucket, _ = ddp_uninterrupted
+    last = f"ep0-ba{BATCHES}-rank0.pt"
+    # The run's resolved config sits next to its checkpoints in the bucket: eval needs no model section.
+    model, checkpoint = resolve_run(f"s3://{bucket}/whole/{last}", None)
+    assert model.custom["vision_cfg"]["width"] == 32 and checkpoint.endswith(last)
+    overrides = in_bucket(cfg, tmp_path / "killed", f"s3://{bucket}/killed")
+    killed = start(train_command(2, overrides), tmp_path / "killed.log")
+    killed_at = kill_once_latest_passes(s3, bucket, "killed", [killed], [tmp_path / "killed.log"])
+    proc = run_train(launcher(2), overrides)  # the same command again
+    assert resumed(proc.stdout + proc.stderr, killed_at)
+    expected = read_checkpoint_model(f"s3://{bucket}/whole/{last}")
+    assert_bitwise_equal(read_checkpoint_model(f"s3://{bucket}/killed/{last}"), expected)
+    with open(tmp_path / "killed" / "summary.json") as f:
+        assert json.load(f)["batches"] == BATCHES
+    # The whole run's record: every batch once, though the killed run had logged past its checkpoint.
+    with open(tmp_path / "killed" / "loss.csv") as f:
+        assert [int(row["batch"]) for row in csv.DictReader(f)] == list(range(BATCHES))
+    record = {f"killed/{name}" for name in ("metrics.csv", "loss.csv", "loss.png", "summary.json", "config.yaml")}
+    assert record <= set(s3.list_keys(bucket, "killed/"))
+
+
+def assert_bitwise_equal(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys() and len(expected) > 10
     for name in expected:
-        assert torch.equal(actual[name], expected[name]), name  # bitwise
+        assert torch.equal(actual[name], expected[name]), name
 
 
 @pytest.mark.slow

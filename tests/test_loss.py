@@ -14,7 +14,7 @@ from pipeline.eval import evaluate
 from pipeline.export import export
 from pipeline.loss import Features, build_loss, contrastive_loss
 from pipeline.runs import load_clip
-from tests.conftest import PYTHON, REPO, run_train, train_overrides
+from tests.conftest import REPO, train_here, train_overrides
 from tests.tiny import TINY_SIGLIP, synthetic_dataset, tiny_model
 
 
@@ -34,8 +34,7 @@ def test_siglip_model_has_its_bias_and_the_loss_matches_the_paper_formula():
 def test_siglip_trains_from_the_demo_recipe_and_its_run_evaluates_and_exports(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "siglip"
-    run_train(
-        PYTHON,
+    train_here(
         train_overrides(
             cfg,
             run_dir,

@@ -6,17 +6,48 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import COMPOSER, REPO, run_check_script, train_overrides
+from tests.conftest import COMPOSER, DEMO_YAML, REPO, run_check_script, train_overrides
 
 MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: one replica of 2 on one machine
 
 
+# FULL_SHARD on 2 ranks with checkpoints in the bucket, or sharded in the run folder, each started
+# again with a longer max_duration below: their first 2 batches run in the `runs` launch.
+AUTORESUMED = [("full", "bucket"), ("sharded", "local")]
+
+
+def autoresumed(cfg, folder, bucket: str, state_dict_type: str, where: str) -> list:
+    run_dir = folder / state_dict_type
+    save_folder = f"s3://{bucket}/{state_dict_type}" if where == "bucket" else str(run_dir / "checkpoints")
+    return train_overrides(
+        cfg,
+        run_dir,
+        "parallelism.sharding=FULL_SHARD",
+        f"parallelism.state_dict_type={state_dict_type}",
+        f"checkpoint.save_folder={save_folder}",
+        "checkpoint.autoresume=true",
+        "checkpoint.save_interval=2ba",
+        "data.global_batch_size=16",
+        "model.custom.vision_cfg.layers=2",
+        "model.custom.text_cfg.layers=2",
+        "loggers.console.log_interval=1ba",
+    )
+
+
 @pytest.fixture(scope="module")
-def runs(sample_build, tmp_path_factory) -> dict:
-    """parallel_check.py on 2 ranks: the recipe's Trainer built on the test shards, then every mode."""
+def runs(sample_build, s3_server, tmp_path_factory) -> dict:
+    """parallel_check.py on 2 ranks: 2 batches of each autoresumed run (train.py's main, the recipe's
+    Trainer), then every mode. Also ("first legs", folder, bucket) for the autoresume tests."""
     cfg, _ = sample_build
-    folder = tmp_path_factory.mktemp("parallel")
-    return run_check_script("parallel_check.py", 2, folder / "runs.pt", *MODES, *train_overrides(cfg, folder / "run"))
+    folder, bucket = tmp_path_factory.mktemp("parallel"), s3_server.make_bucket()
+    first_legs = [
+        arg for kind in AUTORESUMED for arg in ("run", *autoresumed(cfg, folder, bucket, *kind), "max_duration=2ba")
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        results = run_check_script("parallel_check.py", 2, folder / "runs.pt", *MODES, *first_legs)
+    return {**results, "first legs": (folder, bucket)}
 
 
 @pytest.mark.slow
@@ -30,40 +61,20 @@ def test_each_fsdp_mode_follows_ddps_loss_curve_with_sharded_parameters(runs, mo
 
 @pytest.mark.slow
 # Sharded in the bucket, killed and resumed on other world sizes: tests/test_elastic.py.
-@pytest.mark.parametrize("state_dict_type, where", [("full", "bucket"), ("sharded", "local")])
-def test_fsdp_checkpoints_autoresume(sample_build, s3, s3_bucket, tmp_path, state_dict_type, where):
+@pytest.mark.parametrize("state_dict_type, where", AUTORESUMED)
+def test_fsdp_checkpoints_autoresume(sample_build, runs, s3, state_dict_type, where):
     """FULL_SHARD on 2 ranks, started again with a longer max_duration: the second start resumes from
     batch 2 (it logs only batches 3 and 4 of 4), without checkpoint.trust: the run signed its own."""
-    from tests.conftest import DEMO_YAML, train_overrides
-
     cfg, _ = sample_build
-    run_dir = tmp_path / state_dict_type
-    save_folder = f"s3://{s3_bucket}/{state_dict_type}" if where == "bucket" else str(run_dir / "checkpoints")
-    overrides = train_overrides(
-        cfg,
-        run_dir,
-        "parallelism.sharding=FULL_SHARD",
-        f"parallelism.state_dict_type={state_dict_type}",
-        f"checkpoint.save_folder={save_folder}",
-        "checkpoint.autoresume=true",
-        "checkpoint.save_interval=2ba",
-        "data.global_batch_size=16",
-        "model.custom.vision_cfg.layers=2",
-        "model.custom.text_cfg.layers=2",
-        "loggers.console.log_interval=1ba",
-    )
+    folder, bucket = runs["first legs"]
+    overrides = autoresumed(cfg, folder, bucket, state_dict_type, where)
     command = [*COMPOSER, "-n", "2", os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
-    outputs = []
-    for duration in ("2ba", "4ba"):
-        proc = subprocess.run(
-            [*command, f"max_duration={duration}"], cwd=REPO, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        outputs.append(proc.stdout + proc.stderr)
-    second = outputs[1]
+    proc = subprocess.run([*command, "max_duration=4ba"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = proc.stdout + proc.stderr
     assert "[batch=3/4]" in second and "[batch=4/4]" in second
     assert "[batch=1/4]" not in second  # resumed, not started again from scratch
-    with open(run_dir / "loss.csv") as f:
+    with open(folder / state_dict_type / "loss.csv") as f:
         assert [int(line.split(",")[0]) for line in f.read().split()[1:]] == [0, 1, 2, 3]
 
 

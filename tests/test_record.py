@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import pipeline.train
 from pipeline.callbacks import COMPOSER_CALLBACKS, LossGuard, LossSpikeError, build_callbacks
 from pipeline.config import ConfigError, LossGuardConfig, SpikeAction
 from pipeline.run_folder import read_metrics
-from tests.conftest import DEMO_YAML, REPO, train_overrides
+from tests.conftest import DEMO_YAML, REPO, train_here, train_overrides
 from tests.tiny import GradCapture, make_trainer, synthetic_dataset, tiny_model
 
 
@@ -35,18 +34,15 @@ def test_tensorboard_mlflow_and_console_loggers_read_back_with_their_own_readers
 
     cfg, _ = sample_build
     run_dir = tmp_path / "watched"
-    pipeline.train.main(
-        [
-            DEMO_YAML,
-            *short_run(
-                cfg,
-                run_dir,
-                f"loggers.tensorboard.log_dir={run_dir}/tb",
-                f"loggers.mlflow.tracking_uri=file:{run_dir}/mlruns",
-                "loggers.console.log_interval=1ba",
-                "callbacks.optimizer_monitor.batch_log_interval=1",
-            ),
-        ]
+    train_here(
+        short_run(
+            cfg,
+            run_dir,
+            f"loggers.tensorboard.log_dir={run_dir}/tb",
+            f"loggers.mlflow.tracking_uri=file:{run_dir}/mlruns",
+            "loggers.console.log_interval=1ba",
+            "callbacks.optimizer_monitor.batch_log_interval=1",
+        )
     )
     events = EventAccumulator(str(run_dir / "tb" / "demo"))  # Composer writes under the run name
     events.Reload()
@@ -92,18 +88,15 @@ def test_compiled_model_trains_with_the_eager_loss():
 def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "kept"
-    pipeline.train.main(
-        [
-            DEMO_YAML,
-            *short_run(
-                cfg,
-                run_dir,
-                "max_duration=6ba",
-                "checkpoint.save_interval=1ba",
-                "checkpoint.keep=2",
-                "checkpoint.keep_every=4",
-            ),
-        ]
+    train_here(
+        short_run(
+            cfg,
+            run_dir,
+            "max_duration=6ba",
+            "checkpoint.save_interval=1ba",
+            "checkpoint.keep=2",
+            "checkpoint.keep_every=4",
+        )
     )
     files = sorted(f for f in os.listdir(run_dir / "checkpoints") if f.startswith("ep"))
     assert files == ["ep0-ba4-rank0.pt", "ep0-ba5-rank0.pt", "ep0-ba6-rank0.pt"]
@@ -113,7 +106,7 @@ def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build,
 def test_a_finished_job_started_again_exits_0_saying_so(sample_build, tmp_path):
     cfg, _ = sample_build
     overrides = short_run(cfg, tmp_path / "done", "checkpoint.autoresume=true")
-    pipeline.train.main([DEMO_YAML, *overrides])
+    train_here(overrides)
     command = [sys.executable, os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

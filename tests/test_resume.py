@@ -13,7 +13,7 @@ import torch
 
 from pipeline.checkpointing import read_checkpoint
 from pipeline.runs import resolve_run
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_overrides
+from tests.conftest import DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_here, train_overrides
 
 pytestmark = pytest.mark.slow
 MAX_BATCHES = 8
@@ -61,18 +61,14 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[name], expected[name]), name  # bitwise
 
 
-# One rank with the batches augmented on the host is killed and resumed bitwise in the outage test.
-@pytest.mark.parametrize(
-    "launcher,data",
-    [
-        ([*COMPOSER, "-n", "2"], []),
-        (PYTHON, ["data.augment_on=device", "data.decode_on_device=true"]),  # batches finished on the device
-    ],
-    ids=["2ranks", "1rank-augment-on-device"],
-)
-def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, tmp_path, launcher, data):
+# The plain cases: one rank augmenting on the host is killed and resumed bitwise in the outage test, and
+# two ranks with checkpoints in the bucket in tests/test_elastic.py.
+def test_sigkill_at_a_random_batch_resumes_exactly_with_the_batches_finished_on_the_device(
+    sample_build, s3, s3_bucket, tmp_path
+):
     cfg, _ = sample_build
-    run_train(launcher, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *data))
+    data = ["data.augment_on=device", "data.decode_on_device=true"]
+    train_here(resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *data))
     expected = final_weights(s3, s3_bucket, "whole", tmp_path)
     # The run's resolved config sits next to its checkpoints in the bucket: eval needs no model section.
     model, checkpoint = resolve_run(f"s3://{s3_bucket}/whole/ep0-ba{MAX_BATCHES}-rank0.pt", None)
@@ -82,11 +78,11 @@ def test_sigkill_at_a_random_batch_resumes_exactly(sample_build, s3, s3_bucket, 
     print(f"killing after the checkpoint at batch {kill_after}")
     overrides = resumable(cfg, tmp_path, "killed", f"s3://{s3_bucket}/killed", *data)
     with open(tmp_path / "killed.log", "w") as log:
-        proc = start(launcher, overrides, log)
+        proc = start(PYTHON, overrides, log)
         wait_for_key(s3, s3_bucket, f"killed/ep0-ba{kill_after}-rank0.pt", proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    run_train(launcher, overrides)  # the same command again
+    run_train(PYTHON, overrides)  # the same command again
     assert_same_weights(final_weights(s3, s3_bucket, "killed", tmp_path), expected)
     with open(tmp_path / "killed" / "summary.json") as f:
         assert json.load(f)["batches"] == MAX_BATCHES
@@ -110,7 +106,7 @@ def test_bucket_keeps_the_newest_checkpoints_and_every_kth(sample_build, s3, s3_
         "checkpoint.keep=2",
         "checkpoint.keep_every=4",
     )
-    run_train(PYTHON, overrides)
+    train_here(overrides)
     kept = sorted(k for k in s3.list_keys(s3_bucket) if k.startswith("kept/ep"))
     # Every 4th for good (4, 8: also `latest`), and the newest 2 of the others (6, 7).
     assert kept == [f"kept/ep0-ba{b}-rank0.pt" for b in (4, 6, 7, 8)]
@@ -128,7 +124,7 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
         "checkpoint.save_interval=4ba",
         "checkpoint.upload_timeout=20",
     ]
-    run_train(PYTHON, resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
+    train_here(resumable(cfg, tmp_path, "whole", f"s3://{s3_bucket}/whole", *longer))
     s3.client().download_file(s3_bucket, "whole/ep0-ba24-rank0.pt", str(tmp_path / "whole.pt"))
     expected = read_checkpoint(str(tmp_path / "whole.pt"))["state"]["model"]
 
@@ -167,7 +163,7 @@ def four_batches(sample_build, s3_server, tmp_path_factory) -> str:
         for key, value in s3_server.env().items():
             patch.setenv(key, value)
         tmp_path = tmp_path_factory.mktemp("four")
-        run_train(PYTHON, resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba"))
+        train_here(resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba"))
     return bucket
 
 

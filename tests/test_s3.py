@@ -16,7 +16,7 @@ from streaming import StreamingDataset
 from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.storage import StorageError
 from data_prep.to_mds import SUMMARY_FILE, convert
-from tests.conftest import PYTHON, run_train, train_overrides
+from tests.conftest import train_here, train_overrides
 from tests.s3server import free_ports
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "brown", "cyan"]
@@ -198,7 +198,7 @@ def test_training_streams_its_shards_from_the_bucket(spark, s3, s3_bucket, tmp_p
         "checkpoint.save_interval=3ba",
         *(f"data.streams.{n}.remote={r}" for n, r in remotes.items()),
     )
-    run_train(PYTHON, overrides, timeout=300)
+    train_here(overrides)
 
     with open(run_dir / "summary.json") as f:
         assert json.load(f)["batches"] == 3

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask
 from pipeline.sweep import main, run_all
 from pipeline.sweep_grid import expand, load_sweep, run_dirs
 from pipeline.towers import SamplePatchDropout
-from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_overrides
+from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_here, train_overrides
 from tests.tiny import NUM_PATCHES, TINY
 
 TINY_DEMO = [
@@ -215,7 +215,7 @@ def test_wall_clock_budget_ends_the_run_complete_with_the_lr_schedule_spent(samp
     overrides = train_overrides(
         cfg, run_dir, *QUICK, "max_wall_clock=6", "max_duration=100000ba", "checkpoint.autoresume=true"
     )
-    run_train(PYTHON, overrides)
+    train_here(overrides)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_rows(run_dir)
     per_batch = summary["wall_seconds"] / summary["batches"]

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.conftest import PYTHON, run_train, train_overrides
+from tests.conftest import train_here, train_overrides
 
 
 def read_losses(run_dir) -> list:
@@ -14,8 +14,7 @@ def read_losses(run_dir) -> list:
 def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, tmp_path):
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    run_train(
-        PYTHON,
+    train_here(
         train_overrides(
             cfg,
             run_dir,

@@ -27,7 +27,7 @@ from pipeline.export import export
 from pipeline.model import build_clip, lock_towers
 from pipeline.optim import build_optimizer, param_groups
 from pipeline.weights import load_initial_weights
-from tests.conftest import DEMO_YAML, REPO, run_check_script, train_overrides
+from tests.conftest import DEMO_YAML, REPO, run_check_script, train_here, train_overrides
 from tests.tiny import TINY, clipping_norms, make_trainer, tiny_model
 
 EVA_TINY = ModelConfig(
@@ -125,23 +125,19 @@ def test_a_mismatched_key_or_shape_fails_naming_it(tmp_path):
 
 
 def test_a_composer_checkpoint_as_pretrained_scores_as_the_checkpoint_itself(sample_build, tmp_path):
-    import pipeline.train
     from tests.conftest import eval_overrides
 
     cfg, _ = sample_build
     run_dir = tmp_path / "run"
-    pipeline.train.main(
-        [
-            DEMO_YAML,
-            *train_overrides(
-                cfg,
-                run_dir,
-                "data.global_batch_size=32",
-                "max_duration=3ba",
-                "checkpoint.save_interval=3ba",
-                "scheduler.warmup=0ba",
-            ),
-        ]
+    train_here(
+        train_overrides(
+            cfg,
+            run_dir,
+            "data.global_batch_size=32",
+            "max_duration=3ba",
+            "checkpoint.save_interval=3ba",
+            "scheduler.warmup=0ba",
+        )
     )
     eval_cfg = load(
         EvalConfig, os.path.join(REPO, "yamls", "eval", "zeroshot.yaml"), [*eval_overrides(cfg), f"load_path={run_dir}"]
@@ -234,22 +230,17 @@ def phase_overrides(cfg, run_dir, checkpoint, *extra) -> list:
 @pytest.fixture(scope="module")
 def masked_run(sample_build, tmp_path_factory):
     """4 masked batches of the demo recipe; its final checkpoint starts the tuning phase."""
-    import pipeline.train
-
     cfg, _ = sample_build
     run_dir = tmp_path_factory.mktemp("masked")
-    pipeline.train.main(
-        [
-            DEMO_YAML,
-            *train_overrides(
-                cfg,
-                run_dir,
-                "algorithms.patch_masking.ratio=0.5",
-                "max_duration=4ba",
-                "data.global_batch_size=16",
-                "checkpoint.save_interval=4ba",
-            ),
-        ]
+    train_here(
+        train_overrides(
+            cfg,
+            run_dir,
+            "algorithms.patch_masking.ratio=0.5",
+            "max_duration=4ba",
+            "data.global_batch_size=16",
+            "checkpoint.save_interval=4ba",
+        )
     )
     return str(run_dir / "checkpoints" / "ep0-ba4-rank0.pt")
 
@@ -308,7 +299,9 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
                 time.sleep(0.2)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        run_train(PYTHON, overrides)
+            run_train(PYTHON, overrides)  # the same command again
+        else:
+            train_here(overrides)
         final[name] = read_checkpoint(str(tmp_path / name / "checkpoints" / "ep0-ba6-rank0.pt"))["state"]["model"]
     for key, value in final["whole"].items():
         assert torch.equal(final["killed"][key], value), key
