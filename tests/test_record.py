@@ -103,6 +103,23 @@ def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build,
     assert os.readlink(run_dir / "checkpoints" / "latest-rank0.pt") == "ep0-ba6-rank0.pt"
 
 
+def test_the_checkpoint_saver_closes_once_though_composer_closes_it_again_at_exit(tmp_path, monkeypatch):
+    """Composer's exit hook runs every callback's post_close again after Trainer.close(): by then a
+    process that goes on (a notebook, a sweep) may have dropped the store's settings."""
+    from pipeline.checkpointing import build_checkpoint_saver
+    from pipeline.config import CheckpointConfig
+
+    saver = build_checkpoint_saver(CheckpointConfig(save_folder=str(tmp_path), save_interval="1ba", keep=1))
+    trainer = make_trainer(tiny_model(), max_duration="3ba", callbacks=[saver])
+    trainer.fit()
+    trainer.close()
+    assert sorted(os.listdir(tmp_path)) == ["ep0-ba3-rank0.pt", "latest-rank0.pt"]  # rotated on close
+    rotations = []
+    monkeypatch.setattr(saver, "rotate", lambda: rotations.append("again"))
+    saver.post_close()  # what the exit hook calls
+    assert rotations == []
+
+
 def test_a_finished_job_started_again_exits_0_saying_so(sample_build, tmp_path):
     cfg, _ = sample_build
     overrides = short_run(cfg, tmp_path / "done", "checkpoint.autoresume=true")
