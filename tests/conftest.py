@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -178,6 +179,15 @@ def train_here(overrides: list) -> None:
         torch.use_deterministic_algorithms(deterministic)  # `deterministic=true` sets it for the process
 
 
+def assert_bitwise_equal(actual: dict, expected: dict) -> None:
+    """Two model state dicts (a whole model: more than 10 tensors) with the same keys, equal bit for bit."""
+    import torch
+
+    assert actual.keys() == expected.keys() and len(expected) > 10
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
 PYTHON = [sys.executable]
 COMPOSER = [os.path.join(os.path.dirname(sys.executable), "composer")]
 
@@ -205,6 +215,16 @@ def s3_server(tmp_path_factory):
 
     with S3Server(str(tmp_path_factory.mktemp("s3"))) as server:
         yield server
+
+
+@contextlib.contextmanager
+def s3_environment(s3_server):
+    """The server's endpoint and keys in os.environ meanwhile: for module-scoped fixtures, which
+    cannot use the `s3` fixture's monkeypatch."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        yield
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@
     parallel_check.py OUT MODE... [run KEY=VALUE...]...
 
 First, for each `run`, train.py's main on the demo recipe with those overrides, one run after
-another (the first legs of test_parallel's autoresume tests); the process groups made during the
-first run are counted. Then 3 batches of the tiny CLIP under each parallelism MODE, one after another
-in the same processes.
+another (the first legs of test_parallel's autoresume tests), counting the process groups they make.
+Then 3 batches of the tiny CLIP under each parallelism MODE, one after another in the same processes.
 
 Writes (rank 0) {"groups_made": how many times torch.distributed.init_process_group ran during the
-first run, mode: {"losses": [...], "local": parameters held by this rank, "total": all parameters}}.
+runs, mode: {"losses": [...], "local": parameters held by this rank, "total": all parameters}}.
 One group is right: Composer's. Two means a StreamingDataset made and destroyed its own first, on the
 same MASTER_PORT, and the ranks' second rendezvous can join the first one's dying store (a hang).
 """
@@ -27,7 +26,7 @@ from tests.conftest import DEMO_YAML
 from tests.tiny import make_trainer, tiny_model
 
 
-def groups_made_running(overrides: list) -> int:
+def groups_made_running(runs: list) -> int:
     made = []
     init_process_group = torch.distributed.init_process_group
 
@@ -37,7 +36,8 @@ def groups_made_running(overrides: list) -> int:
 
     torch.distributed.init_process_group = counted  # streaming and Composer both call it through the module
     try:
-        pipeline.train.main([DEMO_YAML, *overrides])
+        for overrides in runs:  # the first makes Composer's group; the others find it made
+            pipeline.train.main([DEMO_YAML, *overrides])
     finally:
         torch.distributed.init_process_group = init_process_group
     return len(made)
@@ -64,10 +64,7 @@ def main(out: str, *args: str) -> None:
             runs.append([])
         else:
             (runs[-1] if runs else modes).append(arg)
-    first, *others = runs
-    results = {"groups_made": groups_made_running(first)}  # first: before any process group
-    for overrides in others:
-        pipeline.train.main([DEMO_YAML, *overrides])
+    results = {"groups_made": groups_made_running(runs)}  # first: before any process group
     results.update({mode: run(mode) for mode in modes})
     if dist.get_global_rank() == 0:
         torch.save(results, out)

@@ -12,7 +12,6 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from pipeline.checkpointing import (
     CHECKPOINT_NAME,
@@ -24,7 +23,18 @@ from pipeline.checkpointing import (
 from pipeline.config import ConfigError, TrainConfig, load
 from pipeline.run_folder import read_metrics
 from pipeline.runs import pin_sample_order, resolve_run
-from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_here, train_overrides
+from tests.conftest import (
+    COMPOSER,
+    DEMO_YAML,
+    PYTHON,
+    REPO,
+    SMALL_MODEL,
+    assert_bitwise_equal,
+    run_train,
+    s3_environment,
+    train_here,
+    train_overrides,
+)
 
 # Uploads run in threads, so `latest` names the first checkpoint a few seconds after it is saved;
 # the killed runs are long enough to be killed before they finish.
@@ -99,9 +109,7 @@ def run_uninterrupted(sample_build, s3_server, tmp_path_factory, overrides) -> t
     cfg, _ = sample_build
     bucket = s3_server.make_bucket()
     run_dir = tmp_path_factory.mktemp("world") / "whole"
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in s3_server.env().items():
-            patch.setenv(key, value)
+    with s3_environment(s3_server):
         run_train(launcher(2), overrides(cfg, run_dir, f"s3://{bucket}/whole"))
     return bucket, run_dir
 
@@ -254,12 +262,6 @@ def test_ddp_run_in_the_bucket_killed_and_resumed_on_2_ranks_ends_bitwise_equal(
         assert [int(row["batch"]) for row in csv.DictReader(f)] == list(range(BATCHES))
     record = {f"killed/{name}" for name in ("metrics.csv", "loss.csv", "loss.png", "summary.json", "config.yaml")}
     assert record <= set(s3.list_keys(bucket, "killed/"))
-
-
-def assert_bitwise_equal(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys() and len(expected) > 10
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import COMPOSER, DEMO_YAML, REPO, run_check_script, train_overrides
+from tests.conftest import COMPOSER, DEMO_YAML, REPO, run_check_script, s3_environment, train_overrides
 
 MODES = ["ddp", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"]  # HYBRID_SHARD: one replica of 2 on one machine
 
@@ -43,9 +43,7 @@ def runs(sample_build, s3_server, tmp_path_factory) -> dict:
     first_legs = [
         arg for kind in AUTORESUMED for arg in ("run", *autoresumed(cfg, folder, bucket, *kind), "max_duration=2ba")
     ]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in s3_server.env().items():
-            patch.setenv(key, value)
+    with s3_environment(s3_server):
         results = run_check_script("parallel_check.py", 2, folder / "runs.pt", *MODES, *first_legs)
     return {**results, "first legs": (folder, bucket)}
 

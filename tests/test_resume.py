@@ -13,7 +13,17 @@ import torch
 
 from pipeline.checkpointing import read_checkpoint
 from pipeline.runs import resolve_run
-from tests.conftest import DEMO_YAML, PYTHON, REPO, SMALL_MODEL, run_train, train_here, train_overrides
+from tests.conftest import (
+    DEMO_YAML,
+    PYTHON,
+    REPO,
+    SMALL_MODEL,
+    assert_bitwise_equal,
+    run_train,
+    s3_environment,
+    train_here,
+    train_overrides,
+)
 
 pytestmark = pytest.mark.slow
 MAX_BATCHES = 8
@@ -55,12 +65,6 @@ def final_weights(s3, bucket: str, prefix: str, tmp_path) -> dict:
     return read_checkpoint(str(local))["state"]["model"]
 
 
-def assert_same_weights(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name  # bitwise
-
-
 # The plain cases: one rank augmenting on the host is killed and resumed bitwise in the outage test, and
 # two ranks with checkpoints in the bucket in tests/test_elastic.py.
 def test_sigkill_at_a_random_batch_resumes_exactly_with_the_batches_finished_on_the_device(
@@ -83,7 +87,7 @@ def test_sigkill_at_a_random_batch_resumes_exactly_with_the_batches_finished_on_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     run_train(PYTHON, overrides)  # the same command again
-    assert_same_weights(final_weights(s3, s3_bucket, "killed", tmp_path), expected)
+    assert_bitwise_equal(final_weights(s3, s3_bucket, "killed", tmp_path), expected)
     with open(tmp_path / "killed" / "summary.json") as f:
         assert json.load(f)["batches"] == MAX_BATCHES
     # The whole run's record: every batch once, though the killed run had logged past its checkpoint.
@@ -148,7 +152,7 @@ def test_store_outage_while_saving_stops_clearly_and_resumes(sample_build, s3, s
 
     run_train(PYTHON, overrides)  # the same command, the store back
     s3.client().download_file(s3_bucket, "outage/ep0-ba24-rank0.pt", str(tmp_path / "outage.pt"))
-    assert_same_weights(read_checkpoint(str(tmp_path / "outage.pt"))["state"]["model"], expected)
+    assert_bitwise_equal(read_checkpoint(str(tmp_path / "outage.pt"))["state"]["model"], expected)
     # The record covers the whole run, each batch once, across the outage and the resumption.
     rows = (tmp_path / "outage" / "loss.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == list(range(24))
@@ -159,9 +163,7 @@ def four_batches(sample_build, s3_server, tmp_path_factory) -> str:
     """The bucket of a finished 4-batch run, in `run/`: each test below corrupts a copy of it."""
     cfg, _ = sample_build
     bucket = s3_server.make_bucket()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in s3_server.env().items():
-            patch.setenv(key, value)
+    with s3_environment(s3_server):
         tmp_path = tmp_path_factory.mktemp("four")
         train_here(resumable(cfg, tmp_path, "run", f"s3://{bucket}/run", "max_duration=4ba"))
     return bucket

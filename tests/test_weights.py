@@ -279,7 +279,7 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
     import time
 
     from pipeline.checkpointing import read_checkpoint
-    from tests.conftest import PYTHON, run_train
+    from tests.conftest import PYTHON, assert_bitwise_equal, run_train
 
     cfg, _ = sample_build
     final = {}
@@ -303,5 +303,4 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
         else:
             train_here(overrides)
         final[name] = read_checkpoint(str(tmp_path / name / "checkpoints" / "ep0-ba6-rank0.pt"))["state"]["model"]
-    for key, value in final["whole"].items():
-        assert torch.equal(final["killed"][key], value), key
+    assert_bitwise_equal(final["killed"], final["whole"])
