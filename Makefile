@@ -65,6 +65,10 @@ eval: install
 # One compute thread a test process: the suite's 2 workers often run 2 ranks each on 2 cores, and
 # threads beyond the cores only spin (torchrun likewise sets 1 when a node runs several ranks).
 test: export OMP_NUM_THREADS := 1
+# The suite's JVMs (Spark drivers, a standalone master, workers and executors) live a minute or
+# less: the C1 compiler alone and the serial collector halve their CPU (a sample build's driver,
+# 53 -> 28 CPU-s). Long builds (`make shards`) keep the JVM's defaults.
+test: export JAVA_TOOL_OPTIONS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

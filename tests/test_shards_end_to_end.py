@@ -1,7 +1,8 @@
-"""Whole `make shards` builds of the sample's training sources: on a Spark standalone cluster on
-loopback, and killed (kill -9) mid-download and mid-conversion, then resumed: the same streams as the
-session's local build."""
+"""A whole `make shards` build of the sample's training sources, killed (kill -9) mid-download on
+local Spark and mid-conversion on a Spark standalone cluster on loopback, then resumed on the cluster:
+the same streams as the session's local build."""
 
+import collections
 import contextlib
 import glob
 import json
@@ -71,9 +72,13 @@ def _same_result(root: str, sample_build, names=("web", "coco")) -> None:
         assert _samples(os.path.join(root, name)) == _samples(cfg.sources[name].out)
 
 
+SparkCluster = collections.namedtuple("SparkCluster", "master workers")
+
+
 @pytest.fixture
 def spark_cluster(tmp_path):
-    """A Spark standalone master and two one-core workers on 127.0.0.1; every process stopped after."""
+    """A Spark standalone master and two one-core workers on 127.0.0.1 (their URL and worker
+    processes); every process stopped after."""
     master_port, ui_port, w1, w2 = free_ports(4)
     spark_class = os.path.join(SPARK_HOME, "bin", "spark-class")
     env = {
@@ -126,7 +131,7 @@ def spark_cluster(tmp_path):
             )
         )
     try:
-        yield master
+        yield SparkCluster(master, processes[1:])
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
@@ -135,51 +140,47 @@ def spark_cluster(tmp_path):
         assert all(p.poll() is not None for p in processes)
 
 
-@pytest.mark.slow
-def test_make_shards_on_a_standalone_cluster(spark_cluster, sample_build, tmp_path):
-    """The COCO-format source (every kind of bad row, 620 URLs) built on the cluster as it is locally."""
-    root = str(tmp_path / "cluster")
-    args = " ".join(o for o in sample_overrides(root) if not o.startswith("sources.") or "sources.coco." in o)
-    proc = subprocess.run(
-        ["make", "-C", REPO, "shards", f"SOURCES={_sample_yaml(tmp_path, ('coco',))}", f"SHARDS_ARGS={args}"],
-        env={**os.environ, "SPARK_MASTER": spark_cluster},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"on {spark_cluster}" in proc.stdout
-    _same_result(root, sample_build, ("coco",))
-
-
-def _kill_when(cmd: list, ready, timeout: float = 600) -> None:
-    """Start cmd in its own process group; once ready() is true, SIGKILL the group and every process
-    it started, as a machine dying would. (Spark's Python workers put themselves in a process group
-    of their own: killed with the group only, they would finish their shards against the sample's
-    HTTP server, which died with the build, and record every URL as failed.)"""
+def _kill_when(cmd: list, ready, env=None, nodes=(), timeout: float = 600) -> None:
+    """Start cmd in its own process group; once ready() is true, SIGKILL it and every process it
+    started, here and under the cluster's worker processes `nodes` (executors and their Python
+    workers), as machines dying would. Everything is stopped before anything is killed: Spark's
+    Python workers put themselves in a process group of their own, and one left running would finish
+    its shard against the sample's HTTP server, which died with the build, and record every URL as
+    failed."""
     import psutil
 
     process = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + timeout
     while not ready():
         assert process.poll() is None, "the build ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.2)
-    descendants = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGSTOP)
+    roots = [psutil.Process(process.pid), *(psutil.Process(node.pid) for node in nodes)]
+    stopped = {}
+    while new := [p for root in roots for p in root.children(recursive=True) if p.pid not in stopped]:
+        for child in new:  # until none is left running to start another
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.suspend()
+            stopped[child.pid] = child
     os.killpg(process.pid, signal.SIGKILL)
-    for child in descendants:
+    for child in stopped.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     process.wait()
-    psutil.wait_procs(descendants, timeout=30)
+    psutil.wait_procs(list(stopped.values()), timeout=30)
 
 
 @pytest.mark.slow
-def test_killed_download_and_conversion_resume_to_the_same_streams(sample_build, tmp_path):
+def test_killed_download_and_conversion_resume_to_the_same_streams(spark_cluster, sample_build, tmp_path):
+    """Killed mid-download on local Spark, then mid-conversion on the cluster, then finished there by
+    `make shards`: the cluster downloads the rest of the web source and all of the COCO-format source
+    (every kind of bad row), and converts both, resuming a build another master started."""
     root = str(tmp_path / "resume")
-    build = [sys.executable, "-m", "data_prep.build", _sample_yaml(tmp_path, ("web", "coco"))]
+    sources = _sample_yaml(tmp_path, ("web", "coco"))
+    build = [sys.executable, "-m", "data_prep.build", sources]
     args = [
         *_training_sources_only(sample_overrides(root)),
         "sources.web.img2dataset.number_sample_per_shard=400",
@@ -191,15 +192,20 @@ def test_killed_download_and_conversion_resume_to_the_same_streams(sample_build,
     assert 2 <= done < 9  # about 3,300 URLs to download, 400 a shard: killed mid-download
     print(f"killed with {done} of 9 download shards finished (about {done * 400} URLs)")
 
-    # Killed as soon as the web stream's conversion starts writing (its folder appears).
-    _kill_when([*build, *args], lambda: os.path.isdir(os.path.join(root, "web")))
+    # On the cluster, killed as soon as the web stream's conversion starts writing (its folder appears).
+    on_cluster = {**os.environ, "SPARK_MASTER": spark_cluster.master}
+    _kill_when(
+        [*build, *args], lambda: os.path.isdir(os.path.join(root, "web")), env=on_cluster, nodes=spark_cluster.workers
+    )
     assert not os.path.exists(os.path.join(root, "web", "index.json"))  # a killed conversion: no stream
     print(f"killed during the conversion, after the download finished ({len(glob.glob(stats))} of 9 shards)")
 
-    proc = subprocess.run([*build, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    make = ["make", "-C", REPO, "shards", f"SOURCES={sources}", f"SHARDS_ARGS={' '.join(args)}"]
+    proc = subprocess.run(make, env=on_cluster, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"on {spark_cluster.master}" in proc.stdout
     web = _summaries(os.path.join(root, "_work"))["web"]
-    assert web["shards_done_before"] == 9 and web["shards_fetched"] == 0  # the second run finished the download
+    assert web["shards_done_before"] == 9 and web["shards_fetched"] == 0  # the killed cluster run finished it
     # The terminal: a line per stage and source; Spark's, img2dataset's and streaming's output is in the logs.
     lines = proc.stdout.splitlines()
     with open(os.path.join(root, "_work", "prepared", "web", "counts.json")) as f:
