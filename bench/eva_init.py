@@ -60,10 +60,11 @@ def tower_change(start: dict, end: dict) -> dict:
     return change
 
 
-def weights(checkpoint: str) -> dict:
+def weights(save_folder: str) -> dict:
+    """The open_clip weights of a run's newest whole checkpoint."""
     from pipeline.runs import clip_weights
 
-    return clip_weights(os.path.join(REPO, checkpoint))
+    return clip_weights(os.path.join(REPO, save_folder))
 
 
 def initial_weights(overrides: list) -> dict:
@@ -90,7 +91,7 @@ def main() -> None:
     run("pipeline/export.py", "yamls/eval/zeroshot.yaml", export, "load_path=runs/demo")
     init_b = [f"model.visual_init.path={export}", f"model.text_init.path={export}"]
     runs = {"B": ["run_name=eva_b", *init_b], "C": ["run_name=eva_c"]}
-    moved_a = tower_change(initial_weights([]), weights("runs/demo/checkpoints/latest-rank0.pt"))
+    moved_a = tower_change(initial_weights([]), weights("runs/demo/checkpoints"))
     rows = {"A: demo, from scratch (lr 1e-3, 500 batches)": (scores("runs/demo", "runs/eva_a.json"), moved_a)}
     rows["B at step 0: A's towers"] = (scores_of_init(init_b), None)
     for name, overrides in runs.items():
@@ -106,7 +107,7 @@ def main() -> None:
             "C": f"C: random init + EVA rates, {args.batches} batches",
         }[name]
         run_dir = f"runs/eva_{name.lower()}"
-        moved = tower_change(initial_weights(overrides), weights(f"{run_dir}/checkpoints/latest-rank0.pt"))
+        moved = tower_change(initial_weights(overrides), weights(f"{run_dir}/checkpoints"))
         rows[label] = (scores(run_dir, f"{run_dir}/zeroshot.json"), moved)
     print("| run | " + " | ".join(SCORES) + " | visual moved | text moved |\n|---|" + "---|" * (len(SCORES) + 2))
     for label, (score, moved) in rows.items():
