@@ -148,6 +148,13 @@ def train_pipeline(args, folder: str, config: dict) -> float:
     return args.batch / ((measured[-1] - measured[0]) / (len(measured) - 1))
 
 
+# open_clip_train's fixed settings: one epoch, the optimizer train_pipeline gives the other side, a log per step.
+PEER_SETTINGS = (
+    "--dataset-type csv --epochs 1 --lr 1e-4 --wd 0.1 --warmup 1 --beta1 0.9 --beta2 0.98 --eps 1e-6 "
+    "--log-every-n-steps 1 --name peer --save-frequency 0 --seed 0"
+).split()
+
+
 def measure_peer(args, config: dict) -> dict:
     """Runs in the subprocess: one side of the --peer comparison; seconds per step after warm-up."""
     folder = tempfile.mkdtemp()
@@ -164,47 +171,16 @@ def measure_peer(args, config: dict) -> dict:
             json.dump(custom, f)
         open_clip.add_model_config(os.path.join(folder, "vit-ti-bench.json"))
     log = os.path.join(folder, "logs")
-    open_clip_main(
-        [
-            "--train-data",
-            csv_path,
-            "--dataset-type",
-            "csv",
-            "--model",
-            name,
-            "--batch-size",
-            str(args.batch),
-            "--workers",
-            str(args.workers),
-            "--epochs",
-            "1",
-            "--lr",
-            "1e-4",
-            "--wd",
-            "0.1",
-            "--warmup",
-            "1",
-            "--beta1",
-            "0.9",
-            "--beta2",
-            "0.98",
-            "--eps",
-            "1e-6",
-            "--precision",
-            "amp_bf16" if args.precision == "amp_bf16" else "fp32",
-            "--log-every-n-steps",
-            "1",
-            "--logs",
-            log,
-            "--name",
-            "peer",
-            "--save-frequency",
-            "0",
-            "--seed",
-            "0",
-            *(["--force-patch-dropout", str(ratio)] if ratio else []),
-        ]
-    )
+    options = {
+        "--train-data": csv_path,
+        "--model": name,
+        "--batch-size": args.batch,
+        "--workers": args.workers,
+        "--precision": "amp_bf16" if args.precision == "amp_bf16" else "fp32",
+        "--logs": log,
+        **({"--force-patch-dropout": ratio} if ratio else {}),
+    }
+    open_clip_main([*PEER_SETTINGS, *(str(part) for option in options.items() for part in option)])
     with open(os.path.join(log, "peer", "out.log")) as f:
         steps = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", f.read())]
     seconds = sum(steps[args.warmup :]) / len(steps[args.warmup :])

@@ -66,11 +66,6 @@ def percent(scores: dict, metric: str) -> str:
 
 def report(sweep: SweepConfig, runs: list) -> str:
     """Write <folder>/report.md (one row per finished run) and <folder>/report.png; return the table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [(run, read_summary(run.run_dir)) for run in runs]
     done = [
         (run, summary, load(TrainConfig, os.path.join(run.run_dir, CONFIG_FILE))) for run, summary in done if summary
@@ -109,6 +104,20 @@ def report(sweep: SweepConfig, runs: list) -> str:
         )
         curves[run.name] = eval_curves(run.run_dir, offset)
     text = markdown_table(table)
+    os.makedirs(sweep.folder, exist_ok=True)
+    plot_curves(sweep, metrics, curves)
+    with open(os.path.join(sweep.folder, "report.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def plot_curves(sweep: SweepConfig, metrics: list, curves: dict) -> None:
+    """<folder>/report.png: each metric against training wall-clock, a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, run_curves in curves.items():
@@ -119,9 +128,5 @@ def report(sweep: SweepConfig, runs: list) -> str:
         ax.set_title(f"{sweep.name}: {metric}")
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    os.makedirs(sweep.folder, exist_ok=True)
     fig.savefig(os.path.join(sweep.folder, "report.png"), dpi=100)
     plt.close(fig)
-    with open(os.path.join(sweep.folder, "report.md"), "w") as f:
-        f.write(text + "\n")
-    return text
