@@ -204,6 +204,8 @@ def test_killed_download_and_conversion_resume_to_the_same_streams(spark_cluster
     proc = subprocess.run(make, env=on_cluster, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"on {spark_cluster.master}" in proc.stdout
+    # The killed build ran on the cluster too: its workers launched executors for two applications.
+    assert len({os.path.basename(app) for app in glob.glob(str(tmp_path / "worker*" / "app-*"))}) == 2
     web = _summaries(os.path.join(root, "_work"))["web"]
     assert web["shards_done_before"] == 9 and web["shards_fetched"] == 0  # the killed cluster run finished it
     # The terminal: a line per stage and source; Spark's, img2dataset's and streaming's output is in the logs.
