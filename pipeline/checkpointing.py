@@ -21,7 +21,9 @@ What is built here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -301,7 +303,16 @@ class SaveFolder:
         return files
 
 
-def resume_checkpoint(save_folder: str) -> Optional[str]:
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A whole checkpoint to resume from, and the sha256 of each of its files that its run signed
+    ({} for a full checkpoint, which is loaded with weights_only instead)."""
+
+    path: str
+    digests: dict = dataclasses.field(default_factory=dict)
+
+
+def resume_checkpoint(save_folder: str) -> Optional[ResumePoint]:
     """The newest whole checkpoint in `save_folder` (at or before the one `latest` names), or None.
     A sharded one must be signed by this run; its shards' digests are then trusted when loaded.
     A sharded save without its manifest (killed while saving) is skipped, saying so."""
@@ -312,12 +323,10 @@ def resume_checkpoint(save_folder: str) -> Optional[str]:
     candidates = sorted(((b, n) for b, n in folder.checkpoint_batches().items() if b <= latest), reverse=True)
     for _, name in candidates:
         if name.endswith(".pt"):
-            return folder.path(name)
+            return ResumePoint(folder.path(name))
         files = folder.signed_files(name, folder.run_key())
         if files is not None:
-            _signed_digests.clear()
-            _signed_digests.update(files)
-            return folder.path(name)
+            return ResumePoint(folder.path(name), files)
         print(f"Skipping {folder.path(name)}: it has no {MANIFEST}, so its save did not finish.", file=sys.stderr)
     return None
 
@@ -358,10 +367,9 @@ SHARDED_REFUSAL = (
     "is part of a sharded checkpoint, which torch.distributed.checkpoint unpickles, and this run did not "
     "sign it. Set checkpoint.trust=true (eval: trust=true) if you trust it."
 )
-# {file name: sha256} of the sharded checkpoint being resumed, from its signed manifest; and the
-# files of it already checked in this process (Composer validates a shard at each read).
-_signed_digests: dict = {}
-_verified: set = set()
+# The digests Composer's validator checks: {file name: sha256} of the sharded checkpoint being
+# resumed, as JSON (Composer calls the validator by name, so it reads them from the environment).
+SIGNED_DIGESTS_ENV = "CLIPSTREAM_SIGNED_DIGESTS"
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict:
@@ -383,28 +391,38 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
         raise CheckpointError(f"{path} is corrupt or truncated, so it was not loaded: {err}") from None
 
 
+@functools.cache
+def _digest_of_unchanged_file(path: str, size: int, mtime_ns: int) -> str:
+    """A documented cache: Composer validates a shard at each of its reads; each file is hashed once
+    per process (while its size and time stay those it had)."""
+    return file_digest(path)
+
+
 def validate_checkpoint(path, specs=None) -> bool:
-    """Composer's CHECKPOINT_VALIDATION_FUNCTION: runs before every checkpoint load."""
+    """Composer's CHECKPOINT_VALIDATION_FUNCTION: runs before every checkpoint load, with what
+    guard_checkpoint_loading put in the environment."""
     trust = os.environ.get(TRUST_ENV) == "1"
     # Composer passes byte ranges (specs) for .distcp shards, and the sharded .metadata file.
     if specs is not None or str(path).endswith(DCP_METADATA):
-        name = os.path.basename(str(path))
-        if str(path) in _verified or trust:
+        if trust:
             return True
-        if name not in _signed_digests:
+        name, signed = os.path.basename(str(path)), json.loads(os.environ.get(SIGNED_DIGESTS_ENV) or "{}")
+        if name not in signed:
             raise CheckpointError(f"{path} {SHARDED_REFUSAL}")
-        if file_digest(str(path)) != _signed_digests[name]:
+        stat = os.stat(path)
+        if _digest_of_unchanged_file(str(path), stat.st_size, stat.st_mtime_ns) != signed[name]:
             raise CheckpointError(f"{path} does not match the digest its run signed for it: corrupt, or replaced")
-        _verified.add(str(path))
         return True
     read_checkpoint(str(path), trust)
     return True
 
 
-def guard_checkpoint_loading(trust: bool) -> None:
-    """Make Composer check every checkpoint with `validate_checkpoint` before it loads one."""
+def guard_checkpoint_loading(trust: bool, resume: Optional[ResumePoint] = None) -> None:
+    """Make Composer check every checkpoint with `validate_checkpoint` before it loads one: a sharded
+    one only against the digests `resume` carries (signed by the run being resumed), unless `trust`."""
     os.environ["CHECKPOINT_VALIDATION_FUNCTION"] = f"{__name__}.validate_checkpoint"
     os.environ[TRUST_ENV] = "1" if trust else "0"
+    os.environ[SIGNED_DIGESTS_ENV] = json.dumps(resume.digests if resume else {})
 
 
 MODEL_KEYS = "state.model."  # where a Composer checkpoint keeps the model (DCP flattens nested keys with dots)

@@ -114,12 +114,12 @@ def resolve_run(load_path: str, model: Optional[ModelConfig]) -> tuple:
     is_local_folder = not is_remote(load_path) and os.path.isdir(load_path)
     if is_save_folder(load_path) or (is_local_folder and os.path.isfile(os.path.join(load_path, CONFIG_FILE))):
         saved = saved_config(load_path)  # in both folders
-        checkpoint = resume_checkpoint(saved.checkpoint.save_folder if not is_save_folder(load_path) else load_path)
-        if checkpoint is None:
+        resume = resume_checkpoint(saved.checkpoint.save_folder if not is_save_folder(load_path) else load_path)
+        if resume is None:
             raise ConfigError(
                 f"The run in {load_path} has no finished checkpoint in {saved.checkpoint.save_folder} yet"
             )
-        return model or saved.model, checkpoint
+        return model or saved.model, resume.path
     if model is not None:
         return model, load_path
     saved = saved_config(os.path.dirname(load_path.rstrip("/")))
@@ -140,7 +140,7 @@ def clip_weights(path: str, trust: bool = False) -> dict:
     """The open_clip weights of a Composer checkpoint (full or sharded, local or remote) or of a run's
     save folder (its newest whole checkpoint), never unpickling code unless `trust`."""
     if is_save_folder(path):
-        path = resume_checkpoint(path)
+        path = resume_checkpoint(path).path  # read_checkpoint_model checks its signature itself
     try:
         return clip_state(read_checkpoint_model(path, trust))
     except CheckpointError as err:

@@ -30,6 +30,7 @@ from pipeline.callbacks import LossSpikeError, build_loggers, build_run_callback
 from pipeline.checkpointing import (  # noqa: E402
     CheckpointError,
     CheckpointUploadError,
+    ResumePoint,
     build_checkpoint_saver,
     guard_checkpoint_loading,
     resume_checkpoint,
@@ -45,12 +46,12 @@ from pipeline.runs import pin_sample_order, saved_config, write_run_config  # no
 from pipeline.weights import load_initial_weights  # noqa: E402
 
 
-def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None = None) -> Trainer:
-    """The run's Trainer, resuming from `resume_path` if given; its record (pipeline/record.py) and
-    the config's loggers are added to `loggers`."""
+def build_trainer(cfg: TrainConfig, loggers: list = (), resume: ResumePoint | None = None) -> Trainer:
+    """The run's Trainer, resuming from `resume` if given (its sharded files checked against the
+    digests it carries); its record (pipeline/record.py) and the config's loggers are added to `loggers`."""
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
-    guard_checkpoint_loading(cfg.checkpoint.trust)
+    guard_checkpoint_loading(cfg.checkpoint.trust, resume)
     device = cfg.device or (Device.gpu if torch.cuda.is_available() else Device.cpu)
     precision = cfg.precision or (Precision.amp_bf16 if device == Device.gpu else Precision.fp32)
     # Before any StreamingDataset: with no process group, streaming makes and destroys its own on the
@@ -91,7 +92,7 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume_path: str | None 
         ],
         compile_config=cfg.compile_config,
         run_name=cfg.run_name,
-        load_path=resume_path or cfg.checkpoint.load_path,
+        load_path=resume.path if resume else cfg.checkpoint.load_path,
         seed=cfg.seed,
         deterministic_mode=cfg.deterministic,
         progress_bar=cfg.progress_bar,
@@ -110,9 +111,9 @@ def main(argv: list) -> None:
     try:
         # autoresume: the newest whole checkpoint this run wrote, on whatever world size runs now,
         # and the sample order the run started with (a change to it fails here, naming the key).
-        resume_path = resume_checkpoint(cfg.checkpoint.save_folder) if cfg.checkpoint.autoresume else None
-        cfg = pin_sample_order(cfg, saved_config(cfg.checkpoint.save_folder) if resume_path else None)
-        trainer = build_trainer(cfg, resume_path=resume_path)
+        resume = resume_checkpoint(cfg.checkpoint.save_folder) if cfg.checkpoint.autoresume else None
+        cfg = pin_sample_order(cfg, saved_config(cfg.checkpoint.save_folder) if resume else None)
+        trainer = build_trainer(cfg, resume=resume)
         if already_complete(trainer, cfg):  # a scheduler retrying a finished job
             print(
                 f"Run '{cfg.run_name}' is already complete ({int(trainer.state.timestamp.batch)} batches, max_duration "

@@ -12,10 +12,14 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from pipeline.checkpointing import (
     CHECKPOINT_NAME,
+    SIGNED_DIGESTS_ENV,
+    TRUST_ENV,
     CheckpointError,
+    guard_checkpoint_loading,
     read_checkpoint_model,
     resume_checkpoint,
     validate_checkpoint,
@@ -285,6 +289,54 @@ def test_sharded_run_killed_on_2_ranks_resumes_on_4_killed_again_resumes_on_1(
     assert saved.data.num_canonical_nodes == 1 and saved.data.shuffle_block_size == 4_000_000
 
 
+def tuning(cfg, run_dir, save_folder: str, pretrained: str) -> list:
+    """FLIP's second phase as yamls/flip_b16_unmasked_tuning.yaml runs it: from the pre-training
+    run's save folder (its newest sharded checkpoint), no patch masking, sharded checkpoints of its
+    own in the bucket, autoresume."""
+    return train_overrides(
+        cfg,
+        run_dir,
+        f"max_duration={BATCHES}ba",
+        "data.global_batch_size=16",
+        "scheduler.warmup=2ba",
+        "deterministic=true",
+        "loggers.console.log_interval=1ba",
+        "algorithms.patch_masking=null",
+        f"model.pretrained.path={pretrained}",
+        "parallelism.sharding=HYBRID_SHARD",
+        "parallelism.state_dict_type=sharded",
+        f"checkpoint.save_folder={save_folder}",
+        f"checkpoint.save_interval={SAVE_EVERY}ba",
+        "checkpoint.autoresume=true",
+        *SMALL_MODEL,
+    )
+
+
+@pytest.mark.slow
+def test_flip_unmasked_tuning_from_a_sharded_pretraining_run_killed_and_resumed_ends_bitwise_equal(
+    sample_build, s3, uninterrupted, tmp_path
+):
+    """Both phases chained as the recipes run them: the masked 2-rank sharded pre-training in the
+    bucket, then unmasked tuning from its save folder, sharded too. Both runs sign their shards
+    with their own keys and name them alike: the tuning run's resume must check its own."""
+    cfg, _ = sample_build
+    bucket, _ = uninterrupted
+    pretrained = f"s3://{bucket}/whole"
+    train_here(tuning(cfg, tmp_path / "whole", f"s3://{bucket}/tuned-whole", pretrained))
+    overrides = tuning(cfg, tmp_path / "run", f"s3://{bucket}/tuned", pretrained)
+    killed = start(train_command(1, overrides), tmp_path / "killed.log")
+    killed_at = kill_once_latest_passes(s3, bucket, "tuned", [killed], [tmp_path / "killed.log"])
+    proc = run_train(launcher(1), overrides)  # the same command again
+    assert resumed(proc.stdout + proc.stderr, killed_at)
+    for metric in ("data/sample_hash", "loss/train/total"):
+        assert per_batch(tmp_path / "run", metric) == per_batch(tmp_path / "whole", metric)
+    last = f"ep0-ba{BATCHES}"
+    expected = read_checkpoint_model(f"s3://{bucket}/tuned-whole/{last}")
+    assert_bitwise_equal(read_checkpoint_model(f"s3://{bucket}/tuned/{last}"), expected)
+    pretrained_weights = read_checkpoint_model(f"{pretrained}/{last}")
+    assert not all(torch.equal(expected[k], pretrained_weights[k]) for k in expected)  # it did tune
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints the run did not write, or did not finish
 # ---------------------------------------------------------------------------
@@ -302,11 +354,13 @@ def copy_prefix(s3, bucket: str, source: str, target: str) -> None:
 def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninterrupted, tmp_path, capsys, monkeypatch):
     bucket, _ = uninterrupted
     client, last = s3.client(), f"ep0-ba{BATCHES}"
-    monkeypatch.setenv("CLIPSTREAM_TRUST_CHECKPOINTS", "0")
+    for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV, SIGNED_DIGESTS_ENV):  # restored after the test
+        monkeypatch.setenv(name, "")
 
     copy_prefix(s3, bucket, "whole", "unfinished")  # killed between the shards and the manifest
     client.delete_object(Bucket=bucket, Key=f"unfinished/{last}/manifest.json")
-    assert resume_checkpoint(f"s3://{bucket}/unfinished") == f"s3://{bucket}/unfinished/ep0-ba{BATCHES - SAVE_EVERY}"
+    unfinished = resume_checkpoint(f"s3://{bucket}/unfinished")
+    assert unfinished.path == f"s3://{bucket}/unfinished/ep0-ba{BATCHES - SAVE_EVERY}"
     assert f"Skipping s3://{bucket}/unfinished/{last}: it has no manifest.json" in capsys.readouterr().err
 
     copy_prefix(s3, bucket, "whole", "missing")  # one rank's shard lost
@@ -320,7 +374,13 @@ def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninter
         resume_checkpoint(f"s3://{bucket}/foreign")
 
     # A shard replaced after signing: refused before torch.distributed.checkpoint unpickles it.
-    assert resume_checkpoint(f"s3://{bucket}/whole") == f"s3://{bucket}/whole/{last}"  # trusts its signed digests
+    resume = resume_checkpoint(f"s3://{bucket}/whole")
+    assert resume.path == f"s3://{bucket}/whole/{last}" and set(resume.digests) == {
+        "__0_0.distcp",
+        "__1_0.distcp",
+        ".metadata",
+    }
+    guard_checkpoint_loading(trust=False, resume=resume)  # what the validator is given to check
     shard = tmp_path / "__0_0.distcp"
     client.download_file(bucket, f"whole/{last}/__1_0.distcp", str(shard))  # another rank's (signed) bytes
     with pytest.raises(CheckpointError, match="does not match the digest its run signed"):
@@ -332,6 +392,9 @@ def test_unfinished_missing_foreign_and_tampered_sharded_checkpoints(s3, uninter
     unsigned.write_bytes(shard.read_bytes())
     with pytest.raises(CheckpointError, match="this run did not sign it"):
         validate_checkpoint(unsigned, specs=[(0, 10)])
+    guard_checkpoint_loading(trust=False)  # nothing resumed: no sharded file is trusted
+    with pytest.raises(CheckpointError, match="this run did not sign it"):
+        validate_checkpoint(shard, specs=[(0, 10)])
 
 
 @pytest.mark.slow

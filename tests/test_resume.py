@@ -213,13 +213,17 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, fo
 
 
 def test_sharded_checkpoint_files_the_run_did_not_sign_need_trust(monkeypatch, tmp_path):
-    from pipeline import checkpointing
-    from pipeline.checkpointing import TRUST_ENV, CheckpointError, guard_checkpoint_loading, validate_checkpoint
+    from pipeline.checkpointing import (
+        SIGNED_DIGESTS_ENV,
+        TRUST_ENV,
+        CheckpointError,
+        guard_checkpoint_loading,
+        validate_checkpoint,
+    )
 
-    for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV):  # restored after the test
+    for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV, SIGNED_DIGESTS_ENV):  # restored after the test
         monkeypatch.setenv(name, "")
-    monkeypatch.setattr(checkpointing, "_signed_digests", {})  # no resumed checkpoint's manifest
-    guard_checkpoint_loading(trust=False)
+    guard_checkpoint_loading(trust=False)  # no resumed checkpoint: no signed digests
     with pytest.raises(CheckpointError, match="this run did not sign it"):
         validate_checkpoint(tmp_path / "__0_0.distcp", specs=[(0, 10)])
     with pytest.raises(CheckpointError, match="sharded checkpoint"):
