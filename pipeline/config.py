@@ -70,6 +70,11 @@ class AugmentOn(Enum):
     device = "device"  # the workers decode and crop; resize, flip, normalise run batched on the device
 
 
+class Sampling(Enum):
+    streaming = "streaming"  # streaming's own draw: each epoch's samples one by one across every shard
+    shard_passes = "shard_passes"  # whole shards in seeded passes (pipeline/sampling.py)
+
+
 class WeightsLayout(Enum):
     open_clip = "open_clip"  # an open_clip model's state dict (our exports, open_clip checkpoints)
     openai = "openai"  # OpenAI CLIP's state dict: the same key names as open_clip's built-in towers
@@ -135,6 +140,9 @@ class DataConfig:
     decode_on_device: bool = False
     # Samples per epoch across the mix; None = the streams' natural size.
     epoch_size: Optional[int] = None
+    # How a (virtual) epoch draws each stream's share: shard_passes reads only the epoch's shards
+    # and every sample once per pass (pipeline/sampling.py); streaming draws from every shard.
+    sampling: Sampling = Sampling.streaming
     # streaming's sample order: the same for any number of ranks, nodes and workers as long as
     # these stay the same. None: pinned at a run's first start (num_canonical_nodes to the node
     # count then, as streaming does; shuffle_block_size to streaming's default for it) and kept in

@@ -11,11 +11,12 @@ from typing import Optional
 
 import torch
 from composer.core import DataSpec
-from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader
 from streaming.base.hashing import get_hash
 
 from pipeline.augment import Augment, collate_device_parts
 from pipeline.config import AugmentOn, ConfigError, DataConfig, Device
+from pipeline.sampling import ShardPassDataset
 from pipeline.shm_prefix import register_prefixes_one_at_a_time
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class CorruptShardError(RuntimeError):
     """A shard whose bytes no longer match the hash written when it was built."""
 
 
-class CLIPStreamingDataset(StreamingDataset):
+class CLIPStreamingDataset(ShardPassDataset):
     """Augments each sample's image (pipeline/augment.py) and tokenizes one of its captions.
 
     Every shard is checked against its build-time hash the first time this process reads it. A
@@ -151,6 +152,7 @@ def build_dataloader(
         shuffle=cfg.shuffle,
         shuffle_seed=seed,
         epoch_size=cfg.epoch_size,
+        sampling=cfg.sampling.value,
         num_canonical_nodes=cfg.num_canonical_nodes,
         shuffle_algo=cfg.shuffle_algo,
         shuffle_block_size=cfg.shuffle_block_size,

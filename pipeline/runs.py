@@ -66,6 +66,7 @@ SAMPLE_ORDER_KEYS = (
     "data.streams",
     "data.shuffle",
     "data.epoch_size",
+    "data.sampling",
     "data.num_canonical_nodes",
     "data.shuffle_algo",
     "data.shuffle_block_size",

@@ -47,12 +47,15 @@ MASKING = ["algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=
 
 
 def elastic(cfg, run_dir, *extra: str) -> list:
-    """The demo recipe, small, with patch and text masking, global batch 16."""
+    """The demo recipe, small, with patch and text masking, global batch 16, in a virtual epoch
+    (1,024 of the sample's ~3,600) drawn in shard passes, as the recipes draw them."""
     return train_overrides(
         cfg,
         run_dir,
         f"max_duration={BATCHES}ba",
         "data.global_batch_size=16",
+        "data.epoch_size=1024",
+        "data.sampling=shard_passes",
         "scheduler.warmup=2ba",
         "deterministic=true",
         "loggers.console.log_interval=1ba",
@@ -429,6 +432,7 @@ def test_sample_order_is_pinned_at_the_first_start_and_a_resume_may_not_change_i
         "seed=3": "seed",
         "data.num_canonical_nodes=4": "data.num_canonical_nodes",
         "data.streams.web.proportion=0.9": "data.streams",
+        "data.sampling=shard_passes": "data.sampling",
     }
     for override, key in changes.items():
         with pytest.raises(ConfigError, match=rf"^{key}=.* would change the sample order of the run being resumed"):

@@ -171,6 +171,17 @@ def streaming_shm_prefix():
     )
 
 
+def streaming_spanner_and_resample():
+    """StreamingDataset.__init__ builds its spanner from the module's `Spanner` name, and
+    generate_work reads resample_streams' (shuffle units, sample ids)."""
+    from streaming.base import dataset
+    from streaming.base.batching import random
+
+    return "Spanner(self.samples_per_shard)" in inspect.getsource(dataset.StreamingDataset.__init__) and (
+        "dataset.resample_streams(epoch)" in inspect.getsource(random.generate_work_random_batching)
+    )
+
+
 PRIVATE_APIS = {
     "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
     "pipeline/checkpointing.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
@@ -188,6 +199,9 @@ PRIVATE_APIS = {
     "pipeline/algorithms/flash_attention.py swaps the module's class": torch_multihead_attention,
     "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
     "pipeline/data.py names the shard and stream of a bad sample": streaming_shard_tables,
+    "streaming.base.dataset.Spanner, looked up by StreamingDataset.__init__, and "
+    "StreamingDataset.resample_streams (undocumented): pipeline/sampling.py builds its O(shards) spanner "
+    "there and draws virtual epochs in shard passes": streaming_spanner_and_resample,
     "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__, and the SharedMemory it "
     "attaches with (undocumented): pipeline/shm_prefix.py registers prefixes under a machine-wide lock and "
     "closes those attachments when released instead of at exit": streaming_shm_prefix,
