@@ -20,6 +20,7 @@ map the same shared memory). Prints a markdown table and the extrapolation to 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +31,9 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from pipeline.tables import markdown_table  # noqa: E402
+
 MIX = {"laion2b": 0.8, "coyo700m": 0.2}
 SHARD_BYTES = 1 << 26  # MDSWriter's default size_limit, which `make shards` keeps
 
@@ -72,31 +76,24 @@ def shm_bytes() -> int:
     )
 
 
-def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str, resume: bool) -> dict:
-    """Run in a fresh process: start-up, time to first batch (of epoch 0, or with `resume` of the
-    middle of epoch 3, as a resumed run asks for it), peak RSS and shared memory."""
+def build_dataset(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str):
+    """The two streams as a dataset whose samples are their ids (no shard is read). "streaming":
+    streaming 0.13 itself (its index, Spanner and draw), the baseline; otherwise this project's
+    dataset (pipeline/sampling.py) over the compact shard index (pipeline/shard_index.py)."""
     from streaming import Stream, StreamingDataset
 
     from pipeline.sampling import ShardPassDataset
+    from pipeline.shard_index import CompactStream
 
-    # "streaming": streaming 0.13 itself (its Spanner and draw), the baseline.
     base = StreamingDataset if sampling == "streaming" else ShardPassDataset
+    stream = Stream if sampling == "streaming" else CompactStream
 
     class SampleIds(base):
         def __getitem__(self, index: int) -> int:
             return index
 
-    shm_before, shm_peak, done = shm_bytes(), [0], threading.Event()
-    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # torch and streaming, loaded
-
-    def sample_shm() -> None:  # streaming's shared memory can be short-lived: keep its peak
-        while not done.wait(0.05):
-            shm_peak[0] = max(shm_peak[0], shm_bytes() - shm_before)
-
-    threading.Thread(target=sample_shm, daemon=True).start()
-    start = time.perf_counter()
-    streams = [Stream(local=os.path.join(root, name), proportion=p) for name, p in MIX.items()]
-    dataset = SampleIds(
+    streams = [stream(local=os.path.join(root, name), proportion=p) for name, p in MIX.items()]
+    return SampleIds(
         streams=streams,
         batch_size=batch_size,
         shuffle=True,
@@ -106,22 +103,35 @@ def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: in
         epoch_size=epoch_size or None,
         **({} if base is StreamingDataset else {"sampling": sampling}),
     )
+
+
+def resume_mid_epoch(dataset, num_canonical_nodes: int) -> None:
+    """What a resumed run's Trainer hands the dataset: half way through epoch 3."""
+    state = {"epoch": 3, "sample_in_epoch": dataset.epoch_size // 2, "num_canonical_nodes": num_canonical_nodes}
+    dataset.load_state_dict({**state, "shuffle_seed": 17, "initial_physical_nodes": None})
+
+
+def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str, resume: bool) -> dict:
+    """Run in a fresh process: start-up, time to first batch (of epoch 0, or with `resume` of the
+    middle of epoch 3, as a resumed run asks for it), peak RSS and shared memory."""
+    shm_before, shm_peak, done = shm_bytes(), [0], threading.Event()
+    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # torch and streaming, loaded
+
+    def sample_shm() -> None:  # streaming's shared memory can be short-lived: keep its peak
+        while not done.wait(0.05):
+            shm_peak[0] = max(shm_peak[0], shm_bytes() - shm_before)
+
+    threading.Thread(target=sample_shm, daemon=True).start()
+    start = time.perf_counter()
+    dataset = build_dataset(root, epoch_size, batch_size, num_canonical_nodes, sampling)
     startup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # what every rank holds
     if resume:
-        dataset.load_state_dict(
-            {
-                "epoch": 3,
-                "sample_in_epoch": dataset.epoch_size // 2,
-                "num_canonical_nodes": num_canonical_nodes,
-                "shuffle_seed": 17,
-                "initial_physical_nodes": None,
-            }
-        )
+        resume_mid_epoch(dataset, num_canonical_nodes)
     started = time.perf_counter()
     first = [sample for _, sample in zip(range(batch_size), iter(dataset))]
     first_batch = time.perf_counter()
     done.set()
-    result = {
+    return {
         "startup_s": started - start,
         "first_batch_s": first_batch - started,
         "shards": int(dataset.num_shards),
@@ -135,6 +145,108 @@ def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: in
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "shm_gib": max(shm_peak[0], shm_bytes() - shm_before) / 2**30,
     }
+
+
+def node_rank(root: str, epoch_size: int, args: dict, sampling: str, resume: bool, out: str) -> None:
+    """One rank of a simulated node (RANK, WORLD_SIZE, ... in the environment): the dataset, a
+    StreamingDataLoader with its workers, the first batch; then it waits until every rank of the
+    node has its first batch, so their memory is measured side by side."""
+    from streaming import StreamingDataLoader
+
+    start = time.perf_counter()
+    dataset = build_dataset(root, epoch_size, args["batch_size"], args["num_canonical_nodes"], sampling)
+    if resume:
+        resume_mid_epoch(dataset, args["num_canonical_nodes"])
+    loader = StreamingDataLoader(dataset, batch_size=args["batch_size"], num_workers=args["workers"])
+    started = time.perf_counter()
+    next(iter(loader))
+    first_batch = time.perf_counter()
+    with open(os.path.join(out, f"first_batch.{os.environ['RANK']}"), "w") as f:
+        json.dump({"startup_s": started - start, "first_batch_s": first_batch - started}, f)
+    while sum(name.startswith("first_batch.") for name in os.listdir(out)) < int(os.environ["WORLD_SIZE"]):
+        time.sleep(0.2)
+
+
+def node_memory(ranks: list) -> dict:
+    """PSS (shared pages split among the processes that map them, so the sum counts them once) of
+    the node's leader, its other ranks and all their loader workers, in bytes."""
+    import psutil
+
+    kinds = {"leader": 0, "ranks": 0, "workers": 0}
+    for rank, proc in enumerate(ranks):
+        try:
+            process = psutil.Process(proc.pid)
+            kinds["leader" if rank == 0 else "ranks"] += process.memory_full_info().pss
+            kinds["workers"] += sum(child.memory_full_info().pss for child in process.children(recursive=True))
+        except psutil.Error:  # a process that just ended
+            pass
+    return kinds
+
+
+def run_node(samples: int, epoch_size: int, sampling: str, resume: bool, args) -> dict:
+    """A node of `args.node` rank processes with `args.workers` loader workers each, all started
+    at once; per process kind and for the node: start-up, first batch, peak PSS, /dev/shm."""
+    import psutil
+
+    root = store(samples, args)
+    options = {"batch_size": args.batch_size, "num_canonical_nodes": args.num_canonical_nodes, "workers": args.workers}
+    out = tempfile.mkdtemp()
+    code = (
+        f"import sys; sys.path.insert(0, {REPO!r}); from bench.streaming_scale import node_rank; "
+        f"node_rank({root!r}, {epoch_size}, {options!r}, {sampling!r}, {resume}, {out!r})"
+    )
+    port, shm_before = 29500 + os.getpid() % 1000, shm_bytes()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(args.node),
+                "LOCAL_WORLD_SIZE": str(args.node),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+            stderr=open(os.path.join(out, f"stderr.{rank}"), "w"),  # noqa: SIM115 - closed with the process
+        )
+        for rank in range(args.node)
+    ]
+    peak, shm_peak, error = {"leader": 0, "ranks": 0, "workers": 0, "node": 0}, 0, None
+    while any(proc.poll() is None for proc in ranks):
+        memory = node_memory(ranks)
+        memory["node"] = sum(memory.values())
+        peak = {kind: max(peak[kind], memory[kind]) for kind in peak}
+        shm_peak = max(shm_peak, shm_bytes() - shm_before)
+        if psutil.virtual_memory().available < 1 << 30:  # stop before the kernel's OOM killer does
+            error = f"out of memory: the node reached {memory['node'] / 2**30:.1f} GiB"
+            for proc in ranks:
+                proc.kill()
+        time.sleep(0.5)
+    failed = [proc for proc in ranks if proc.returncode]
+    if error or failed:
+        with open(os.path.join(out, f"stderr.{ranks.index(failed[0])}")) if failed else contextlib.nullcontext() as f:
+            reason = error or f.read().strip().splitlines()[-1]
+        return {"samples": samples, "epoch": epoch_size, "sampling": sampling, "resume": resume, "error": reason}
+    timings = []
+    for rank in range(args.node):
+        with open(os.path.join(out, f"first_batch.{rank}")) as f:
+            timings.append(json.load(f))
+    gib = {f"{kind}_pss_gib": peak[kind] / 2**30 for kind in peak}
+    result = {
+        "samples": samples,
+        "epoch": epoch_size,
+        "sampling": sampling,
+        "resume": resume,
+        "startup_s": max(t["startup_s"] for t in timings),
+        "first_batch_s": max(t["first_batch_s"] for t in timings),
+        **gib,
+        # Workers are alike: 8 a rank would hold 8 / workers times what these hold.
+        "node_8_workers_gib": (peak["node"] + peak["workers"] * (8 / args.workers - 1)) / 2**30,
+        "shm_gib": shm_peak / 2**30,
+    }
+    print(json.dumps(result), file=sys.stderr, flush=True)
     return result
 
 
@@ -162,11 +274,17 @@ def shards_per_batch(root: str, epoch_size: int, batch_size: int, num_canonical_
     return float(np.mean([len(np.unique(batch)) for batch in shards]))
 
 
-def run(samples: int, epoch_size: int, sampling: str, resume: bool, args) -> dict:
+def store(samples: int, args) -> str:
+    """The synthetic store of `samples` samples, written once."""
     root = os.path.join(args.work, f"{samples}")
     if not os.path.exists(os.path.join(root, "coyo700m", "index.json")):
         for name, share in MIX.items():
             write_index(os.path.join(root, name), int(samples * share), args.samples_per_shard)
+    return root
+
+
+def run(samples: int, epoch_size: int, sampling: str, resume: bool, args) -> dict:
+    root = store(samples, args)
     code = (
         f"import json, sys; sys.path.insert(0, {REPO!r}); from bench.streaming_scale import measure; "
         f"print(json.dumps(measure({root!r}, {epoch_size}, {args.batch_size}, {args.num_canonical_nodes}, "
@@ -177,6 +295,36 @@ def run(samples: int, epoch_size: int, sampling: str, resume: bool, args) -> dic
         reason = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1]
         return {"samples": samples, "epoch": epoch_size, "sampling": sampling, "resume": resume, "error": reason}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def node_table(rows: list, args) -> str:
+    header = [
+        "samples", "epoch", "sampling", "first batch of", "start-up (s)", "first batch (s)", "leader PSS (GiB)",
+        f"{args.node - 1} other ranks (GiB)", f"{args.node * args.workers} workers (GiB)", "node (GiB)",
+        "node with 8 workers a rank (GiB)", "/dev/shm (GiB)",
+    ]  # fmt: skip
+    keys = ["startup_s", "first_batch_s", "leader_pss_gib", "ranks_pss_gib", "workers_pss_gib", "node_pss_gib"]
+    return markdown_table([header, *(cells(r, [*keys, "node_8_workers_gib", "shm_gib"]) for r in rows)])
+
+
+def process_table(rows: list) -> str:
+    header = [
+        "samples", "epoch", "sampling", "first batch of", "start-up (s)", "first batch (s)",
+        "RSS after start-up (GiB)", "peak RSS (GiB)", "/dev/shm (GiB)",
+    ]  # fmt: skip
+    keys = ["startup_s", "first_batch_s", "startup_rss_gib", "peak_rss_gib", "shm_gib"]
+    table = markdown_table([header, *(cells(r, keys) for r in rows)])
+    imports = max((r["imports_rss_gib"] for r in rows if "imports_rss_gib" in r), default=0)
+    return f"{table}\n\nRSS of the imports alone (torch, streaming), counted in every figure: {imports:.2f} GiB"
+
+
+def cells(row: dict, keys: list) -> list:
+    """A row's cells: what it measured, then `keys` (seconds to 0.1, GiB to 0.01), or its error."""
+    first = [f"{row['samples']:,}", f"{row['epoch'] or 'full':,}", row["sampling"]]
+    first.append("mid-epoch resume" if row["resume"] else "epoch 0")
+    if "error" in row:
+        return [*first, row["error"], *[""] * (len(keys) - 1)]
+    return [*first, *(f"{row[key]:.1f}" if key.endswith("_s") else f"{row[key]:.2f}" for key in keys)]
 
 
 def main() -> None:
@@ -193,6 +341,8 @@ def main() -> None:
         "--sampling", nargs="+", default=["streaming", "shard_passes"], help="data.sampling (pipeline/sampling.py)"
     )
     parser.add_argument("--resume", action="store_true", help="also time a mid-epoch resume (epoch 3, half way)")
+    parser.add_argument("--node", type=int, metavar="RANKS", help="instead: a simulated node of this many ranks")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers per rank (--node)")
     parser.add_argument(
         "--shards-per-batch",
         type=int,
@@ -209,6 +359,17 @@ def main() -> None:
                     mean = shards_per_batch(root, epoch_size, args.shards_per_batch, args.num_canonical_nodes, sampling)
                     print(f"| {samples:,} | {epoch_size:,} | {args.shards_per_batch:,} | {sampling} | {mean:,.0f} |")
         return
+    if args.node:
+        rows = [
+            run_node(samples, epoch_size, sampling, resume, args)
+            for samples in map(int, args.samples)
+            for epoch_size in map(int, args.epoch_sizes)
+            for sampling in args.sampling
+            for resume in ((False, True) if args.resume else (False,))
+            if not epoch_size or epoch_size < samples
+        ]
+        print(node_table(rows, args))
+        return
     rows = []
     for samples in map(int, args.samples):
         for epoch_size in map(int, args.epoch_sizes):
@@ -219,23 +380,7 @@ def main() -> None:
                     result = run(samples, epoch_size, sampling, resume, args)
                     rows.append(result)
                     print(json.dumps(result), file=sys.stderr, flush=True)
-    print(
-        "| samples | shards | epoch | sampling | first batch of | start-up (s) | first batch (s) "
-        "| RSS after start-up (GiB) | peak RSS (GiB) | /dev/shm (GiB) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        at = "mid-epoch resume" if r["resume"] else "epoch 0"
-        if "error" in r:
-            print(f"| {r['samples']:,} | | {r['epoch'] or 'full':,} | {r['sampling']} | {at} | {r['error']} | | | | |")
-            continue
-        print(
-            f"| {r['samples']:,} | {r['shards']:,} | {r['epoch']:,} | {r['sampling']} | {at} | {r['startup_s']:.1f} "
-            f"| {r['first_batch_s']:.1f} | {r['startup_rss_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['shm_gib']:.2f} |"
-        )
-    imports = [r["imports_rss_gib"] for r in rows if "imports_rss_gib" in r]
-    if imports:
-        print(f"\nRSS of the imports alone (torch, streaming), counted in every figure: {max(imports):.2f} GiB")
+    print(process_table(rows))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from typing import Optional
 
 import torch
 from composer.core import DataSpec
-from streaming import Stream, StreamingDataLoader
+from streaming import StreamingDataLoader
 from streaming.base.hashing import get_hash
 
 from pipeline.augment import Augment, collate_device_parts
 from pipeline.config import AugmentOn, ConfigError, DataConfig, Device
 from pipeline.sampling import ShardPassDataset
+from pipeline.shard_index import CompactStream
 from pipeline.shm_prefix import register_prefixes_one_at_a_time
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ def build_dataloader(
     are finished on `device` (Composer's batch_transforms, before the batch is split)."""
     if not cfg.streams:
         raise ConfigError("data.streams is empty: name at least one MDS stream (local: and/or remote:)")
-    streams = [
-        Stream(
+    streams = [  # each stream's shard index held once per node (pipeline/shard_index.py)
+        CompactStream(
             remote=s.remote,
             local=s.local,
             proportion=s.proportion,

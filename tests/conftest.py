@@ -177,6 +177,8 @@ def train_here(overrides: list) -> None:
         pipeline.train.main([DEMO_YAML, *overrides])
     finally:
         torch.use_deterministic_algorithms(deterministic)  # `deterministic=true` sets it for the process
+        if torch.distributed.is_initialized():  # FSDP on one rank makes a process group of one
+            torch.distributed.destroy_process_group()
 
 
 def assert_bitwise_equal(actual: dict, expected: dict) -> None:

@@ -168,7 +168,9 @@ def latest_batch(s3, bucket: str, prefix: str) -> int:
     return int(CHECKPOINT_NAME.match(os.path.basename(body.decode().strip())).group(1))
 
 
-def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_paths: list, after: int = 0) -> int:
+def kill_once_latest_passes(
+    s3, bucket: str, prefix: str, processes: list, log_paths: list, after: int = 0, batches: int = BATCHES
+) -> int:
     """SIGKILL the process groups of `processes` as soon as the bucket's `latest` names a
     checkpoint after batch `after`; returns its batch. (Start-up of several ranks on 2 busy cores
     can take minutes before the first checkpoint.) A failure shows where each process stood."""
@@ -182,7 +184,7 @@ def kill_once_latest_passes(s3, bucket: str, prefix: str, processes: list, log_p
     for proc in processes:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert batch < BATCHES, "killed too late: the run had finished"
+    assert batch < batches, "killed too late: the run had finished"
     return batch
 
 
@@ -219,9 +221,9 @@ def train_command(ranks: int, overrides: list) -> list:
     return [*launcher(ranks), os.path.join(REPO, "pipeline", "train.py"), DEMO_YAML, *overrides]
 
 
-def resumed(output: str, killed_at: int) -> bool:
+def resumed(output: str, killed_at: int, batches: int = BATCHES) -> bool:
     """The run's log starts at the batch after the checkpoint, not from scratch nor before it."""
-    return f"[batch={killed_at + 1}/{BATCHES}]" in output and f"[batch={killed_at}/" not in output
+    return f"[batch={killed_at + 1}/{batches}]" in output and f"[batch={killed_at}/" not in output
 
 
 @pytest.mark.slow
@@ -292,6 +294,9 @@ def test_sharded_run_killed_on_2_ranks_resumes_on_4_killed_again_resumes_on_1(
     assert saved.data.num_canonical_nodes == 1 and saved.data.shuffle_block_size == 4_000_000
 
 
+TUNING_BATCHES = 20
+
+
 def tuning(cfg, run_dir, save_folder: str, pretrained: str) -> list:
     """FLIP's second phase as yamls/flip_b16_unmasked_tuning.yaml runs it: from the pre-training
     run's save folder (its newest sharded checkpoint), no patch masking, sharded checkpoints of its
@@ -299,7 +304,7 @@ def tuning(cfg, run_dir, save_folder: str, pretrained: str) -> list:
     return train_overrides(
         cfg,
         run_dir,
-        f"max_duration={BATCHES}ba",
+        f"max_duration={TUNING_BATCHES}ba",
         "data.global_batch_size=16",
         "scheduler.warmup=2ba",
         "deterministic=true",
@@ -328,15 +333,17 @@ def test_flip_unmasked_tuning_from_a_sharded_pretraining_run_killed_and_resumed_
     train_here(tuning(cfg, tmp_path / "whole", f"s3://{bucket}/tuned-whole", pretrained))
     overrides = tuning(cfg, tmp_path / "run", f"s3://{bucket}/tuned", pretrained)
     killed = start(train_command(1, overrides), tmp_path / "killed.log")
-    killed_at = kill_once_latest_passes(s3, bucket, "tuned", [killed], [tmp_path / "killed.log"])
+    killed_at = kill_once_latest_passes(
+        s3, bucket, "tuned", [killed], [tmp_path / "killed.log"], batches=TUNING_BATCHES
+    )
     proc = run_train(launcher(1), overrides)  # the same command again
-    assert resumed(proc.stdout + proc.stderr, killed_at)
+    assert resumed(proc.stdout + proc.stderr, killed_at, TUNING_BATCHES)
     for metric in ("data/sample_hash", "loss/train/total"):
-        assert per_batch(tmp_path / "run", metric) == per_batch(tmp_path / "whole", metric)
-    last = f"ep0-ba{BATCHES}"
-    expected = read_checkpoint_model(f"s3://{bucket}/tuned-whole/{last}")
-    assert_bitwise_equal(read_checkpoint_model(f"s3://{bucket}/tuned/{last}"), expected)
-    pretrained_weights = read_checkpoint_model(f"{pretrained}/{last}")
+        whole = per_batch(tmp_path / "whole", metric)
+        assert len(whole) == TUNING_BATCHES and per_batch(tmp_path / "run", metric) == whole
+    expected = read_checkpoint_model(f"s3://{bucket}/tuned-whole/ep0-ba{TUNING_BATCHES}")
+    assert_bitwise_equal(read_checkpoint_model(f"s3://{bucket}/tuned/ep0-ba{TUNING_BATCHES}"), expected)
+    pretrained_weights = read_checkpoint_model(f"{pretrained}/ep0-ba{BATCHES}")
     assert not all(torch.equal(expected[k], pretrained_weights[k]) for k in expected)  # it did tune
 
 

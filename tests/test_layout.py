@@ -182,6 +182,15 @@ def streaming_spanner_and_resample():
     )
 
 
+def streaming_index_download():
+    """Stream.get_shards fetches index.json with Stream._download_file, as CompactStream does, and
+    builds each shard's Reader with reader_from_json from its entry."""
+    from streaming import Stream
+
+    source = inspect.getsource(Stream.get_shards)
+    return "self._download_file(basename, basename + '.tmp')" in source and "reader_from_json(" in source
+
+
 PRIVATE_APIS = {
     "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
     "pipeline/checkpointing.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
@@ -202,6 +211,8 @@ PRIVATE_APIS = {
     "streaming.base.dataset.Spanner, looked up by StreamingDataset.__init__, and "
     "StreamingDataset.resample_streams (undocumented): pipeline/sampling.py builds its O(shards) spanner "
     "there and draws virtual epochs in shard passes": streaming_spanner_and_resample,
+    "streaming Stream._download_file and the shape of Stream.get_shards (undocumented): "
+    "pipeline/shard_index.py loads a stream's index compactly in its place": streaming_index_download,
     "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__, and the SharedMemory it "
     "attaches with (undocumented): pipeline/shm_prefix.py registers prefixes under a machine-wide lock and "
     "closes those attachments when released instead of at exit": streaming_shm_prefix,

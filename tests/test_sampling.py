@@ -3,13 +3,17 @@ StreamingDataset, locally and from a SeaweedFS bucket."""
 
 import math
 import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
 from streaming import MDSWriter, Stream
+from streaming.base.compression import decompress
 from streaming.base.spanner import Spanner
 
 from pipeline.sampling import ShardPassDataset, ShardSpanner
+from pipeline.shard_index import CompactStream, LazyShard
 
 SHARD_BYTES = 1 << 10  # a few dozen samples of one int each
 
@@ -99,3 +103,66 @@ def test_the_shard_spanner_equals_streamings_on_random_shard_sizes():
         for outside in (-1, int(sizes.sum())):
             with pytest.raises(IndexError):
                 ours[outside]
+
+
+# ---------------------------------------------------------------------------
+# The compact shard index (pipeline/shard_index.py)
+# ---------------------------------------------------------------------------
+
+
+def write_compressed(folder: str, first_uid: int, samples: int) -> str:
+    with MDSWriter(
+        out=folder, columns={"uid": "int"}, size_limit=SHARD_BYTES, compression="zstd", hashes=["sha1", "xxh64"]
+    ) as writer:
+        for uid in range(first_uid, first_uid + samples):
+            writer.write({"uid": uid})
+    return folder
+
+
+def test_the_compact_index_reads_as_streamings_readers_do(store, tmp_path):
+    zstd = write_compressed(str(tmp_path / "zstd"), 5000, 300)
+    readers = {}
+    for stream in (Stream, CompactStream):
+        data = dataset([stream(local=store["a"]), stream(local=zstd)], epoch_size=200)
+        readers[stream] = (data.samples_per_shard, epochs(data, 3), data.shards, data.cache_usage)
+    (sizes, drawn, shards, usage), (compact_sizes, compact_drawn, lazy, compact_usage) = readers.values()
+    assert all(isinstance(shard, LazyShard) for shard in lazy) and not isinstance(shards[0], LazyShard)
+    assert np.array_equal(compact_sizes, sizes) and compact_drawn == drawn and compact_usage == usage
+    for shard, lazy_shard in zip(shards, lazy):
+        assert lazy_shard.get_max_size() == shard.get_max_size() and len(lazy_shard) == len(shard)
+        assert lazy_shard.compression == shard.compression and lazy_shard.file_pairs == shard.file_pairs
+    spawned = pickle.loads(pickle.dumps(lazy[-1]))  # as a spawned loader worker receives it
+    assert spawned[0] == shards[-1][0] and spawned.table is not lazy[-1].table
+
+
+def test_a_partly_cached_remote_stream_counts_its_cache_as_streaming_does(store, s3, s3_bucket, tmp_path):
+    zstd = write_compressed(str(tmp_path / "zstd"), 5000, 300)
+    client = s3.client()
+    for file in os.listdir(zstd):
+        client.upload_file(os.path.join(zstd, file), s3_bucket, f"zstd/{file}")
+    zipped = sorted(file for file in os.listdir(zstd) if file.startswith("shard."))
+    usage = {}
+    for stream in (Stream, CompactStream):
+        local = tmp_path / stream.__name__
+        local.mkdir()
+        shutil.copy(os.path.join(zstd, "index.json"), local / "index.json")
+        for i, name in enumerate(zipped):  # zipped only, raw and zipped, raw only, not cached
+            with open(os.path.join(zstd, name), "rb") as f:
+                data = f.read()
+            if i % 4 in (0, 1):
+                (local / name).write_bytes(data)
+            if i % 4 in (1, 2):
+                (local / name.removesuffix(".zstd")).write_bytes(decompress("zstd", data))
+        data = dataset([stream(remote=f"s3://{s3_bucket}/zstd", local=str(local))], epoch_size=100)
+        usage[stream] = (data.cache_usage, sorted(os.listdir(local)))
+        assert len(epochs(data, 1)[0]) == 100
+    assert usage[CompactStream] == usage[Stream] and usage[Stream][0] > 0  # the same bytes, the same files left
+
+
+def test_a_rebuilt_stream_gets_new_arrays(tmp_path):
+    folder = write_stream(str(tmp_path / "s"), 0, 100)
+    first = dataset([CompactStream(local=folder)], epoch_size=50).shards[0].table.folder
+    shutil.rmtree(folder)
+    write_stream(folder, 0, 300)
+    rebuilt = dataset([CompactStream(local=folder)], epoch_size=50)
+    assert rebuilt.num_samples == 300 and rebuilt.shards[0].table.folder != first and not os.path.exists(first)
