@@ -83,7 +83,7 @@ $(SAMPLE):
 # A killed sweep, started again, continues the run it was in; finished runs are skipped.
 scaling: install $(SAMPLE)
 	$(PY) -m pipeline.sweep yamls/sweeps/scaling.yaml $(SWEEP_ARGS)
-	$(PY) -m pipeline.scaling yamls/sweeps/scaling.yaml
+	$(PY) -m pipeline.sweeps.scaling yamls/sweeps/scaling.yaml
 
 ablate: install $(SAMPLE)
 	$(PY) -m pipeline.sweep yamls/sweeps/flip_ablation.yaml $(SWEEP_ARGS)

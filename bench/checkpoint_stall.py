@@ -42,7 +42,7 @@ def run_one(name: str, folder: str) -> dict:
     from composer.utils import dist
 
     from bench.throughput import batch_timer
-    from pipeline.config import TrainConfig, load
+    from pipeline.config.schema import TrainConfig, load
     from pipeline.train import build_trainer
 
     state_dict_type, bucket = CONFIGS[name]

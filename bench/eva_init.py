@@ -62,7 +62,7 @@ def tower_change(start: dict, end: dict) -> dict:
 
 def weights(save_folder: str) -> dict:
     """The open_clip weights of a run's newest whole checkpoint."""
-    from pipeline.runs import clip_weights
+    from pipeline.model.weights import clip_weights
 
     return clip_weights(os.path.join(REPO, save_folder))
 
@@ -71,9 +71,9 @@ def initial_weights(overrides: list) -> dict:
     """The weights a run starts from: seeded init, then its visual_init / text_init."""
     from composer.utils import reproducibility
 
-    from pipeline.config import TrainConfig, load
-    from pipeline.model import build_clip
-    from pipeline.weights import load_initial_weights
+    from pipeline.config.schema import TrainConfig, load
+    from pipeline.model.clip import build_clip
+    from pipeline.model.weights import load_initial_weights
 
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), overrides)
     reproducibility.seed_all(cfg.seed)
@@ -117,9 +117,10 @@ def main() -> None:
 
 def scores_of_init(init: list) -> dict:
     """Zero-shot of the model B starts from: evaluate a fresh model after its tower init."""
-    from pipeline.checkpointing import LATEST
-    from pipeline.config import TrainConfig, load
-    from pipeline.runs import WEIGHTS_PREFIX, write_run_config
+    from pipeline.checkpoint.folder import LATEST
+    from pipeline.config.schema import TrainConfig, load
+    from pipeline.model.clip import WEIGHTS_PREFIX
+    from pipeline.run.saved import write_run_config
 
     cfg = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml"), ["run_name=eva_b0", *init])
     os.makedirs(cfg.checkpoint.save_folder, exist_ok=True)

@@ -29,8 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from pipeline.algorithms.flash_attention import swap_attention
 from pipeline.config import ModelConfig
-from pipeline.model import build_clip, encode
-from pipeline.towers import install_patch_dropout
+from pipeline.model.clip import build_clip, encode
+from pipeline.model.towers import install_patch_dropout
 
 clip = build_clip(ModelConfig(name="ViT-B-16", context_length=32))[0].cuda().train()
 swap_attention(clip)

@@ -15,7 +15,7 @@ import time
 
 
 def epoch_seconds(local: str, validate_hash, augment, tokenizer) -> float:
-    from pipeline.data import CLIPStreamingDataset
+    from pipeline.data.loader import CLIPStreamingDataset
 
     dataset = CLIPStreamingDataset(
         local=local,
@@ -40,8 +40,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.augment import build_augment
-    from pipeline.config import AugmentConfig
+    from pipeline.config.schema import AugmentConfig
+    from pipeline.data.augment import build_augment
 
     augment = build_augment(open_clip.create_model("ViT-B-16", pretrained=None), AugmentConfig())
     tokenizer = open_clip.get_tokenizer("ViT-B-16")

@@ -12,7 +12,7 @@ sample. Loaders:
 
 - webdataset + open_clip: open_clip_train's pipeline (decode "pilrgb", its train transform, tokenizer);
 - previous: this project's loader before this benchmark (torch.manual_seed per sample + open_clip's transform);
-- augment_on=cpu: the default path (pipeline/augment.py `Augment.on_cpu`);
+- augment_on=cpu: the default path (pipeline/data/augment.py `Augment.on_cpu`);
 - augment_on=device: the workers' part (decode at the crop's scale, cut the crop, tokenize), and
   separately the device part (resize, flip, normalise, batched), on `--device`;
 - augment_on=device, decode_on_device: the workers pass JPEG bytes on; the device part decodes too
@@ -38,7 +38,7 @@ def make_jpegs(source: str, count: int, short_side: int) -> list:
     """(jpeg bytes, caption) pairs: the stream's images on a noisy background (photo-like entropy)."""
     from streaming import StreamingDataset
 
-    from pipeline.images import decode_rgb
+    from pipeline.common.images import decode_rgb
 
     stream = StreamingDataset(local=source, shuffle=False, batch_size=1)
     rng = np.random.default_rng(0)
@@ -93,8 +93,8 @@ def device_seconds(augment, payloads, boxes, flips, device: torch.device) -> flo
 def run_loaders(tar_path: str, mds: str, preprocess, augment, tokenizer, device: torch.device) -> dict:
     import webdataset as wds
 
-    from pipeline.data import CLIPStreamingDataset
-    from pipeline.images import decode_rgb
+    from pipeline.common.images import decode_rgb
+    from pipeline.data.loader import CLIPStreamingDataset
 
     def dataset(transform):
         d = CLIPStreamingDataset(local=mds, batch_size=1, shuffle=False, augment=transform, tokenizer=tokenizer)
@@ -140,8 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     import open_clip
 
-    from pipeline.augment import build_augment
-    from pipeline.config import AugmentConfig
+    from pipeline.config.schema import AugmentConfig
+    from pipeline.data.augment import build_augment
 
     torch.set_num_threads(1)
     clip, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None)

@@ -32,7 +32,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from pipeline.tables import markdown_table  # noqa: E402
+from pipeline.common.tables import markdown_table  # noqa: E402
 
 MIX = {"laion2b": 0.8, "coyo700m": 0.2}
 SHARD_BYTES = 1 << 26  # MDSWriter's default size_limit, which `make shards` keeps
@@ -79,11 +79,11 @@ def shm_bytes() -> int:
 def build_dataset(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str):
     """The two streams as a dataset whose samples are their ids (no shard is read). "streaming":
     streaming 0.13 itself (its index, Spanner and draw), the baseline; otherwise this project's
-    dataset (pipeline/sampling.py) over the compact shard index (pipeline/shard_index.py)."""
+    dataset (pipeline/data/sampling.py) over the compact shard index (pipeline/data/shard_index.py)."""
     from streaming import Stream, StreamingDataset
 
-    from pipeline.sampling import ShardPassDataset
-    from pipeline.shard_index import CompactStream
+    from pipeline.data.sampling import ShardPassDataset
+    from pipeline.data.shard_index import CompactStream
 
     base = StreamingDataset if sampling == "streaming" else ShardPassDataset
     stream = Stream if sampling == "streaming" else CompactStream
@@ -169,15 +169,19 @@ def node_rank(root: str, epoch_size: int, args: dict, sampling: str, resume: boo
 
 def node_memory(ranks: list) -> dict:
     """PSS (shared pages split among the processes that map them, so the sum counts them once) of
-    the node's leader, its other ranks and all their loader workers, in bytes."""
+    the node's leader, its other ranks and all their loader workers, and the workers' USS (what
+    each holds alone: what one more worker would add), in bytes."""
     import psutil
 
-    kinds = {"leader": 0, "ranks": 0, "workers": 0}
+    kinds = {"leader": 0, "ranks": 0, "workers": 0, "workers_uss": 0}
     for rank, proc in enumerate(ranks):
         try:
             process = psutil.Process(proc.pid)
             kinds["leader" if rank == 0 else "ranks"] += process.memory_full_info().pss
-            kinds["workers"] += sum(child.memory_full_info().pss for child in process.children(recursive=True))
+            for worker in process.children(recursive=True):
+                memory = worker.memory_full_info()
+                kinds["workers"] += memory.pss
+                kinds["workers_uss"] += memory.uss
         except psutil.Error:  # a process that just ended
             pass
     return kinds
@@ -213,10 +217,10 @@ def run_node(samples: int, epoch_size: int, sampling: str, resume: bool, args) -
         )
         for rank in range(args.node)
     ]
-    peak, shm_peak, error = {"leader": 0, "ranks": 0, "workers": 0, "node": 0}, 0, None
+    peak, shm_peak, error = {"leader": 0, "ranks": 0, "workers": 0, "workers_uss": 0, "node": 0}, 0, None
     while any(proc.poll() is None for proc in ranks):
         memory = node_memory(ranks)
-        memory["node"] = sum(memory.values())
+        memory["node"] = memory["leader"] + memory["ranks"] + memory["workers"]
         peak = {kind: max(peak[kind], memory[kind]) for kind in peak}
         shm_peak = max(shm_peak, shm_bytes() - shm_before)
         if psutil.virtual_memory().available < 1 << 30:  # stop before the kernel's OOM killer does
@@ -242,8 +246,8 @@ def run_node(samples: int, epoch_size: int, sampling: str, resume: bool, args) -
         "startup_s": max(t["startup_s"] for t in timings),
         "first_batch_s": max(t["first_batch_s"] for t in timings),
         **gib,
-        # Workers are alike: 8 a rank would hold 8 / workers times what these hold.
-        "node_8_workers_gib": (peak["node"] + peak["workers"] * (8 / args.workers - 1)) / 2**30,
+        # Workers are alike: 8 a rank add (8 / workers - 1) times what these hold alone.
+        "node_8_workers_gib": (peak["node"] + peak["workers_uss"] * (8 / args.workers - 1)) / 2**30,
         "shm_gib": shm_peak / 2**30,
     }
     print(json.dumps(result), file=sys.stderr, flush=True)
@@ -258,7 +262,7 @@ def shards_per_batch(root: str, epoch_size: int, batch_size: int, num_canonical_
     from streaming.base.batching import generate_work
     from streaming.base.world import World
 
-    from pipeline.sampling import ShardPassDataset
+    from pipeline.data.sampling import ShardPassDataset
 
     streams = [Stream(local=os.path.join(root, name), proportion=p) for name, p in MIX.items()]
     dataset = ShardPassDataset(
@@ -338,7 +342,7 @@ def main() -> None:
     parser.add_argument("--num-canonical-nodes", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument(
-        "--sampling", nargs="+", default=["streaming", "shard_passes"], help="data.sampling (pipeline/sampling.py)"
+        "--sampling", nargs="+", default=["streaming", "shard_passes"], help="data.sampling (pipeline/data/sampling.py)"
     )
     parser.add_argument("--resume", action="store_true", help="also time a mid-epoch resume (epoch 3, half way)")
     parser.add_argument("--node", type=int, metavar="RANKS", help="instead: a simulated node of this many ranks")

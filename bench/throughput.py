@@ -113,7 +113,7 @@ def train_pipeline(args, folder: str, config: dict) -> float:
     """Samples/s after warm-up of `pipeline.train.build_trainer` on the sample's images, with the
     configuration's algorithms."""
     from data_prep.eval_sets import write_mds
-    from pipeline.config import TrainConfig, load
+    from pipeline.config.schema import TrainConfig, load
     from pipeline.train import build_trainer
 
     mds = os.path.join(folder, "mds")
@@ -189,9 +189,9 @@ def measure_peer(args, config: dict) -> dict:
 
 def training_flops_per_sample(model: str, masking: float) -> float:
     """This project's count (CLIPModel.flops_per_batch: kept patches only, backward = 2x forward)."""
-    from pipeline.config import ModelConfig
-    from pipeline.model import CLIPModel, build_clip
-    from pipeline.towers import install_patch_dropout
+    from pipeline.config.schema import ModelConfig
+    from pipeline.model.clip import CLIPModel, build_clip
+    from pipeline.model.towers import install_patch_dropout
 
     cfg = ModelConfig(name=model)
     clip = build_clip(cfg)[0].train()

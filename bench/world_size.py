@@ -21,7 +21,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.run_folder import read_metrics  # noqa: E402
+from pipeline.run.files import read_metrics  # noqa: E402
 from tests.conftest import SMALL_MODEL  # noqa: E402
 
 

@@ -23,12 +23,12 @@ from data_prep import sample
 from data_prep.download import download, finished_shards
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.spark import log_query_errors_to, spark_session
-from data_prep.storage import StorageError, check_bucket, remove_tree, write_json
 from data_prep.terminal import StageLine, log_folder, output_to, polling
 from data_prep.to_mds import convert
 from data_prep.url_lists import SourceError, check_url_list_exists, prepare_url_list, read_url_list
-from pipeline.config_loader import ConfigError
-from pipeline.tables import align_columns
+from pipeline.common.storage import StorageError, check_bucket, delete, write_json
+from pipeline.common.tables import align_columns
+from pipeline.config.loader import ConfigError
 
 
 def check_before_spark(cfg: SourcesConfig) -> None:
@@ -46,8 +46,8 @@ def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: Te
     source = cfg.sources[name]
     folder = os.path.join(cfg.work_dir, "img2dataset", name)
     if not reused:  # a new list: shards downloaded and scored for an older one no longer match
-        remove_tree(folder)
-        remove_tree(os.path.join(cfg.work_dir, "clip_scores", name))
+        delete(folder)
+        delete(os.path.join(cfg.work_dir, "clip_scores", name))
     if not counts.get("to_download"):
         return folder, {}
     total = math.ceil(counts["to_download"] / source.img2dataset.number_sample_per_shard)

@@ -14,6 +14,7 @@ project). The executors load it once per Python worker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,10 +22,9 @@ from collections.abc import Iterator
 
 from data_prep.download import finished_shards
 from data_prep.sources import ClipScoreConfig
-from data_prep.storage import exists, local_file_stats
+from pipeline.common.storage import exists, local_file_stats
 
 SCORE_SCHEMA = "key string, clip_score float, image_embedding binary, text_embedding binary"
-_models: dict = {}  # per executor Python worker: (model, preprocess, tokenizer) by config
 
 
 def scorer_id(cfg: ClipScoreConfig) -> str:
@@ -43,15 +43,17 @@ def scorer_key(cfg: ClipScoreConfig) -> tuple:
 
 
 def load_scorer(cfg: ClipScoreConfig) -> tuple:
+    """(model, preprocess, tokenizer), loaded once per executor Python worker and scorer."""
+    return _loaded_scorer(scorer_key(cfg), cfg.model, cfg.pretrained, cfg.device)
+
+
+@functools.cache
+def _loaded_scorer(key: tuple, model: str, pretrained, device: str) -> tuple:
+    """A documented cache: the scoring model of a scorer key, for the worker's later batches."""
     import open_clip
 
-    name = scorer_key(cfg)
-    if name not in _models:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, device=cfg.device
-        )
-        _models[name] = (model.eval(), preprocess, open_clip.get_tokenizer(cfg.model))
-    return _models[name]
+    clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+    return clip.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
 def score_batches(batches: Iterator, cfg: ClipScoreConfig) -> Iterator:
@@ -60,7 +62,7 @@ def score_batches(batches: Iterator, cfg: ClipScoreConfig) -> Iterator:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.images import decode_rgb
+    from pipeline.common.images import decode_rgb
 
     model, preprocess, tokenizer = load_scorer(cfg)
     for frame in batches:

@@ -70,7 +70,7 @@ def embed_images(images: list, clip: ClipScoreConfig) -> np.ndarray:
     import torch.nn.functional as F
 
     from data_prep.clip_score import load_scorer
-    from pipeline.images import decode_rgb
+    from pipeline.common.images import decode_rgb
 
     model, preprocess, _ = load_scorer(clip)
     chunks = []

@@ -32,8 +32,8 @@ from typing import Optional
 import webdataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from data_prep.storage import remove_tree
-from pipeline.images import ImageSource, decode_rgb
+from pipeline.common.images import ImageSource, decode_rgb
+from pipeline.common.storage import delete
 
 CLASSIFICATION_COLUMNS = {"image": "bytes", "key": "str", "label": "int32"}
 RETRIEVAL_COLUMNS = {"image": "bytes", "key": "str", "captions": "json"}
@@ -62,7 +62,7 @@ def write_mds(out: str, columns: dict, samples: Iterable[dict]) -> int:
 
     from data_prep.to_mds import SHARD_HASHES
 
-    remove_tree(out)  # MDS shards can't be appended to
+    delete(out)  # MDS shards can't be appended to
     count = 0
     with MDSWriter(out=out, columns=columns, hashes=SHARD_HASHES) as writer:
         for sample in samples:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from data_prep.sources import SampleConfig, SourcesConfig
-from data_prep.storage import write_text
+from pipeline.common.storage import write_text
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"

@@ -7,7 +7,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from pipeline.config_loader import check, load
+from pipeline.config.loader import check, load
 
 
 @dataclass

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Optional, TextIO
 
-from pipeline.paths import is_remote
+from pipeline.common.storage import is_remote
 
 
 def log_folder(work_dir: str) -> str:

@@ -20,9 +20,8 @@ from typing import Optional, TextIO
 from data_prep import curation
 from data_prep.download import finished_shards
 from data_prep.sources import SourceConfig, SourcesConfig
-from data_prep.storage import check_bucket, read_json, remove_tree, write_json
 from data_prep.terminal import StageLine
-from pipeline.paths import is_remote
+from pipeline.common.storage import check_bucket, delete, is_remote, read_json, write_json
 
 # The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
 BASE_COLUMNS = {
@@ -135,7 +134,7 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
     from streaming.base.converters import dataframe_to_mds
 
     check_bucket(source.out)
-    remove_tree(source.out)  # a rebuild replaces the stream; the merged index is written last
+    delete(source.out)  # a rebuild replaces the stream; the merged index is written last
     from pyspark import StorageLevel
 
     # Sorted by key within each partition: the same streams on every run. Persisted, so that
@@ -151,7 +150,7 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
         else source.out
     )
     if is_remote(source.out):
-        remove_tree(out[0])
+        delete(out[0])
     dataframe_to_mds(
         rows,
         merge_index=True,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import NamedTuple
 
 from data_prep.sources import SourceConfig
-from data_prep.storage import exists, local_file_stats, read_json, write_json
-from pipeline.paths import is_remote
+from pipeline.common.storage import exists, is_remote, local_file_stats, read_json, write_json
 
 COUNTS_FILE = "counts.json"
 LIST_FOLDER = "url_list"
@@ -163,8 +163,14 @@ def fingerprint(source: SourceConfig) -> dict:
     return {"settings": settings, "files": local_file_stats(source.url_list)}
 
 
-def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, frame=None) -> tuple:
-    """(folder of the list to download, counts before download, reused?). A list prepared from the
+class PreparedList(NamedTuple):
+    folder: str  # of the list to download
+    counts: dict  # rows before download, by reason
+    reused: bool  # prepared by an earlier build from the same files and settings
+
+
+def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, frame=None) -> PreparedList:
+    """The list to download of a source. A list prepared from the
     same files and settings is reused; otherwise it is prepared again from `frame` (read_url_list's,
     read here if not given), and the caller must then start that source's download again, since
     img2dataset numbers its shards by list position."""
@@ -174,7 +180,7 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     if exists(counts_path):
         saved = read_json(counts_path)
         if saved.pop("fingerprint", None) == current:
-            return list_dir, saved, True
+            return PreparedList(list_dir, saved, True)
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -192,4 +198,4 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     )
     marked.unpersist()
     write_json(counts_path, {**counts, "fingerprint": current})  # last: its presence means the list is complete
-    return list_dir, counts, False
+    return PreparedList(list_dir, counts, False)

@@ -6,7 +6,7 @@
 The model is the one the run saved with its config (config.yaml in the run folder and next to the
 checkpoints); an eval YAML's `model:` section is needed only for a checkpoint from elsewhere.
 Prints a table and writes the scores as JSON (`output`). The same datasets can be Composer
-evaluators during training: see `pipeline/eval_data.py`. `patch_masking=0.5` scores FLIP's masked
+evaluators during training: see `pipeline/evaluation/evaluators.py`. `patch_masking=0.5` scores FLIP's masked
 inference: half of each image's patches dropped by training's own patch-dropout module.
 """
 
@@ -15,77 +15,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
-import torch
-
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
-from pipeline.eval_data import build_eval_dataloader, build_scores
-from pipeline.model import encode
-from pipeline.runs import load_clip
-from pipeline.tables import align_columns
-from pipeline.towers import install_patch_dropout
-from pipeline.zeroshot import DatasetScores
-
-
-@torch.no_grad()
-def evaluate_dataset(
-    clip, cfg: EvalDatasetConfig, scores: DatasetScores, image_transform, tokenizer, num_workers: int
-) -> dict:
-    device = next(clip.parameters()).device
-    loader = build_eval_dataloader(cfg, image_transform, tokenizer, num_workers)
-    scores = scores.to(device)
-    seen = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sample_ids = torch.arange(seen, seen + len(batch["images"]))  # masked inference's noise, per image
-        scores.update(clip, batch, encode(clip, batch["images"], batch.get("texts"), sample_ids))
-        seen += len(batch["images"])
-    return {"task": cfg.type.value, "images": len(loader.dataset), **scores.compute()}
-
-
-def evaluate(cfg: EvalConfig) -> dict:
-    if not cfg.datasets:
-        raise ConfigError("datasets is empty: name at least one eval MDS stream")
-    clip, image_transform, tokenizer, model = load_clip(cfg)
-    if cfg.patch_masking is not None:
-        # Training's module, where training puts it; in training mode, the one mode in which it drops.
-        install_patch_dropout(clip, cfg.patch_masking, cfg.seed).train()
-    clip.to("cuda" if torch.cuda.is_available() else "cpu")
-    scores = {name: build_scores(dataset, tokenizer) for name, dataset in cfg.datasets.items()}  # fail before encoding
-    results = {}
-    for name, dataset in cfg.datasets.items():
-        start = time.time()
-        results[name] = evaluate_dataset(clip, dataset, scores[name], image_transform, tokenizer, cfg.num_workers)
-        print(f"{name}: {results[name]['images']} images in {time.time() - start:.1f}s", file=sys.stderr)
-    return {
-        "model": model.name,
-        "load_path": cfg.load_path or None,
-        "patch_masking": cfg.patch_masking,
-        "datasets": results,
-    }
-
-
-def format_table(results: dict) -> str:
-    """One block per task (their columns differ); scores in percent."""
-    blocks = []
-    for task in EvalTask:
-        rows = {name: r for name, r in results["datasets"].items() if r["task"] == task.value}
-        if not rows:
-            continue
-        columns = list(dict.fromkeys(k for r in rows.values() for k in r if k not in ("task", "images")))
-        table = [["dataset", "images", *columns]] + [
-            [name, str(r["images"]), *(f"{100 * r[c]:.2f}" if c in r else "-" for c in columns)]
-            for name, r in rows.items()
-        ]
-        blocks.append(f"{task.value} (%):\n" + align_columns(table))
-    return "\n\n".join(blocks)
+from pipeline import compat
+from pipeline.config.schema import EvalConfig, load
+from pipeline.evaluation.evaluate import evaluate, format_table
 
 
 def main(argv: list) -> None:
     if not argv:
         sys.exit(__doc__)
     cfg = load(EvalConfig, argv[0], argv[1:])
+    compat.apply()
     results = evaluate(cfg)
     os.makedirs(os.path.dirname(cfg.output) or ".", exist_ok=True)
     with open(cfg.output, "w") as f:

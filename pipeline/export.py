@@ -35,9 +35,10 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
-from pipeline.config import EvalConfig, ModelConfig, load
-from pipeline.model import loss_init
-from pipeline.runs import load_clip
+from pipeline import compat
+from pipeline.config.schema import EvalConfig, ModelConfig, load
+from pipeline.model.clip import loss_init
+from pipeline.run.saved import load_clip
 
 
 def open_clip_weights(clip: torch.nn.Module) -> dict:
@@ -88,6 +89,7 @@ def main(argv: list) -> None:
     if len(argv) < 2 or "=" in argv[1]:
         sys.exit(__doc__)
     cfg = load(EvalConfig, argv[0], argv[2:])
+    compat.apply()
     clip, _, _, model = load_clip(cfg)
     out = argv[1]
     print("wrote " + ", ".join(export(clip, model, out)))

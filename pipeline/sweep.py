@@ -4,13 +4,13 @@
     python -m pipeline.sweep --print yamls/sweeps/scaling.yaml                # one launch command per run
     python -m pipeline.sweep --report yamls/sweeps/flip_ablation.yaml         # table + plot of its runs
 
-A sweep YAML (SweepConfig in pipeline/config.py) names a training YAML, overrides common to every
+A sweep YAML (SweepConfig in pipeline/config/schema.py) names a training YAML, overrides common to every
 run, a `grid:` (one run per point of the cartesian product) and/or a `runs:` list (one run per
 entry). Each run is an ordinary pipeline/train.py run with checkpoint.autoresume in <folder>/<run name>: a
 killed sweep, started again, continues the run it was in from its last checkpoint, and runs whose
 summary.json says complete are skipped. key=value arguments override the sweep's own keys
-(folder=..., overrides.max_wall_clock=60, ...). The runs come from pipeline/sweep_grid.py and the
-report from pipeline/sweep_report.py.
+(folder=..., overrides.max_wall_clock=60, ...). The runs come from pipeline/sweeps/grid.py and the
+report from pipeline/sweeps/report.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import shlex
 import subprocess
 import sys
 
-from pipeline.config import ConfigError, SweepConfig
-from pipeline.run_folder import read_summary
-from pipeline.sweep_grid import Run, load_sweep
-from pipeline.sweep_report import report
+from pipeline import compat
+from pipeline.config.schema import ConfigError, SweepConfig
+from pipeline.run.files import read_summary
+from pipeline.sweeps.grid import Run, load_sweep
+from pipeline.sweeps.report import report
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
@@ -55,6 +56,7 @@ def run_all(sweep: SweepConfig, runs: list) -> None:
 
 
 def main(argv: list) -> None:
+    compat.apply()
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

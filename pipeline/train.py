@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.config import ConfigError, Device, Precision, TrainConfig, load
+from pipeline import compat
+from pipeline.config.schema import ConfigError, Device, Precision, TrainConfig, load
 
 if __name__ == "__main__" and len(sys.argv) > 1:
     try:  # a bad config fails here, in a fraction of a second, before the heavy imports below
@@ -25,30 +26,27 @@ from composer.optim import CosineAnnealingWithWarmupScheduler  # noqa: E402
 from composer.utils import dist, reproducibility  # noqa: E402
 
 from pipeline.algorithms import build_algorithms  # noqa: E402
-from pipeline.augment import build_augment  # noqa: E402
-from pipeline.callbacks import LossSpikeError, build_loggers, build_run_callbacks  # noqa: E402
-from pipeline.checkpointing import (  # noqa: E402
-    CheckpointError,
-    CheckpointUploadError,
-    ResumePoint,
-    build_checkpoint_saver,
-    guard_checkpoint_loading,
-    resume_checkpoint,
-)
-from pipeline.data import build_dataloader  # noqa: E402
-from pipeline.eval_data import build_evaluators  # noqa: E402
-from pipeline.model import CLIPModel, build_clip, lock_towers  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.parallel import build_parallelism  # noqa: E402
-from pipeline.record import RunRecord  # noqa: E402
-from pipeline.report import RunInfo  # noqa: E402
-from pipeline.runs import pin_sample_order, saved_config, write_run_config  # noqa: E402
-from pipeline.weights import load_initial_weights  # noqa: E402
+from pipeline.checkpoint.folder import CheckpointError  # noqa: E402
+from pipeline.checkpoint.loading import guard_checkpoint_loading  # noqa: E402
+from pipeline.checkpoint.resume import ResumePoint, resume_checkpoint  # noqa: E402
+from pipeline.checkpoint.saver import CheckpointUploadError, build_checkpoint_saver  # noqa: E402
+from pipeline.data.augment import build_augment  # noqa: E402
+from pipeline.data.loader import build_dataloader  # noqa: E402
+from pipeline.evaluation.evaluators import build_evaluators  # noqa: E402
+from pipeline.model.clip import CLIPModel, build_clip, lock_towers  # noqa: E402
+from pipeline.model.weights import load_initial_weights  # noqa: E402
+from pipeline.run.record import RunRecord  # noqa: E402
+from pipeline.run.saved import pin_sample_order, saved_config, write_run_config  # noqa: E402
+from pipeline.run.summary import RunInfo  # noqa: E402
+from pipeline.training.callbacks import LossSpikeError, build_loggers, build_run_callbacks  # noqa: E402
+from pipeline.training.optim import build_optimizer  # noqa: E402
+from pipeline.training.parallel import build_parallelism  # noqa: E402
 
 
 def build_trainer(cfg: TrainConfig, loggers: list = (), resume: ResumePoint | None = None) -> Trainer:
     """The run's Trainer, resuming from `resume` if given (its sharded files checked against the
-    digests it carries); its record (pipeline/record.py) and the config's loggers are added to `loggers`."""
+    digests it carries); its record (pipeline/run/record.py) and the config's loggers are added to `loggers`."""
+    compat.apply()  # the pinned libraries' patches (pipeline/compat)
     # Seed before building the model, on every rank, so all ranks start from the same weights.
     reproducibility.seed_all(cfg.seed)
     guard_checkpoint_loading(cfg.checkpoint.trust, resume)
@@ -77,14 +75,7 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume: ResumePoint | No
         parallelism_config=build_parallelism(cfg.parallelism),
         device=device.value,
         precision=precision.value,
-        callbacks=[
-            SpeedMonitor(window_size=20),
-            LRMonitor(),
-            *build_run_callbacks(
-                cfg.callbacks, cfg.loss_guard, cfg.checkpoint.save_folder, cfg.max_wall_clock, cfg.max_duration
-            ),
-            build_checkpoint_saver(cfg.checkpoint),
-        ],
+        callbacks=callbacks(cfg),
         loggers=[
             RunRecord(run_info(cfg), cfg.checkpoint.save_interval),
             *build_loggers(cfg.loggers, cfg.run_name),
@@ -98,6 +89,14 @@ def build_trainer(cfg: TrainConfig, loggers: list = (), resume: ResumePoint | No
         progress_bar=cfg.progress_bar,
         console_log_interval=cfg.console_log_interval,
     )
+
+
+def callbacks(cfg: TrainConfig) -> list:
+    """Composer's speed and lr monitors, the config's callbacks and the run's own, the checkpoint saver."""
+    run_callbacks = build_run_callbacks(
+        cfg.callbacks, cfg.loss_guard, cfg.checkpoint.save_folder, cfg.max_wall_clock, cfg.max_duration
+    )
+    return [SpeedMonitor(window_size=20), LRMonitor(), *run_callbacks, build_checkpoint_saver(cfg.checkpoint)]
 
 
 def run_info(cfg: TrainConfig) -> RunInfo:
@@ -149,7 +148,7 @@ def main(argv: list) -> None:
 def already_complete(trainer: Trainer, cfg: TrainConfig) -> bool:
     state = trainer.state
     if cfg.max_wall_clock is not None and state.timestamp.total_wct.total_seconds() >= cfg.max_wall_clock:
-        return True  # the budget is spent (pipeline.callbacks.WallClockBudget)
+        return True  # the budget is spent (pipeline.training.callbacks.WallClockBudget)
     return state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration
 
 

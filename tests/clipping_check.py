@@ -7,8 +7,8 @@ import sys
 import torch
 from composer.utils import dist
 
-from pipeline.config import ParallelismConfig, Sharding
-from pipeline.parallel import build_parallelism
+from pipeline.config.schema import ParallelismConfig, Sharding
+from pipeline.training.parallel import build_parallelism
 from tests.tiny import clipping_norms
 
 

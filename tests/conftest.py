@@ -7,14 +7,14 @@ import pytest
 
 from data_prep.build import build
 from data_prep.sources import load_sources
-from data_prep.storage import read_json, write_json
-from pipeline.shm_prefix import register_prefixes_one_at_a_time
+from pipeline import compat
+from pipeline.common.storage import read_json, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_YAML = os.path.join(REPO, "yamls", "data", "sample.yaml")
 DEMO_YAML = os.path.join(REPO, "yamls", "demo_cpu.yaml")
 SMALL_SAMPLE = ["sample.fashion_train=600", "sample.fashion_test=200"]
-register_prefixes_one_at_a_time()  # the test workers build StreamingDatasets side by side
+compat.apply()  # as the entry points do; the test workers build StreamingDatasets side by side
 
 
 def sample_overrides(root: str) -> list:
@@ -65,7 +65,7 @@ def sample_build(tmp_path_factory, request):
 
 def demo_model():
     """The demo recipe's model (what a fresh-model eval needs: eval YAMLs take it from the run)."""
-    from pipeline.config import TrainConfig, load
+    from pipeline.config.schema import TrainConfig, load
 
     return load(TrainConfig, DEMO_YAML).model
 
@@ -90,7 +90,7 @@ def fresh_eval_config(sample_cfg):
     """The eval YAML on the test sample, for a fresh demo model (no run to read the model from)."""
     from dataclasses import replace
 
-    from pipeline.config import EvalConfig, load
+    from pipeline.config.schema import EvalConfig, load
 
     return replace(load(EvalConfig, EVAL_YAML, eval_overrides(sample_cfg)), model=demo_model())
 
@@ -101,7 +101,7 @@ def trained(sample_build, tmp_path_factory):
     (eval config, checkpoint, the evaluators' logged scores)."""
     from composer.loggers import InMemoryLogger
 
-    from pipeline.config import TrainConfig, load
+    from pipeline.config.schema import TrainConfig, load
     from pipeline.train import build_trainer
 
     cfg, _ = sample_build

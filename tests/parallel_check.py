@@ -20,8 +20,8 @@ from composer.loggers import InMemoryLogger
 from composer.utils import dist
 
 import pipeline.train
-from pipeline.config import ParallelismConfig, Sharding
-from pipeline.parallel import build_parallelism
+from pipeline.config.schema import ParallelismConfig, Sharding
+from pipeline.training.parallel import build_parallelism
 from tests.conftest import DEMO_YAML
 from tests.tiny import make_trainer, tiny_model
 

@@ -11,9 +11,9 @@ from pipeline.algorithms.grad_checkpointing import GradCheckpointing
 from pipeline.algorithms.patch_masking import PatchMasking
 from pipeline.algorithms.text_masking import TextMasking, install_text_masking
 from pipeline.algorithms.unmasked_tuning import UnmaskedTuning
-from pipeline.config import TextMaskingMode
-from pipeline.model import MAX_LOGIT_SCALE, encode
-from pipeline.towers import install_patch_dropout
+from pipeline.config.schema import TextMaskingMode
+from pipeline.model.clip import MAX_LOGIT_SCALE, encode
+from pipeline.model.towers import install_patch_dropout
 from tests.tiny import NUM_PATCHES, TOKENIZER, GradCapture, RecordInput, make_trainer, synthetic_dataset, tiny_model
 
 

@@ -12,8 +12,8 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from pipeline.augment import Augment, collate_device_parts
-from pipeline.images import decode_rgb
+from pipeline.common.images import decode_rgb
+from pipeline.data.augment import Augment, collate_device_parts
 from tests.test_images import encoded, in_mode, picture
 
 MEAN, STD = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)

@@ -27,12 +27,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from streaming import StreamingDataset
 
-import pipeline.eval_data
+import pipeline.evaluation.evaluators
 from data_prep.eval_sets import flickr_to_mds, imagefolder_to_mds, wds_to_mds
-from pipeline.config import EvalConfig, load
+from pipeline.config.schema import EvalConfig, load
 from pipeline.eval import main
 from pipeline.export import export
-from pipeline.runs import load_clip
+from pipeline.run.saved import load_clip
 from tests.conftest import EVAL_YAML, demo_model
 from tests.test_images import encoded, in_mode, picture
 
@@ -207,7 +207,7 @@ def test_every_score_equals_clip_benchmark_on_rgba_palette_grey_and_cmyk(eval_se
 
     # These images catch the old decoding (open_clip's transform on the image in its own mode).
     monkeypatch.setattr(
-        pipeline.eval_data, "decode_rgb", lambda data, transform: transform(Image.open(io.BytesIO(data)))
+        pipeline.evaluation.evaluators, "decode_rgb", lambda data, transform: transform(Image.open(io.BytesIO(data)))
     )
     before = run_pipeline_eval(cfg, sets, root, tmp_path / "before")
     for name, their_name in pairs.items():

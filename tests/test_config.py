@@ -4,7 +4,7 @@ import os
 import pytest
 
 from data_prep.sources import SourcesConfig
-from pipeline.config import ConfigError, EvalConfig, TrainConfig, load
+from pipeline.config.schema import ConfigError, EvalConfig, TrainConfig, load
 from tests.conftest import REPO
 
 
@@ -104,7 +104,7 @@ def test_bad_choices_and_ranges_fail_before_the_model_is_built(monkeypatch, over
 
 
 def test_sharding_none_is_an_alias_of_ddp():
-    from pipeline.config import Sharding
+    from pipeline.config.schema import Sharding
 
     assert load(TrainConfig, None, ["parallelism.sharding=none"]).parallelism.sharding is Sharding.ddp
 

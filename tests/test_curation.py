@@ -25,14 +25,14 @@ from data_prep.sources import (
     SourcesConfig,
 )
 from data_prep.to_mds import convert
-from pipeline.images import decode_rgb
+from pipeline.common.images import decode_rgb
 
 
 @pytest.fixture(scope="module")
 def scorer(trained, tmp_path_factory) -> str:
     """The model trained on the sample in this session, exported in open_clip's hub layout."""
     from pipeline.export import export
-    from pipeline.runs import load_clip
+    from pipeline.run.saved import load_clip
 
     eval_cfg, checkpoint, _ = trained
     clip, _, _, model = load_clip(replace(eval_cfg, load_path=checkpoint))

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from streaming import MDSWriter
 
-from pipeline.data import CLIPStreamingDataset, CorruptShardError
-from pipeline.images import decode_rgb
+from pipeline.common.images import decode_rgb
+from pipeline.compat import streaming_shm_prefix as shm_prefix
+from pipeline.data.loader import CLIPStreamingDataset, CorruptShardError
 
 
 def _to_tensor(data: bytes, rng):
@@ -101,7 +102,7 @@ def test_coco_captions_are_chosen_per_epoch_deterministically(sample_build):
 
 def test_augmentation_depends_on_the_sample_not_on_what_the_worker_read_before(tmp_path):
     """What exact resumption with any number of workers needs: no RNG history between samples."""
-    from pipeline.augment import Augment
+    from pipeline.data.augment import Augment
 
     buffers = []
     for i in range(6):
@@ -154,11 +155,9 @@ def test_jobs_starting_together_on_one_machine_each_get_their_own_shared_memory(
 def test_a_lock_held_too_long_is_waited_for_then_gone_around_with_a_warning(tmp_path, monkeypatch, caplog):
     from filelock import FileLock
 
-    from pipeline import shm_prefix
-
     local = _write(tmp_path / "held", [_png(0)])
     monkeypatch.setattr(shm_prefix, "LOCK_WAIT_S", 0.5)
-    with FileLock(shm_prefix.LOCK_PATH), caplog.at_level("WARNING", logger="pipeline.shm_prefix"):
+    with FileLock(shm_prefix.LOCK_PATH), caplog.at_level("WARNING", logger="pipeline.compat.streaming_shm_prefix"):
         dataset = _dataset(local)
     assert dataset.num_samples == 1
     assert f"{shm_prefix.LOCK_PATH} held for 0.5 s by another job" in caplog.text

@@ -14,19 +14,18 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpointing import (
-    CHECKPOINT_NAME,
+from pipeline.checkpoint.folder import CHECKPOINT_NAME, CheckpointError
+from pipeline.checkpoint.loading import (
     SIGNED_DIGESTS_ENV,
     TRUST_ENV,
-    CheckpointError,
     guard_checkpoint_loading,
     read_checkpoint_model,
-    resume_checkpoint,
     validate_checkpoint,
 )
-from pipeline.config import ConfigError, TrainConfig, load
-from pipeline.run_folder import read_metrics
-from pipeline.runs import pin_sample_order, resolve_run
+from pipeline.checkpoint.resume import resume_checkpoint
+from pipeline.config.schema import ConfigError, TrainConfig, load
+from pipeline.run.files import read_metrics
+from pipeline.run.saved import pin_sample_order, resolve_run
 from tests.conftest import (
     COMPOSER,
     DEMO_YAML,

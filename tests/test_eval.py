@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
-from pipeline.eval import evaluate, evaluate_dataset, main
-from pipeline.eval_data import build_scores, split_eval_batch
+from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
+from pipeline.eval import main
+from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
+from pipeline.evaluation.evaluators import build_scores, split_eval_batch
+from pipeline.evaluation.zeroshot import retrieval_scores
 from pipeline.export import export
-from pipeline.runs import load_clip
-from pipeline.zeroshot import retrieval_scores
+from pipeline.run.saved import load_clip
 from tests.conftest import DEMO_YAML, EVAL_YAML, REPO, demo_model, eval_overrides, fresh_eval_config, train_overrides
 
 

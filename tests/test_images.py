@@ -10,7 +10,7 @@ from open_clip.transform import image_transform
 from PIL import Image, ImageDraw
 from torchvision.datasets.folder import pil_loader
 
-from pipeline.images import decode_rgb
+from pipeline.common.images import decode_rgb
 
 TRANSFORM = image_transform(32, is_train=False)  # open_clip's eval transform: resize, crop, RGB, normalise
 

@@ -7,15 +7,19 @@ import os
 import pickle
 import pickletools
 import re
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from composer.callbacks import CheckpointSaver
 
-from pipeline import checkpointing
+from pipeline.checkpoint import loading, saver
+from pipeline.compat import fsdp_gloo
+from pipeline.compat import streaming_shm_prefix as shm_prefix
 from tests.conftest import REPO
 
-# What only pipeline/towers.py may know: how open_clip and timm lay out their towers.
+# What only pipeline/model/towers.py may know: how open_clip and timm lay out their towers.
 TOWER_CHECKS = re.compile(
     r"hasattr\([^)]*\"(trunk|transformer|text|patch_drop\w*)\"|ResidualAttentionBlock|EvaBlock|\.resblocks\b|\.trunk\b"
 )
@@ -29,12 +33,12 @@ def test_tower_structure_is_known_in_one_module_only():
     offenders = [
         f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}"
         for path in python_files("pipeline")
-        if not path.endswith(os.path.join("pipeline", "towers.py"))
+        if not path.endswith(os.path.join("pipeline", "model", "towers.py"))
         for n, line in enumerate(open(path, encoding="utf-8"), 1)
         if TOWER_CHECKS.search(line)
     ]
     assert offenders == []
-    with open(os.path.join(REPO, "pipeline", "towers.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "pipeline", "model", "towers.py"), encoding="utf-8") as f:
         assert TOWER_CHECKS.search(f.read())  # the pattern does find such checks
 
 
@@ -53,27 +57,131 @@ def imported_packages(path: str) -> set:
     return {name.split(".")[0] for name in imported_modules(path)}
 
 
-# What data_prep may use of pipeline: small modules that import neither torch nor the training schema.
-SHARED_WITH_DATA_PREP = {"pipeline.config_loader", "pipeline.paths", "pipeline.images", "pipeline.tables"}
+# What data_prep may use of pipeline: the torch-free shared packages (config loading, storage, tables, images).
+SHARED_WITH_DATA_PREP = {
+    "pipeline.config.loader",
+    "pipeline.common.storage",
+    "pipeline.common.images",
+    "pipeline.common.tables",
+}
 
 
 def test_imports_go_one_way_from_data_prep_to_pipeline():
-    """data_prep may use pipeline's small shared modules (the YAML loader, tables, images); never the reverse."""
+    """data_prep may use pipeline's small shared modules (the YAML loader, storage, images); never the reverse."""
     assert [p for p in python_files("pipeline") if "data_prep" in imported_packages(p)] == []
     used = {m for p in python_files("data_prep") for m in imported_modules(p) if m.split(".")[0] == "pipeline"}
     assert used and used <= SHARED_WITH_DATA_PREP, used - SHARED_WITH_DATA_PREP
 
 
-def test_the_eval_and_sweep_clis_are_not_libraries():
-    """What other modules need of them lives beside them: the evaluators training runs in
-    eval_data, the runs of a sweep in sweep_grid (scaling reads them), its report in sweep_report."""
-    code = python_files("pipeline") + python_files("data_prep") + python_files("bench")
-    importers = {
-        cli: sorted(os.path.relpath(p, REPO) for p in code if cli in imported_modules(p))
-        for cli in ("pipeline.eval", "pipeline.sweep")
+# pipeline's packages, lowest first: each may import only its own layer and those below (and never
+# a command: train, eval, export, sweep).
+LAYERS = [
+    {"config", "common"},
+    {"compat"},
+    {"data", "checkpoint"},
+    {"model"},
+    {"algorithms"},
+    {"training"},
+    {"run"},
+    {"evaluation"},
+    {"sweeps"},
+]
+COMMANDS = {"train", "eval", "export", "sweep"}
+
+
+def pipeline_imports(path: str) -> set:
+    """The pipeline packages or commands a file imports ("from pipeline import compat" included)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline."))
+    return found
+
+
+def test_no_package_imports_upward_nor_a_command():
+    layer = {package: i for i, packages in enumerate(LAYERS) for package in packages}
+    packages = sorted(
+        os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(REPO, "pipeline", "*", "__init__.py"))
+    )
+    assert sorted(layer) == packages  # every package has its place
+    upward = [
+        f"{os.path.relpath(path, REPO)} imports pipeline.{imported}"
+        for package in packages
+        for path in python_files(os.path.join("pipeline", package))
+        for imported in pipeline_imports(path)
+        if imported in COMMANDS or layer[imported] > layer[package]
+    ]
+    assert upward == []
+    assert "pipeline.model" in {
+        f"pipeline.{m}" for m in pipeline_imports(os.path.join(REPO, "pipeline", "run", "saved.py"))
     }
-    # The report scores FLIP's masked inference with the eval CLI's own function.
-    assert importers == {"pipeline.eval": ["pipeline/sweep_report.py"], "pipeline.sweep": []}
+
+
+def test_every_package_says_what_it_owns_and_may_import():
+    for init in glob.glob(os.path.join(REPO, "pipeline", "*", "__init__.py")):
+        doc = ast.get_docstring(ast.parse(open(init, encoding="utf-8").read())) or ""
+        assert len(doc) > 100 and "mport" in doc, init
+
+
+def test_the_shared_packages_import_no_torch_when_imported():
+    """config and common are what data_prep and the quick config check load: no torch, no Composer."""
+    heavy = {"torch", "composer", "streaming", "open_clip", "timm"}
+    for package in ("config", "common"):
+        for path in python_files(os.path.join("pipeline", package)):
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+            top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+            assert not top & heavy, (path, top & heavy)
+
+
+def test_importing_every_module_patches_nothing():
+    """Patches of pinned libraries are applied by the entry points (pipeline/compat), not on import."""
+    modules = sorted(
+        os.path.relpath(p, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__") for p in python_files("pipeline")
+    )
+    code = f"""
+import streaming.base.dataset as d, streaming.base.shared.prefix as p
+from torch.distributed.fsdp._fully_shard import _fsdp_collectives as c
+from composer.utils import remote_uploader as u
+before = (d.get_shm_prefix, d.Spanner, p.SharedMemory, c._get_gradient_divide_factors, u.ProcessPoolExecutor)
+import importlib
+for name in {modules!r}:
+    importlib.import_module(name)
+after = (d.get_shm_prefix, d.Spanner, p.SharedMemory, c._get_gradient_divide_factors, u.ProcessPoolExecutor)
+assert before == after, [b for b, a in zip(before, after) if a is not b]
+from pipeline import compat
+compat.apply()
+assert (d.get_shm_prefix, c._get_gradient_divide_factors) != before[::3][:2]  # apply() does patch
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_no_module_keeps_mutable_state():
+    """No module-level list, dict or set that code could change (caches are functools.cache'd functions)."""
+    mutable = (ast.Dict, ast.List, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+    found = []
+    for path in python_files("pipeline") + python_files("data_prep"):
+        for node in ast.parse(open(path, encoding="utf-8").read()).body:
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
+            value = getattr(node, "value", None)
+            for target in targets:
+                named = isinstance(target, ast.Name)
+                if named and isinstance(value, mutable) and not target.id.isupper() and target.id != "__all__":
+                    found.append(f"{os.path.relpath(path, REPO)}: {target.id}")
+                if isinstance(target, ast.Attribute):  # setting another module's attribute
+                    found.append(f"{os.path.relpath(path, REPO)}: {ast.unparse(target)}")
+    assert found == []
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +192,7 @@ def test_the_eval_and_sweep_clis_are_not_libraries():
 
 
 def composer_upload_poll():
-    return hasattr(CheckpointSaver(folder="unused", save_interval="1ba"), checkpointing.UPLOAD_POLL_ATTRIBUTE)
+    return hasattr(CheckpointSaver(folder="unused", save_interval="1ba"), saver.UPLOAD_POLL_ATTRIBUTE)
 
 
 def composer_upload_pools():
@@ -93,12 +201,12 @@ def composer_upload_pools():
     from composer.utils import remote_uploader
 
     source = inspect.getsource(remote_uploader.RemoteUploader.__init__)
-    saver = checkpointing.PollingCheckpointSaver("s3://bucket/run", save_interval="1ba")
+    uploader = saver.PollingCheckpointSaver("s3://bucket/run", save_interval="1ba").remote_uploader
     return (
         source.count("ProcessPoolExecutor(") == 2
         and "multiprocessing.get_context('spawn')" in source
-        and isinstance(saver.remote_uploader.upload_executor, ThreadPoolExecutor)
-        and isinstance(saver.remote_uploader.check_remote_files_exist_executor, ThreadPoolExecutor)
+        and isinstance(uploader.upload_executor, ThreadPoolExecutor)
+        and isinstance(uploader.check_remote_files_exist_executor, ThreadPoolExecutor)
         and remote_uploader.ProcessPoolExecutor.__name__ == "ProcessPoolExecutor"  # put back afterwards
     )
 
@@ -118,18 +226,17 @@ def composer_hsdp_degrees():
 def numpy_reconstruct():
     pickled = pickle.dumps(np.arange(3, dtype=np.uint32), protocol=2)  # torch.save's protocol
     names = {arg for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
-    reconstruct = checkpointing._reconstruct
+    reconstruct = loading._reconstruct
     return f"{reconstruct.__module__} {reconstruct.__name__}" in names
 
 
 def torch_gradient_divide_factors():
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
-    from pipeline import parallel
-
+    fsdp_gloo.divide_after_summing_on_gloo()  # as the entry points apply it
     return (
-        _fsdp_collectives._get_gradient_divide_factors is parallel._divide_after_summing_on_gloo
-        and list(inspect.signature(parallel._fsdp_divide_factors).parameters)
+        _fsdp_collectives._get_gradient_divide_factors is fsdp_gloo._sum_then_divide_on_gloo
+        and list(inspect.signature(fsdp_gloo._fsdp_divide_factors).parameters)
         == ["reduce_scatter_group", "all_reduce_group", "reduce_dtype", "device_type"]
         and "_get_gradient_divide_factors(" in inspect.getsource(_fsdp_collectives.foreach_reduce)
     )
@@ -157,8 +264,6 @@ def streaming_shard_tables():
 def streaming_shm_prefix():
     from streaming import StreamingDataset
     from streaming.base.shared import memory, prefix
-
-    from pipeline import shm_prefix
 
     return (
         shm_prefix._find_and_create_prefix is prefix.get_shm_prefix
@@ -193,29 +298,29 @@ def streaming_index_download():
 
 PRIVATE_APIS = {
     "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
-    "pipeline/checkpointing.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
+    "pipeline/checkpoint/saver.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
     "composer.utils.remote_uploader.ProcessPoolExecutor / multiprocessing.get_context: "
-    "pipeline/checkpointing.py uploads in threads instead of spawned processes": composer_upload_pools,
+    "pipeline/compat/composer_uploads.py uploads in threads instead of spawned processes": composer_upload_pools,
     "composer CheckpointSaver.all_saved_checkpoints_to_timestamp (undocumented): "
-    "pipeline/checkpointing.py signs and rotates after each save": composer_saved_checkpoints,
+    "pipeline/checkpoint/saver.py signs and rotates after each save": composer_saved_checkpoints,
     "composer.core.state._create_device_mesh reading FSDP2Config.data_parallel_*_degree: "
-    "pipeline/parallel.py HybridShardConfig": composer_hsdp_degrees,
-    "numpy._core.multiarray._reconstruct: pipeline/checkpointing.py allows it in weights_only loading "
+    "pipeline/training/parallel.py HybridShardConfig": composer_hsdp_degrees,
+    "numpy._core.multiarray._reconstruct: pipeline/checkpoint/loading.py allows it in weights_only loading "
     "(numpy pickles arrays with it)": numpy_reconstruct,
     "torch.distributed.fsdp._fully_shard._fsdp_collectives._get_gradient_divide_factors: "
-    "pipeline/parallel.py makes FSDP2 sum then divide on gloo": torch_gradient_divide_factors,
+    "pipeline/compat/fsdp_gloo.py makes FSDP2 sum then divide on gloo": torch_gradient_divide_factors,
     "torch.nn.MultiheadAttention._qkv_same_embed_dim and its packed in_proj: "
     "pipeline/algorithms/flash_attention.py swaps the module's class": torch_multihead_attention,
     "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
-    "pipeline/data.py names the shard and stream of a bad sample": streaming_shard_tables,
+    "pipeline/data/loader.py names the shard and stream of a bad sample": streaming_shard_tables,
     "streaming.base.dataset.Spanner, looked up by StreamingDataset.__init__, and "
-    "StreamingDataset.resample_streams (undocumented): pipeline/sampling.py builds its O(shards) spanner "
+    "StreamingDataset.resample_streams (undocumented): pipeline/data/sampling.py builds its O(shards) spanner "
     "there and draws virtual epochs in shard passes": streaming_spanner_and_resample,
     "streaming Stream._download_file and the shape of Stream.get_shards (undocumented): "
-    "pipeline/shard_index.py loads a stream's index compactly in its place": streaming_index_download,
+    "pipeline/data/shard_index.py loads a stream's index compactly in its place": streaming_index_download,
     "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__, and the SharedMemory it "
-    "attaches with (undocumented): pipeline/shm_prefix.py registers prefixes under a machine-wide lock and "
-    "closes those attachments when released instead of at exit": streaming_shm_prefix,
+    "attaches with (undocumented): pipeline/compat/streaming_shm_prefix.py registers prefixes under a "
+    "machine-wide lock and closes those attachments when released instead of at exit": streaming_shm_prefix,
 }
 # The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
 KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}
@@ -250,3 +355,12 @@ def test_each_test_module_reaches_xdist_as_one_group(request):
     assert [mark.args for mark in request.node.iter_markers("xdist_group")] == [("test_layout",)]
     if getattr(request.config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
         assert request.node.nodeid.endswith("@test_layout"), request.node.nodeid
+
+
+def test_every_algorithm_of_the_config_has_its_row_in_the_table():
+    from dataclasses import fields
+
+    from pipeline.algorithms import ALGORITHMS
+    from pipeline.config.schema import AlgorithmsConfig
+
+    assert list(ALGORITHMS) == [field.name for field in fields(AlgorithmsConfig)]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import EvalConfig, LossName, load
+from pipeline.config.schema import EvalConfig, LossName, load
 from pipeline.eval import evaluate
 from pipeline.export import export
-from pipeline.loss import Features, build_loss, contrastive_loss
-from pipeline.runs import load_clip
+from pipeline.model.loss import Features, build_loss, contrastive_loss
+from pipeline.run.saved import load_clip
 from tests.conftest import REPO, train_here, train_overrides
 from tests.tiny import TINY_SIGLIP, synthetic_dataset, tiny_model
 

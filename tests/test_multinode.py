@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from pipeline.config import TrainConfig, load
+from pipeline.config.schema import TrainConfig, load
 from tests.conftest import COMPOSER, DEMO_YAML, PYTHON, REPO, run_train
 from tests.s3server import rendezvous_port
 from tests.test_elastic import BATCHES, SAVE_EVERY, elastic, kill_once_latest_passes, start

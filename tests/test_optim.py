@@ -2,8 +2,8 @@ import pytest
 import torch
 from timm.optim import Lamb
 
-from pipeline.config import ConfigError, OptimizerConfig, OptimizerName, TowerOptimConfig, TrainConfig, load
-from pipeline.optim import build_optimizer, param_groups
+from pipeline.config.schema import ConfigError, OptimizerConfig, OptimizerName, TowerOptimConfig, TrainConfig, load
+from pipeline.training.optim import build_optimizer, param_groups
 from tests.tiny import tiny_model
 
 

@@ -86,8 +86,8 @@ def test_a_two_rank_run_makes_one_process_group_before_its_streams(runs):
 def test_hybrid_shard_builds_composers_replicate_by_shard_mesh(monkeypatch):
     from composer.utils.parallelism import FSDP2Config
 
-    from pipeline.config import ConfigError, ParallelismConfig, Sharding
-    from pipeline.parallel import HybridShardConfig, build_parallelism
+    from pipeline.config.schema import ConfigError, ParallelismConfig, Sharding
+    from pipeline.training.parallel import HybridShardConfig, build_parallelism
 
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.callbacks import COMPOSER_CALLBACKS, LossGuard, LossSpikeError, build_callbacks
-from pipeline.config import ConfigError, LossGuardConfig, SpikeAction
-from pipeline.run_folder import read_metrics
+from pipeline.config.schema import ConfigError, LossGuardConfig, SpikeAction
+from pipeline.run.files import read_metrics
+from pipeline.training.callbacks import COMPOSER_CALLBACKS, LossGuard, LossSpikeError, build_callbacks
 from tests.conftest import DEMO_YAML, REPO, train_here, train_overrides
 from tests.tiny import GradCapture, make_trainer, synthetic_dataset, tiny_model
 
@@ -106,8 +106,8 @@ def test_retention_keeps_the_newest_and_every_kth_and_never_latest(sample_build,
 def test_the_checkpoint_saver_closes_once_though_composer_closes_it_again_at_exit(tmp_path, monkeypatch):
     """Composer's exit hook runs every callback's post_close again after Trainer.close(): by then a
     process that goes on (a notebook, a sweep) may have dropped the store's settings."""
-    from pipeline.checkpointing import build_checkpoint_saver
-    from pipeline.config import CheckpointConfig
+    from pipeline.checkpoint.saver import build_checkpoint_saver
+    from pipeline.config.schema import CheckpointConfig
 
     saver = build_checkpoint_saver(CheckpointConfig(save_folder=str(tmp_path), save_interval="1ba", keep=1))
     trainer = make_trainer(tiny_model(), max_duration="3ba", callbacks=[saver])

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from pipeline.checkpointing import read_checkpoint
-from pipeline.runs import resolve_run
+from pipeline.checkpoint.loading import read_checkpoint
+from pipeline.run.saved import resolve_run
 from tests.conftest import (
     DEMO_YAML,
     PYTHON,
@@ -213,13 +213,8 @@ def test_checkpoint_with_arbitrary_objects_is_not_unpickled(sample_build, s3, fo
 
 
 def test_sharded_checkpoint_files_the_run_did_not_sign_need_trust(monkeypatch, tmp_path):
-    from pipeline.checkpointing import (
-        SIGNED_DIGESTS_ENV,
-        TRUST_ENV,
-        CheckpointError,
-        guard_checkpoint_loading,
-        validate_checkpoint,
-    )
+    from pipeline.checkpoint.folder import CheckpointError
+    from pipeline.checkpoint.loading import SIGNED_DIGESTS_ENV, TRUST_ENV, guard_checkpoint_loading, validate_checkpoint
 
     for name in ("CHECKPOINT_VALIDATION_FUNCTION", TRUST_ENV, SIGNED_DIGESTS_ENV):  # restored after the test
         monkeypatch.setenv(name, "")

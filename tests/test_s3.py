@@ -14,8 +14,8 @@ from PIL import Image
 from streaming import StreamingDataset
 
 from data_prep.sources import SourceConfig, SourcesConfig
-from data_prep.storage import StorageError
 from data_prep.to_mds import SUMMARY_FILE, convert
+from pipeline.common.storage import StorageError
 from tests.conftest import train_here, train_overrides
 from tests.s3server import free_ports
 

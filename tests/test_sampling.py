@@ -1,4 +1,4 @@
-"""Virtual epochs drawn in shard passes (pipeline/sampling.py), on real MDS stores read by a real
+"""Virtual epochs drawn in shard passes (pipeline/data/sampling.py), on real MDS stores read by a real
 StreamingDataset, locally and from a SeaweedFS bucket."""
 
 import math
@@ -12,8 +12,8 @@ from streaming import MDSWriter, Stream
 from streaming.base.compression import decompress
 from streaming.base.spanner import Spanner
 
-from pipeline.sampling import ShardPassDataset, ShardSpanner
-from pipeline.shard_index import CompactStream, LazyShard
+from pipeline.data.sampling import ShardPassDataset, ShardSpanner
+from pipeline.data.shard_index import CompactStream, LazyShard
 
 SHARD_BYTES = 1 << 10  # a few dozen samples of one int each
 
@@ -106,7 +106,7 @@ def test_the_shard_spanner_equals_streamings_on_random_shard_sizes():
 
 
 # ---------------------------------------------------------------------------
-# The compact shard index (pipeline/shard_index.py)
+# The compact shard index (pipeline/data/shard_index.py)
 # ---------------------------------------------------------------------------
 
 

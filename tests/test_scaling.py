@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.scaling import (
+from pipeline.sweeps.scaling import (
     bootstrap_alpha,
     collect,
     extrapolation_check,

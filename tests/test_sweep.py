@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 
 import pipeline.eval
 import pipeline.sweep
-from pipeline.config import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
+from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
+from pipeline.model.towers import SamplePatchDropout
 from pipeline.sweep import main, run_all
-from pipeline.sweep_grid import expand, load_sweep, run_dirs
-from pipeline.towers import SamplePatchDropout
+from pipeline.sweeps.grid import expand, load_sweep, run_dirs
 from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_here, train_overrides
 from tests.tiny import NUM_PATCHES, TINY
 

@@ -38,8 +38,8 @@ def test_short_run_loss_decreases_and_leaves_checkpoint_and_plot(sample_build, t
 
 
 def test_indivisible_global_batch_is_rejected():
-    from pipeline.config import ConfigError
-    from pipeline.data import per_rank_batch_size
+    from pipeline.config.schema import ConfigError
+    from pipeline.data.loader import per_rank_batch_size
 
     assert per_rank_batch_size(64, 2) == 32
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):

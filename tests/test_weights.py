@@ -8,8 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.augment import build_augment
-from pipeline.config import (
+from pipeline.config.schema import (
     AugmentConfig,
     ConfigError,
     EvalConfig,
@@ -21,12 +20,13 @@ from pipeline.config import (
     WeightsLayout,
     load,
 )
+from pipeline.data.augment import build_augment
 from pipeline.eval import evaluate, evaluate_dataset
-from pipeline.eval_data import build_scores
+from pipeline.evaluation.evaluators import build_scores
 from pipeline.export import export
-from pipeline.model import build_clip, lock_towers
-from pipeline.optim import build_optimizer, param_groups
-from pipeline.weights import load_initial_weights
+from pipeline.model.clip import build_clip, lock_towers
+from pipeline.model.weights import load_initial_weights
+from pipeline.training.optim import build_optimizer, param_groups
 from tests.conftest import DEMO_YAML, REPO, run_check_script, train_here, train_overrides
 from tests.tiny import TINY, clipping_norms, make_trainer, tiny_model
 
@@ -250,7 +250,7 @@ def test_unmasked_tuning_phase_starts_fresh_from_the_weights_with_its_own_schedu
 
     from composer.loggers import InMemoryLogger
 
-    from pipeline.checkpointing import read_checkpoint
+    from pipeline.checkpoint.loading import read_checkpoint
     from pipeline.train import build_trainer
 
     cfg, _ = sample_build
@@ -278,7 +278,7 @@ def test_kill_inside_the_tuning_phase_resumes_bitwise(sample_build, masked_run, 
     import sys
     import time
 
-    from pipeline.checkpointing import read_checkpoint
+    from pipeline.checkpoint.loading import read_checkpoint
     from tests.conftest import PYTHON, assert_bitwise_equal, run_train
 
     cfg, _ = sample_build

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import zeroshot
-from pipeline.loss import Features
-from pipeline.zeroshot import (
+from pipeline.evaluation import zeroshot
+from pipeline.evaluation.zeroshot import (
     ZeroShotClassification,
     ZeroShotRetrieval,
     classification_scores,
@@ -19,6 +18,7 @@ from pipeline.zeroshot import (
     resolve_templates,
     retrieval_scores,
 )
+from pipeline.model.loss import Features
 
 
 def test_hits_at_k_counts_wrong_candidates_ahead_and_ties_against_the_query():

@@ -10,8 +10,8 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import LossName, ModelConfig
-from pipeline.model import CLIPModel, build_clip
+from pipeline.config.schema import LossName, ModelConfig
+from pipeline.model.clip import CLIPModel, build_clip
 
 TINY = ModelConfig(
     name="tiny-test",

@@ -17,8 +17,8 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import composer_model_of
-from pipeline.loss import Features
-from pipeline.model import encode
+from pipeline.model.clip import encode
+from pipeline.model.loss import Features
 
 
 def rng_state() -> tuple:

@@ -15,7 +15,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import clip_of
-from pipeline.towers import attention_modules
+from pipeline.model.towers import attention_modules
 
 
 class SDPAMultiheadAttention(torch.nn.MultiheadAttention):

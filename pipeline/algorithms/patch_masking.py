@@ -2,7 +2,7 @@
 
 As open_clip's PatchDropout (timm's for timm towers) does: per sample, class token kept, only in
 training mode, dropped tokens never enter the encoder. This algorithm installs the module where
-the tower applies it (`pipeline.towers`). Its noise is a function of (seed, sample id), so the
+the tower applies it (`pipeline.model.towers`). Its noise is a function of (seed, sample id), so the
 masks do not depend on the step's RNG history, the rank or the world size: resumed runs, on any
 number of ranks, mask exactly as uninterrupted ones.
 """
@@ -13,7 +13,8 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import clip_of
-from pipeline.towers import install_patch_dropout, patch_dropout
+from pipeline.common import metric_keys
+from pipeline.model.towers import install_patch_dropout, patch_dropout
 
 
 class PatchMasking(Algorithm):
@@ -28,4 +29,4 @@ class PatchMasking(Algorithm):
         if event == Event.INIT:
             install_patch_dropout(clip_of(state.model), self.ratio, self.seed)
             return
-        logger.log_metrics({"patch_masking/ratio": patch_dropout(clip_of(state.model)).prob})
+        logger.log_metrics({metric_keys.PATCH_MASKING_RATIO: patch_dropout(clip_of(state.model)).prob})

@@ -2,7 +2,7 @@
 
 Modes: `random` keeps a random subset; `padding_first` drops padding before real tokens.
 The end-of-text token (the one the tower pools) is always kept. Which ids pad and end a caption
-comes from the tokenizer (`pipeline.towers.text_token_ids`). Kept tokens go through the
+comes from the tokenizer (`pipeline.model.towers.text_token_ids`). Kept tokens go through the
 transformer in their original order under the causal mask; their outputs are put back at
 their original positions, so open_clip's pooling finds the end-of-text token where it was.
 """
@@ -14,9 +14,9 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import clip_of
-from pipeline.config import TextMaskingMode
-from pipeline.sample_noise import TEXT_STREAM, sample_uniform
-from pipeline.towers import text_token_ids, text_tower
+from pipeline.config.schema import TextMaskingMode
+from pipeline.model.sample_noise import TEXT_STREAM, sample_uniform
+from pipeline.model.towers import text_token_ids, text_tower
 
 
 class TextTokenDropout:

@@ -14,7 +14,8 @@ from composer.core import Algorithm, Event, State, Time
 from composer.loggers import Logger
 
 from pipeline.algorithms.unwrap import clip_of
-from pipeline.towers import patch_dropout
+from pipeline.common import metric_keys
+from pipeline.model.towers import patch_dropout
 
 
 class UnmaskedTuning(Algorithm):
@@ -44,4 +45,4 @@ class UnmaskedTuning(Algorithm):
                     # initial_lr: the group's base lr, as LambdaLR records it (absent: no scheduler)
                     base_lr = group.setdefault("initial_lr", group["lr"])
                     group["lr"] = self.lr * base_lr / optimizer.defaults["lr"]
-        logger.log_metrics({"unmasked_tuning/active": int(active)})
+        logger.log_metrics({metric_keys.UNMASKED_TUNING_ACTIVE: int(active)})

@@ -1,0 +1,106 @@
+"""A sweep YAML -> its runs: names, run folders and each run's pipeline/train.py overrides.
+
+A sweep (SweepConfig in pipeline/config/schema.py) names a training YAML, overrides common to every run,
+a `grid:` (one run per point of the cartesian product) and/or a `runs:` list (one run per entry).
+A run is named by its values that differ between runs; it trains in <folder>/<run name> with
+checkpoint.autoresume. `run_dirs(path)` lists the run folders for collectors such as
+pipeline/sweeps/scaling.py and pipeline/sweeps/report.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config.schema import ConfigError, SweepConfig, TrainConfig, load
+
+
+@dataclass
+class Run:
+    name: str
+    run_dir: str
+    args: list  # pipeline/train.py's key=value overrides
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: leaf} of nested (or already dotted) keys; an empty dict is a leaf."""
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def cli_value(value: Any) -> str:
+    """A value as omegaconf reads it back from key=value: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def name_part(label: str, value: Any) -> str:
+    """A key's part of a run name; a group of keys (a mapping in the grid) by its `name`."""
+    if isinstance(value, dict) and "name" in value:
+        return str(value["name"])
+    text = "x".join(map(cli_value, value)) if isinstance(value, list) else cli_value(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{label}{text}")
+
+
+def run_keys(own: dict) -> dict:
+    """Training keys of a run's own values: a grid value that is a mapping is a group of keys."""
+    keys = {}
+    for key, value in own.items():
+        group = isinstance(value, dict) and bool(value)
+        keys.update(flatten({k: v for k, v in value.items() if k != "name"}) if group else {key: value})
+    return keys
+
+
+def expand(sweep: SweepConfig) -> list:
+    """The sweep's runs in order: the grid's points, then the `runs` entries."""
+    points = [dict(zip(sweep.grid, values)) for values in itertools.product(*sweep.grid.values())] if sweep.grid else []
+    entries = [flatten(entry) for entry in sweep.runs]
+    names = [None] * len(points) + [entry.pop("name", None) for entry in entries]
+    own = points + entries
+    if not own:  # neither grid nor runs: one run of the common overrides
+        own, names = [{}], [None]
+    # A run is named by its values that are not the same in every run.
+    varying = [
+        k for k in dict.fromkeys(k for o in own for k in o) if any(k not in o or o[k] != own[0].get(k) for o in own)
+    ]
+    common = flatten(sweep.overrides)
+    runs = []
+    for name, values in zip(names, own):
+        parts = [name_part(sweep.labels.get(k, k.rsplit(".", 1)[-1]), values[k]) for k in varying if k in values]
+        name = name or "-".join(parts) or "run"
+        run_dir = os.path.join(sweep.folder, name)
+        managed = {"run_name": f"{sweep.name}-{name}", "run_dir": run_dir, "checkpoint.autoresume": True}
+        if sweep.save_folder is not None:
+            managed["checkpoint.save_folder"] = f"{sweep.save_folder.rstrip('/')}/{name}"
+        args = [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values), **managed}.items()]
+        runs.append(Run(name, run_dir, args))
+    duplicates = sorted({r.name for r in runs if [s.name for s in runs].count(r.name) > 1})
+    if duplicates:
+        raise ConfigError(f"runs share the names {', '.join(duplicates)}: give the `runs` entries a `name`")
+    return runs
+
+
+def load_sweep(path: str, overrides: list = ()) -> tuple:
+    """(sweep, runs), every run's training config checked (typos fail before anything trains)."""
+    sweep = load(SweepConfig, path, overrides)
+    runs = expand(sweep)
+    for run in runs:
+        try:
+            load(TrainConfig, sweep.train, run.args)
+        except ConfigError as err:
+            raise ConfigError(f"run {run.name}: {err}") from None
+    return sweep, runs
+
+
+def run_dirs(path: str) -> list:
+    """The run folders of a sweep YAML, in the sweep's order."""
+    return [run.run_dir for run in load_sweep(path)[1]]
