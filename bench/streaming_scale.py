@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -114,8 +115,11 @@ def resume_mid_epoch(dataset, num_canonical_nodes: int) -> None:
 def measure(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str, resume: bool) -> dict:
     """Run in a fresh process: start-up, time to first batch (of epoch 0, or with `resume` of the
     middle of epoch 3, as a resumed run asks for it), peak RSS and shared memory."""
+    import pipeline.data.sampling  # noqa: F401 - torch and streaming, before the imports' RSS is read
+    import pipeline.data.shard_index  # noqa: F401
+
     shm_before, shm_peak, done = shm_bytes(), [0], threading.Event()
-    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # torch and streaming, loaded
+    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def sample_shm() -> None:  # streaming's shared memory can be short-lived: keep its peak
         while not done.wait(0.05):
@@ -254,7 +258,9 @@ def run_node(samples: int, epoch_size: int, sampling: str, resume: bool, args) -
     return result
 
 
-def shards_per_batch(root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str) -> float:
+def shards_per_batch(
+    root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str, block: Optional[int]
+) -> float:
     """The mean number of distinct shards in a global batch of epoch 1 (its order as one process
     of a node builds it, batches of `batch_size`): how well a batch still mixes the store."""
     import numpy as np
@@ -268,6 +274,9 @@ def shards_per_batch(root: str, epoch_size: int, batch_size: int, num_canonical_
     dataset = ShardPassDataset(
         streams=streams,
         batch_size=batch_size,
+        shuffle=True,
+        shuffle_algo="py1e",
+        shuffle_block_size=block or max(4_000_000 // num_canonical_nodes, 1 << 18),  # streaming's default
         shuffle_seed=17,
         num_canonical_nodes=num_canonical_nodes,
         epoch_size=epoch_size,
@@ -345,6 +354,7 @@ def main() -> None:
         "--sampling", nargs="+", default=["streaming", "shard_passes"], help="data.sampling (pipeline/data/sampling.py)"
     )
     parser.add_argument("--resume", action="store_true", help="also time a mid-epoch resume (epoch 3, half way)")
+    parser.add_argument("--shuffle-block-size", type=int, help="default: streaming's (4M / canonical nodes)")
     parser.add_argument("--node", type=int, metavar="RANKS", help="instead: a simulated node of this many ranks")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank (--node)")
     parser.add_argument(
@@ -360,8 +370,10 @@ def main() -> None:
             root = os.path.join(args.work, f"{samples}")
             for epoch_size in map(int, args.epoch_sizes):
                 for sampling in args.sampling:
-                    mean = shards_per_batch(root, epoch_size, args.shards_per_batch, args.num_canonical_nodes, sampling)
-                    print(f"| {samples:,} | {epoch_size:,} | {args.shards_per_batch:,} | {sampling} | {mean:,.0f} |")
+                    block, batch = args.shuffle_block_size, args.shards_per_batch
+                    mean = shards_per_batch(root, epoch_size, batch, args.num_canonical_nodes, sampling, block)
+                    cells = [f"{samples:,}", f"{epoch_size:,}", f"{batch:,}", sampling, f"{block or 'default'}"]
+                    print("| " + " | ".join([*cells, f"{mean:,.0f}"]) + " |")
         return
     if args.node:
         rows = [
