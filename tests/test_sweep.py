@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 from omegaconf import OmegaConf
 
-import pipeline.eval
+import pipeline.evaluation.evaluate
 import pipeline.sweep
 from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
 from pipeline.model.towers import SamplePatchDropout
@@ -169,7 +169,7 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
     datasets = {name: EvalDatasetConfig(**{**d, "type": EvalTask(d["type"])}) for name, d in eval_datasets(cfg).items()}
     full_cfg = EvalConfig(model=TINY, datasets=datasets, num_workers=0)
     installed, kept_tokens = [], []
-    install = pipeline.eval.install_patch_dropout
+    install = pipeline.evaluation.evaluate.install_patch_dropout
 
     def spy(clip, ratio, seed):
         module = install(clip, ratio, seed)
@@ -177,7 +177,7 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
         module.register_forward_hook(lambda m, args, out: kept_tokens.append((m.training, clip.training, out.shape[1])))
         return module
 
-    monkeypatch.setattr(pipeline.eval, "install_patch_dropout", spy)
+    monkeypatch.setattr(pipeline.evaluation.evaluate, "install_patch_dropout", spy)
     full = evaluate_scores(full_cfg)
     assert not installed
     masked = evaluate_scores(replace(full_cfg, patch_masking=0.75))
@@ -194,7 +194,7 @@ def test_masked_inference_changes_the_scores_through_the_installed_patch_dropout
 def evaluate_scores(cfg: EvalConfig) -> dict:
     return {
         name: {k: v for k, v in r.items() if k != "images"}
-        for name, r in pipeline.eval.evaluate(cfg)["datasets"].items()
+        for name, r in pipeline.evaluation.evaluate.evaluate(cfg)["datasets"].items()
     }
 
 

@@ -21,7 +21,7 @@ from pipeline.config.schema import (
     load,
 )
 from pipeline.data.augment import build_augment
-from pipeline.eval import evaluate, evaluate_dataset
+from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
 from pipeline.evaluation.evaluators import build_scores
 from pipeline.export import export
 from pipeline.model.clip import build_clip, lock_towers
