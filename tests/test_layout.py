@@ -314,8 +314,10 @@ PRIVATE_APIS = {
     "streaming StreamingDataset.spanner / stream_per_shard / shard file_pairs (undocumented): "
     "pipeline/data/loader.py names the shard and stream of a bad sample": streaming_shard_tables,
     "streaming.base.dataset.Spanner, looked up by StreamingDataset.__init__, and "
-    "StreamingDataset.resample_streams (undocumented): pipeline/data/sampling.py builds its O(shards) spanner "
-    "there and draws virtual epochs in shard passes": streaming_spanner_and_resample,
+    "StreamingDataset.resample_streams (undocumented): pipeline/compat/streaming_spanner.py has it build "
+    "pipeline/data/sampling.py's O(shards) spanner, which draws virtual epochs in shard passes": (
+        streaming_spanner_and_resample
+    ),
     "streaming Stream._download_file and the shape of Stream.get_shards (undocumented): "
     "pipeline/data/shard_index.py loads a stream's index compactly in its place": streaming_index_download,
     "streaming.base.dataset.get_shm_prefix, called by StreamingDataset.__init__, and the SharedMemory it "
