@@ -103,8 +103,8 @@ def run_spark_score(folder: str, out: str, cores: int, model: str) -> dict:
 def export_tiny_clip(folder: str) -> str:
     """The demo recipe's CLIP, freshly initialised, in open_clip's hub layout: `local-dir:` names it."""
     from pipeline.config.schema import TrainConfig, load
-    from pipeline.export import export
     from pipeline.model.clip import build_clip
+    from pipeline.model.export import export
 
     model = load(TrainConfig, os.path.join(REPO, "yamls", "demo_cpu.yaml")).model
     export(build_clip(model)[0], model, folder)

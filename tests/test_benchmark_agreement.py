@@ -31,7 +31,7 @@ import pipeline.evaluation.evaluators
 from data_prep.eval_sets import flickr_to_mds, imagefolder_to_mds, wds_to_mds
 from pipeline.config.schema import EvalConfig, load
 from pipeline.eval import main
-from pipeline.export import export
+from pipeline.model.export import export
 from pipeline.run.saved import load_clip
 from tests.conftest import EVAL_YAML, demo_model
 from tests.test_images import encoded, in_mode, picture

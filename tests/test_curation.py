@@ -31,7 +31,7 @@ from pipeline.common.images import decode_rgb
 @pytest.fixture(scope="module")
 def scorer(trained, tmp_path_factory) -> str:
     """The model trained on the sample in this session, exported in open_clip's hub layout."""
-    from pipeline.export import export
+    from pipeline.model.export import export
     from pipeline.run.saved import load_clip
 
     eval_cfg, checkpoint, _ = trained

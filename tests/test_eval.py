@@ -22,7 +22,7 @@ from pipeline.eval import main
 from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
 from pipeline.evaluation.evaluators import build_scores, split_eval_batch
 from pipeline.evaluation.zeroshot import retrieval_scores
-from pipeline.export import export
+from pipeline.model.export import export
 from pipeline.run.saved import load_clip
 from tests.conftest import DEMO_YAML, EVAL_YAML, REPO, demo_model, eval_overrides, fresh_eval_config, train_overrides
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pipeline.config.schema import EvalConfig, LossName, load
 from pipeline.eval import evaluate
-from pipeline.export import export
+from pipeline.model.export import export
 from pipeline.model.loss import Features, build_loss, contrastive_loss
 from pipeline.run.saved import load_clip
 from tests.conftest import REPO, train_here, train_overrides

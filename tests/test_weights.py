@@ -23,8 +23,8 @@ from pipeline.config.schema import (
 from pipeline.data.augment import build_augment
 from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
 from pipeline.evaluation.evaluators import build_scores
-from pipeline.export import export
 from pipeline.model.clip import build_clip, lock_towers
+from pipeline.model.export import export
 from pipeline.model.weights import load_initial_weights
 from pipeline.training.optim import build_optimizer, param_groups
 from tests.conftest import DEMO_YAML, REPO, run_check_script, train_here, train_overrides
