@@ -45,23 +45,25 @@ BATCHES, SAVE_EVERY = 40, 5
 MASKING = ["algorithms.patch_masking.ratio=0.5", "algorithms.text_masking.ratio=0.25"]
 
 
-def elastic(cfg, run_dir, *extra: str) -> list:
-    """The demo recipe, small, with patch and text masking, global batch 16, in a virtual epoch
-    (1,024 of the sample's ~3,600) drawn in shard passes, as the recipes draw them."""
+def small_run(cfg, run_dir, batches: int, *extra: str) -> list:
+    """The demo recipe, small, global batch 16, deterministic, logging every batch."""
     return train_overrides(
         cfg,
         run_dir,
-        f"max_duration={BATCHES}ba",
+        f"max_duration={batches}ba",
         "data.global_batch_size=16",
-        "data.epoch_size=1024",
-        "data.sampling=shard_passes",
         "scheduler.warmup=2ba",
         "deterministic=true",
         "loggers.console.log_interval=1ba",
-        *MASKING,
         *SMALL_MODEL,
         *extra,
     )
+
+
+def elastic(cfg, run_dir, *extra: str) -> list:
+    """With patch and text masking, in a virtual epoch (1,024 of the sample's ~3,600) drawn in
+    shard passes, as the recipes draw them."""
+    return small_run(cfg, run_dir, BATCHES, "data.epoch_size=1024", "data.sampling=shard_passes", *MASKING, *extra)
 
 
 def in_bucket(cfg, run_dir, save_folder: str, *extra: str) -> list:
@@ -300,14 +302,10 @@ def tuning(cfg, run_dir, save_folder: str, pretrained: str) -> list:
     """FLIP's second phase as yamls/flip_b16_unmasked_tuning.yaml runs it: from the pre-training
     run's save folder (its newest sharded checkpoint), no patch masking, sharded checkpoints of its
     own in the bucket, autoresume."""
-    return train_overrides(
+    return small_run(
         cfg,
         run_dir,
-        f"max_duration={TUNING_BATCHES}ba",
-        "data.global_batch_size=16",
-        "scheduler.warmup=2ba",
-        "deterministic=true",
-        "loggers.console.log_interval=1ba",
+        TUNING_BATCHES,
         "algorithms.patch_masking=null",
         f"model.pretrained.path={pretrained}",
         "parallelism.sharding=HYBRID_SHARD",
@@ -315,7 +313,6 @@ def tuning(cfg, run_dir, save_folder: str, pretrained: str) -> list:
         f"checkpoint.save_folder={save_folder}",
         f"checkpoint.save_interval={SAVE_EVERY}ba",
         "checkpoint.autoresume=true",
-        *SMALL_MODEL,
     )
 
 

@@ -18,8 +18,10 @@ from pipeline.data.shard_index import CompactStream, LazyShard
 SHARD_BYTES = 1 << 10  # a few dozen samples of one int each
 
 
-def write_stream(folder: str, first_uid: int, samples: int) -> str:
-    with MDSWriter(out=folder, columns={"uid": "int"}, size_limit=SHARD_BYTES, compression=None) as writer:
+def write_stream(folder: str, first_uid: int, samples: int, compression=None, hashes=()) -> str:
+    with MDSWriter(
+        out=folder, columns={"uid": "int"}, size_limit=SHARD_BYTES, compression=compression, hashes=list(hashes)
+    ) as writer:
         for uid in range(first_uid, first_uid + samples):
             writer.write({"uid": uid})
     return folder
@@ -111,12 +113,7 @@ def test_the_shard_spanner_equals_streamings_on_random_shard_sizes():
 
 
 def write_compressed(folder: str, first_uid: int, samples: int) -> str:
-    with MDSWriter(
-        out=folder, columns={"uid": "int"}, size_limit=SHARD_BYTES, compression="zstd", hashes=["sha1", "xxh64"]
-    ) as writer:
-        for uid in range(first_uid, first_uid + samples):
-            writer.write({"uid": uid})
-    return folder
+    return write_stream(folder, first_uid, samples, compression="zstd", hashes=("sha1", "xxh64"))
 
 
 def test_the_compact_index_reads_as_streamings_readers_do(store, tmp_path):

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from streaming import StreamingDataset
 
 from pipeline.compat.streaming_spanner import spanner_class
+from pipeline.config.schema import Sampling
 
 
 class ShardSpanner:
@@ -90,4 +91,4 @@ class ShardPassDataset(StreamingDataset):
         return np.concatenate(units), np.concatenate(sample_ids)
 
 
-SAMPLINGS = ("streaming", "shard_passes")
+SAMPLINGS = tuple(sampling.value for sampling in Sampling)  # data.sampling's values
