@@ -208,3 +208,26 @@ def test_training_streams_its_shards_from_the_bucket(spark, s3, s3_bucket, tmp_p
             os.path.relpath(os.path.join(d, f), caches[name]) for d, _, files in os.walk(caches[name]) for f in files
         }
         assert "index.json" in cached and any(f.endswith("shard.00000.mds") for f in cached), (name, cached)
+
+
+def test_a_bucket_folder_lists_one_level_like_a_local_folder(s3, s3_bucket, tmp_path):
+    """A save folder holds every rank's shards of every kept checkpoint: listing it must not walk them."""
+    from pipeline.common import storage
+
+    files = ["latest", "run.json", "ep0-ba5/__0_0.distcp", "ep0-ba5/.metadata", "ep0-ba10/__1_0.distcp"]
+    files += [f"ep0-ba10/deep/{i}" for i in range(1200)]  # more than one page of a recursive listing
+    for name in files:
+        os.makedirs(os.path.dirname(tmp_path / "local" / name), exist_ok=True)
+        (tmp_path / "local" / name).write_bytes(b"x")
+        s3.client().put_object(Bucket=s3_bucket, Key=f"run/{name}", Body=b"x")
+    listed_keys = []
+    client = storage._s3_client(f"s3://{s3_bucket}/run")
+    client.meta.events.register(
+        "after-call.s3.ListObjectsV2",
+        lambda parsed, **_: listed_keys.extend(entry["Key"] for entry in parsed.get("Contents", [])),
+    )
+
+    assert storage.list_names(f"s3://{s3_bucket}/run") == sorted(os.listdir(tmp_path / "local"))
+    assert storage.list_names(f"s3://{s3_bucket}/run/ep0-ba5/") == sorted(os.listdir(tmp_path / "local/ep0-ba5"))
+    assert sorted(listed_keys) == ["run/ep0-ba5/.metadata", "run/ep0-ba5/__0_0.distcp", "run/latest", "run/run.json"]
+    assert storage.list_names(f"s3://{s3_bucket}/nothing-here") == []

@@ -133,8 +133,15 @@ def list_names(folder: str) -> list:
     if not is_remote(folder):
         return os.listdir(folder) if os.path.isdir(folder) else []
     prefix = _key(folder).rstrip("/") + "/"
-    store = _store(folder)
-    return sorted({key[len(prefix) :].split("/", 1)[0] for key in store.list_objects(prefix)})
+    if urlparse(folder).scheme != "s3":  # Composer's stores list only recursively
+        return sorted({key[len(prefix) :].split("/", 1)[0] for key in _store(folder).list_objects(prefix)})
+    # One level, as a folder is listed: a save folder holds every rank's shards of every kept checkpoint.
+    pages = _s3_client(folder).get_paginator("list_objects_v2")
+    names = set()
+    for page in pages.paginate(Bucket=urlparse(folder).netloc, Prefix=prefix, Delimiter="/"):
+        names.update(entry["Key"][len(prefix) :] for entry in page.get("Contents", []))
+        names.update(entry["Prefix"][len(prefix) :].rstrip("/") for entry in page.get("CommonPrefixes", []))
+    return sorted(names)
 
 
 def exists(path: str) -> bool:
