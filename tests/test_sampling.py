@@ -132,28 +132,31 @@ def test_the_compact_index_reads_as_streamings_readers_do(store, tmp_path):
     assert spawned[0] == shards[-1][0] and spawned.table is not lazy[-1].table
 
 
-def test_a_partly_cached_remote_stream_counts_its_cache_as_streaming_does(store, s3, s3_bucket, tmp_path):
-    zstd = write_compressed(str(tmp_path / "zstd"), 5000, 300)
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_partly_cached_remote_stream_counts_its_cache_as_streaming_does(store, s3, s3_bucket, tmp_path, compression):
+    written = write_stream(str(tmp_path / "written"), 5000, 300, compression=compression, hashes=("sha1", "xxh64"))
     client = s3.client()
-    for file in os.listdir(zstd):
-        client.upload_file(os.path.join(zstd, file), s3_bucket, f"zstd/{file}")
-    zipped = sorted(file for file in os.listdir(zstd) if file.startswith("shard."))
+    for file in os.listdir(written):
+        client.upload_file(os.path.join(written, file), s3_bucket, f"remote/{file}")
+    shards = sorted(file for file in os.listdir(written) if file.startswith("shard."))
     usage = {}
     for stream in (Stream, CompactStream):
         local = tmp_path / stream.__name__
         local.mkdir()
-        shutil.copy(os.path.join(zstd, "index.json"), local / "index.json")
-        for i, name in enumerate(zipped):  # zipped only, raw and zipped, raw only, not cached
-            with open(os.path.join(zstd, name), "rb") as f:
+        shutil.copy(os.path.join(written, "index.json"), local / "index.json")
+        for i, name in enumerate(shards):  # zstd: zipped only, raw and zipped, raw only, not cached
+            with open(os.path.join(written, name), "rb") as f:
                 data = f.read()
             if i % 4 in (0, 1):
                 (local / name).write_bytes(data)
-            if i % 4 in (1, 2):
+            if compression and i % 4 in (1, 2):
                 (local / name.removesuffix(".zstd")).write_bytes(decompress("zstd", data))
-        data = dataset([stream(remote=f"s3://{s3_bucket}/zstd", local=str(local))], epoch_size=100)
-        usage[stream] = (data.cache_usage, sorted(os.listdir(local)))
+        data = dataset([stream(remote=f"s3://{s3_bucket}/remote", local=str(local))], epoch_size=100)
+        states = [data._shard_states[shard] for shard in range(data.num_shards)]
+        usage[stream] = (data.cache_usage, states, sorted(os.listdir(local)))
         assert len(epochs(data, 1)[0]) == 100
     assert usage[CompactStream] == usage[Stream] and usage[Stream][0] > 0  # the same bytes, the same files left
+    assert len(set(usage[Stream][1])) == 2  # some shards local, some remote
 
 
 def test_a_rebuilt_stream_gets_new_arrays(tmp_path):
