@@ -55,7 +55,8 @@ class CompactStream(Stream):
         wait_for_file_to_exist(folder, 0.1, WAIT_SECONDS, f"{folder} was not written (see local rank 0)")
         table = ShardTable(folder, self.local, self.split)
         table.validate(allow_unsafe_types)
-        return [LazyShard(table, shard) for shard in range(len(table.samples))]
+        counts = {}  # one int object per distinct count: most shards of a store hold the same
+        return [LazyShard(table, shard, counts.setdefault(n, n)) for shard, n in enumerate(table.samples.tolist())]
 
     def set_up_local(self, shards: list, cache_usage_per_shard: np.ndarray) -> None:
         """streaming's (each shard's bytes in the local cache, the leader's at start-up), as array
@@ -166,16 +167,15 @@ class LazyShard:
     """Stands for streaming's Reader of one shard: its size from the table, everything else from
     the Reader, built when first asked for."""
 
-    __slots__ = ("table", "shard")
+    __slots__ = ("table", "shard", "samples")
 
-    def __init__(self, table: ShardTable, shard: int):
-        self.table, self.shard = table, shard
+    def __init__(self, table: ShardTable, shard: int, samples: int):
+        # streaming reads every shard's `samples` in every rank at start-up: a slot, not the table
+        self.table, self.shard, self.samples = table, shard, samples
 
     @property
-    def samples(self) -> int:
-        return int(self.table.samples[self.shard])
-
-    size = samples
+    def size(self) -> int:
+        return self.samples
 
     def __len__(self) -> int:
         return self.samples
