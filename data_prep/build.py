@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TextIO
 
-from data_prep import sample
+from data_prep import held, sample
 from data_prep.download import download, finished_shards
 from data_prep.sources import SourcesConfig, load_sources
 from data_prep.spark import log_query_errors_to, spark_session
@@ -33,18 +33,34 @@ from pipeline.config.loader import ConfigError
 
 def check_before_spark(cfg: SourcesConfig) -> None:
     for name, source in cfg.sources.items():
-        check_url_list_exists(name, source)
+        if source.held:
+            held.check_source(name, source)
+        else:
+            check_url_list_exists(name, source)
         check_bucket(source.out)
     for path in cfg.decontaminate.eval_sets if cfg.decontaminate else []:
         if not os.path.isfile(os.path.join(path, "index.json")):
             raise SourceError(f"decontaminate.eval_sets: {path} is not an MDS stream (no index.json)")
 
 
+def rows_folder(cfg: SourcesConfig, name: str) -> str:
+    """Where a source's rows with their images are: img2dataset's output, or a held source's rows."""
+    return os.path.join(cfg.work_dir, "img2dataset", name)
+
+
+def read_held_source(spark, cfg: SourcesConfig, name: str, terminal: TextIO) -> dict:
+    """A held source's input shards into rows (data_prep/held.py): {shards_done_before, shards_read}."""
+    line = StageLine("read", name, terminal)
+    stats = held.ingest(spark, name, cfg.sources[name], rows_folder(cfg, name), line.show)
+    line.done(f"{stats['shards_read']} shards read now, {stats['shards_done_before']} before")
+    return stats
+
+
 def download_source(cfg: SourcesConfig, name: str, prepared: tuple, terminal: TextIO) -> tuple:
     """(img2dataset folder, {shards_done_before, shards_fetched}) of one source's prepared list."""
     list_dir, counts, reused = prepared
     source = cfg.sources[name]
-    folder = os.path.join(cfg.work_dir, "img2dataset", name)
+    folder = rows_folder(cfg, name)
     if not reused:  # a new list: shards downloaded and scored for an older one no longer match
         delete(folder)
         delete(os.path.join(cfg.work_dir, "clip_scores", name))
@@ -81,7 +97,15 @@ def build(cfg: SourcesConfig) -> list:
         with spark_session(cfg.spark, logs) as spark:
             log_query_errors_to(os.path.join(logs, "spark.log"))
             print(f"Building {len(cfg.sources)} sources on {spark.sparkContext.master} (logs: {logs}/)", file=terminal)
-            frames = {name: read_url_list(spark, name, source) for name, source in cfg.sources.items()}
+            fetched = {
+                name: read_held_source(spark, cfg, name, terminal) for name in cfg.sources if cfg.sources[name].held
+            }
+            frames = {
+                name: read_url_list(
+                    spark, name, source, held.read_rows(spark, rows_folder(cfg, name)) if source.held else None
+                )
+                for name, source in cfg.sources.items()
+            }
             lists = {}
             for name, source in cfg.sources.items():
                 line = StageLine("prepare", name, terminal)
@@ -91,10 +115,16 @@ def build(cfg: SourcesConfig) -> list:
                 counts, reused = lists[name][1:]
                 done = f"{counts.get('to_download', 0)} of {counts['urls']} rows to download"
                 line.done(done + (" (prepared before)" if reused else ""))
-            downloads, fetched, scores = {}, {}, {}
+            downloads, scores = {}, {}
             for name, prepared in lists.items():
-                folder, fetched[name] = download_source(cfg, name, prepared, terminal)
-                downloads[name] = (folder, prepared[1])
+                if cfg.sources[name].held:
+                    folder = rows_folder(cfg, name)
+                    if not prepared.reused:  # rows scored for other data or settings
+                        delete(os.path.join(cfg.work_dir, "clip_scores", name))
+                    downloads[name] = (held.kept_rows(spark, folder, prepared), prepared.counts)
+                else:
+                    folder, fetched[name] = download_source(cfg, name, prepared, terminal)
+                    downloads[name] = (folder, prepared.counts)
                 if cfg.sources[name].filters.clip_score is not None:
                     scores[name] = score_downloads(spark, cfg, name, folder, terminal, fetched[name])
             summaries = convert(spark, cfg, downloads, scores, terminal)
@@ -106,7 +136,7 @@ def build(cfg: SourcesConfig) -> list:
 
 
 # What the download and the scoring did this run, not reasons for a row.
-STAGE_STATS = ("shards_done_before", "shards_fetched", "shards_scored_before", "shards_scored")
+STAGE_STATS = ("shards_done_before", "shards_fetched", "shards_read", "shards_scored_before", "shards_scored")
 
 
 def format_table(summaries: list) -> str:

@@ -89,21 +89,59 @@ class FilterConfig:
         )
 
 
+URL_FORMATS = ("parquet", "csv", "tsv", "jsonl", "coco_captions")
+HELD_FORMATS = ("webdataset", "imagefolder", "parquet")  # parquet: with image_column
+
+
 @dataclass
 class SourceConfig:
-    # A URL list: one file or a folder of them, local or s3://. input_format: parquet, csv, tsv,
-    # jsonl, or coco_captions (a COCO captions JSON: images[].coco_url, annotations[].caption;
-    # one row per image, every caption kept).
-    url_list: str = MISSING
+    # A URL list to download: one file or a folder of them, local or s3://. input_format: parquet,
+    # csv, tsv, jsonl, or coco_captions (a COCO captions JSON: images[].coco_url,
+    # annotations[].caption; one row per image, every caption kept).
+    url_list: Optional[str] = None
+    # Or images already held (data_prep/held.py), nothing downloaded: input_format webdataset (a
+    # folder or s3:// prefix of tar shards, e.g. img2dataset's or DataComp's output), imagefolder
+    # (images with a metadata.csv/.jsonl or a .txt caption beside each), or parquet with image_column.
+    path: Optional[str] = None
     input_format: str = "parquet"
     url_col: str = "url"
     caption_col: str = "caption"
+    # parquet only: the column of image bytes (binary, or Hugging Face's {bytes, path} struct).
+    image_column: Optional[str] = None
     # Extra URL-list columns carried into MDS, with their MDS type (e.g. {label: int}).
     extra_columns: dict[str, str] = field(default_factory=dict)
     img2dataset: Img2DatasetOptions = field(default_factory=Img2DatasetOptions)
     filters: FilterConfig = field(default_factory=FilterConfig)
     # Where this source's MDS stream goes: a local folder or s3://bucket/prefix.
     out: str = MISSING
+
+    @property
+    def held(self) -> bool:
+        """Whether the images come with the source (no download)."""
+        return self.input_format in ("webdataset", "imagefolder") or self.image_column is not None
+
+    def __post_init__(self):
+        formats = sorted({*URL_FORMATS, *HELD_FORMATS})
+        check(self.input_format in formats, f"input_format '{self.input_format}' is not one of {', '.join(formats)}")
+        check(
+            self.image_column is None or self.input_format == "parquet",
+            f"image_column is for input_format parquet, not {self.input_format}",
+        )
+        if self.held:
+            check(
+                self.path is not None and self.url_list is None,
+                f"input_format {self.input_format}: set path, not url_list",
+            )
+        else:
+            check(
+                self.url_list is not None and self.path is None,
+                "a URL list source needs url_list (path is for images held)",
+            )
+
+    @property
+    def input(self) -> str:
+        """The URL list, or the data held."""
+        return self.path if self.held else self.url_list
 
 
 @dataclass

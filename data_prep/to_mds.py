@@ -52,7 +52,7 @@ def mds_records(frame, name: str, columns: dict):
     """dataframe_to_mds's per-batch function (runs on the executors): pandas rows -> MDS samples."""
     for row in frame.to_dict("records"):
         sample = {col: row[col] for col in columns if col not in ("image", "source", "captions")}
-        sample.update(image=row["jpg"], source=name, caption=row["caption"].strip())
+        sample.update(image=row["jpg"], source=name, caption=row["caption"].strip(), url=row["url"] or "")
         if "captions" in columns:
             sample["captions"] = json.loads(row["captions"])
         yield sample
@@ -166,14 +166,14 @@ def write_stream(spark, name: str, source: SourceConfig, frame, keys, work_dir: 
 def convert(
     spark, cfg: SourcesConfig, downloads: dict, scores: Optional[dict] = None, terminal: Optional[TextIO] = None
 ) -> list:
-    """{name: (download folder, URL-list counts)} -> one MDS stream and summary per source; a
+    """{name: (img2dataset folder or held rows, URL-list counts)} -> one MDS stream and summary per source; a
     progress line per source on `terminal` (stdout if None). `scores`: {name: clip_score.read_scores}."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    frames = {
-        name: downloaded_rows(spark, name, folder, counts.get("to_download", 0))
-        for name, (folder, counts) in downloads.items()
+    frames = {  # a held source's rows come as a DataFrame (data_prep/held.py)
+        name: downloaded_rows(spark, name, rows, counts.get("to_download", 0)) if isinstance(rows, str) else rows
+        for name, (rows, counts) in downloads.items()
     }
     frames = {name: frame for name, frame in frames.items() if frame is not None}
     scores = {name: frame for name, frame in (scores or {}).items() if name in frames}

@@ -61,7 +61,7 @@ def coco_captions_table(name: str, path: str, extra_columns: dict, min_caption_c
 
 def check_url_list_exists(name: str, source: SourceConfig) -> None:
     """Before Spark starts: a local URL list, or one in S3-compatible storage, must be there."""
-    path = source.url_list
+    path = source.input
     scheme, _, rest = path.partition("://") if is_remote(path) else ("", "", path)
     if scheme in ("s3", "s3a"):
         try:
@@ -74,14 +74,18 @@ def check_url_list_exists(name: str, source: SourceConfig) -> None:
         raise SourceError(f"source '{name}': the URL list {path} does not exist")
 
 
-def read_url_list(spark, name: str, source: SourceConfig):
+def read_url_list(spark, name: str, source: SourceConfig, held_rows=None):
     """The URL list as a DataFrame with url, caption and the extra columns (renamed, cast). Reads
-    the schema (a COCO file whole), checks the columns and `where:`, and reads no rows."""
+    the schema (a COCO file whole), checks the columns and `where:`, and reads no rows.
+    For a held source, `held_rows` (data_prep/held.py's read_rows) stand for the list."""
     from pyspark.sql import functions as F
 
-    fmt, path = source.input_format, source.url_list
+    fmt, path = source.input_format, source.input
     try:
-        if fmt == "coco_captions":
+        if held_rows is not None:
+            url_col, caption_col = "url", "caption"
+            frame = held_rows
+        elif fmt == "coco_captions":
             url_col, caption_col = "url", "caption"
             frame = spark.createDataFrame(
                 coco_captions_table(name, path, source.extra_columns, source.filters.min_caption_chars)
@@ -92,13 +96,9 @@ def read_url_list(spark, name: str, source: SourceConfig):
         elif fmt in ("csv", "tsv"):
             url_col, caption_col = source.url_col, source.caption_col
             frame = spark.read.options(header=True, sep="\t" if fmt == "tsv" else ",").csv(path)
-        elif fmt == "jsonl":
+        else:  # jsonl (sources.py checks the format's name)
             url_col, caption_col = source.url_col, source.caption_col
             frame = spark.read.json(path)
-        else:
-            raise SourceError(
-                f"source '{name}': input_format '{fmt}' is not one of parquet, csv, tsv, jsonl, coco_captions"
-            )
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 - Spark's errors are Java exceptions in disguise
@@ -122,7 +122,8 @@ def read_url_list(spark, name: str, source: SourceConfig):
     if fmt == "coco_captions":
         columns.append(F.col("captions"))
     keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.extra_columns}]
-    return frame.select(*columns, *map(F.col, keep_for_where)).withColumn("_row", F.monotonically_increasing_id())
+    frame = frame.select(*columns, *map(F.col, keep_for_where))
+    return frame if "_row" in frame.columns else frame.withColumn("_row", F.monotonically_increasing_id())
 
 
 def _first_line(err: Exception) -> str:
@@ -143,14 +144,10 @@ def mark_rows(frame, source: SourceConfig):
         reason
     )
     frame = frame.withColumn("_reason", reason)
-    if filters.dedup_url:
+    if filters.dedup_url:  # rows without a URL (an image folder's) are not duplicates of each other
         first = Window.partitionBy("url").orderBy(F.col("_reason").isNotNull(), "_row")
-        frame = frame.withColumn(
-            "_reason",
-            F.when(F.col("_reason").isNull() & (F.row_number().over(first) > 1), "duplicate_url").otherwise(
-                F.col("_reason")
-            ),
-        )
+        duplicate = F.col("_reason").isNull() & F.col("url").isNotNull() & (F.row_number().over(first) > 1)
+        frame = frame.withColumn("_reason", F.when(duplicate, "duplicate_url").otherwise(F.col("_reason")))
     return frame
 
 
@@ -160,7 +157,7 @@ def fingerprint(source: SourceConfig) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k != "out"}
     # Filters applied after the download don't change the list: changing them downloads nothing again.
     settings["filters"] = {k: v for k, v in settings["filters"].items() if k not in AFTER_DOWNLOAD}
-    return {"settings": settings, "files": local_file_stats(source.url_list)}
+    return {"settings": settings, "files": local_file_stats(source.input)}
 
 
 class PreparedList(NamedTuple):
@@ -189,6 +186,7 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     counts = {row["_reason"] or "to_download": row["count"] for row in marked.groupBy("_reason").count().collect()}
     counts["urls"] = sum(counts.values())
     keep = ["url", "caption", *source.extra_columns] + (["captions"] if source.input_format == "coco_captions" else [])
+    keep = ["key"] if source.held else keep  # its rows, images and all, are already in the work folder
     (
         marked.filter(F.col("_reason").isNull())
         .orderBy("_row")  # file order: the shard numbering img2dataset resumes by

@@ -11,6 +11,7 @@ module. Torch-free to import: Composer is imported when a bucket is first used.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -96,6 +97,21 @@ def read_bytes(path: str) -> Optional[bytes]:
             return None
         with open(local, "rb") as f:
             return f.read()
+
+
+@contextlib.contextmanager
+def open_read(path: str):
+    """A file object to read from start to end: a bucket object is streamed, not downloaded first
+    (a webdataset tar is read member by member)."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            yield f
+        return
+    body = _s3_client(path).get_object(Bucket=urlparse(path).netloc, Key=_key(path))["Body"]
+    try:
+        yield body
+    finally:
+        body.close()
 
 
 def write_bytes(path: str, data: bytes) -> None:
