@@ -73,7 +73,7 @@ def sample_tars(sample_build, tmp_path_factory):
     from the loopback server as `make shards` downloads it, with the web source's options."""
     import img2dataset
 
-    cfg, _ = sample_build
+    cfg, summaries = sample_build
     folder = str(tmp_path_factory.mktemp("web_tars"))
     web = cfg.sources["web"]
     with sample.serve(dataclasses.replace(cfg, sources={"web": web})):
@@ -88,7 +88,8 @@ def sample_tars(sample_build, tmp_path_factory):
             encode_format="jpg",
             enable_wandb=False,
             compute_hash="sha256",
-            **{**dataclasses.asdict(web.img2dataset), "number_sample_per_shard": 60},
+            # three tars (each a Spark task of the download)
+            **{**dataclasses.asdict(web.img2dataset), "number_sample_per_shard": -(-summaries["web"]["urls"] // 3)},
         )
     return folder
 
