@@ -119,23 +119,29 @@ def _folder_metadata(name: str, folder: str, caption_col: str) -> Optional[dict]
 
 
 def check_source(name: str, source: SourceConfig) -> None:
-    """Before Spark starts: the input shards exist, and the first holds images (a tar) or has the
-    columns the YAML names (parquet)."""
+    """Before Spark starts: the input shards exist, the first tar holds an image, and the first
+    sample (a tar's json, a parquet's or metadata file's columns) has the columns the YAML names."""
     shards = input_shards(name, source)
+    wanted = list(source.carried_columns)
     if source.input_format == "webdataset":
-        if not any("image" in sample for sample in _tar_samples(shards[0])):
+        first = next((sample for sample in _tar_samples(shards[0]) if "image" in sample), None)
+        if first is None:
             raise SourceError(f"source '{name}': {shards[0]} holds no image ({', '.join(IMAGE_EXTENSIONS)}) member")
+        columns, where = list(json.loads(first.get("json", b"{}"))), f"the first sample's .json in {shards[0]}"
     elif source.input_format == "parquet":
         with storage.open_read(shards[0]) as f:
             remote = storage.is_remote(shards[0])
             columns = pq.ParquetFile(io.BytesIO(f.read()) if remote else shards[0]).schema_arrow.names
-        wanted = [source.image_column, source.caption_col]
-        missing = [column for column in wanted if column not in columns]
-        if missing:
-            raise SourceError(
-                f"source '{name}': {shards[0]} has no column {', '.join(map(repr, missing))} "
-                f"(its columns: {', '.join(columns)}); set image_column / caption_col"
-            )
+        wanted, where = [source.image_column, source.caption_col, *wanted], shards[0]
+    else:
+        columns, where = list(shards[0][0][3]), f"the metadata of {source.path}"
+    missing = [column for column in wanted if column not in columns]
+    if missing:
+        raise SourceError(
+            f"source '{name}': {where} has no {', '.join(map(repr, missing))} "
+            f"(it has: {', '.join(columns) or 'nothing'}); "
+            "set image_column / caption_col / extra_columns / caption_columns"
+        )
 
 
 def ingest(spark, name: str, source: SourceConfig, folder: str, show=None) -> dict:

@@ -110,6 +110,9 @@ class SourceConfig:
     image_column: Optional[str] = None
     # Extra URL-list columns carried into MDS, with their MDS type (e.g. {label: int}).
     extra_columns: dict[str, str] = field(default_factory=dict)
+    # More captions of each image (synthetic recaptions, ...): columns kept in MDS as text beside
+    # `caption` (a missing one as ""); the training YAML's data.captions picks among them per epoch.
+    caption_columns: list[str] = field(default_factory=list)
     img2dataset: Img2DatasetOptions = field(default_factory=Img2DatasetOptions)
     filters: FilterConfig = field(default_factory=FilterConfig)
     # Where this source's MDS stream goes: a local folder or s3://bucket/prefix.
@@ -121,6 +124,8 @@ class SourceConfig:
         return self.input_format in ("webdataset", "imagefolder") or self.image_column is not None
 
     def __post_init__(self):
+        overlap = set(self.caption_columns) & {*self.extra_columns, "caption", "captions"}
+        check(not overlap, f"caption_columns {sorted(overlap)} are also extra_columns, or the stream's own caption(s)")
         formats = sorted({*URL_FORMATS, *HELD_FORMATS})
         check(self.input_format in formats, f"input_format '{self.input_format}' is not one of {', '.join(formats)}")
         check(
@@ -137,6 +142,11 @@ class SourceConfig:
                 self.url_list is not None and self.path is None,
                 "a URL list source needs url_list (path is for images held)",
             )
+
+    @property
+    def carried_columns(self) -> dict:
+        """The input's columns kept in the stream besides url and caption, with their MDS types."""
+        return {**self.extra_columns, **{column: "str" for column in self.caption_columns}}
 
     @property
     def input(self) -> str:

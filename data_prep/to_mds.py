@@ -23,7 +23,7 @@ from data_prep.sources import SourceConfig, SourcesConfig
 from data_prep.terminal import StageLine
 from pipeline.common.storage import check_bucket, delete, is_remote, read_json, write_json
 
-# The columns every stream has; a source's extra_columns (and a COCO source's captions) are added.
+# The columns every stream has; a source's extra and caption columns (and a COCO source's captions) are added.
 BASE_COLUMNS = {
     "image": "bytes",  # JPEG bytes as img2dataset encoded them (decoded at training time)
     "caption": "str",
@@ -40,7 +40,7 @@ SHARD_HASHES = ["sha1", "xxh64"]
 
 
 def mds_columns(source: SourceConfig) -> dict:
-    columns = {**BASE_COLUMNS, **source.extra_columns}
+    columns = {**BASE_COLUMNS, **source.carried_columns}
     if source.filters.clip_score is not None:
         columns["clip_score"] = "float32"
     if source.input_format == "coco_captions":
@@ -52,6 +52,7 @@ def mds_records(frame, name: str, columns: dict):
     """dataframe_to_mds's per-batch function (runs on the executors): pandas rows -> MDS samples."""
     for row in frame.to_dict("records"):
         sample = {col: row[col] for col in columns if col not in ("image", "source", "captions")}
+        sample.update({col: "" for col, kind in columns.items() if kind == "str" and sample.get(col) is None})
         sample.update(image=row["jpg"], source=name, caption=row["caption"].strip(), url=row["url"] or "")
         if "captions" in columns:
             sample["captions"] = json.loads(row["captions"])

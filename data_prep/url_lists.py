@@ -103,12 +103,12 @@ def read_url_list(spark, name: str, source: SourceConfig, held_rows=None):
         raise
     except Exception as err:  # noqa: BLE001 - Spark's errors are Java exceptions in disguise
         raise SourceError(f"source '{name}': cannot read the URL list {path} as {fmt}: {_first_line(err)}") from None
-    needed = [url_col, caption_col, *source.extra_columns]
+    needed = [url_col, caption_col, *source.carried_columns]
     missing = [col for col in needed if col not in frame.columns]
     if missing:
         raise SourceError(
             f"source '{name}': the URL list {path} has no column {', '.join(map(repr, missing))} "
-            f"(its columns: {', '.join(frame.columns)}); set url_col / caption_col / extra_columns"
+            f"(its columns: {', '.join(frame.columns)}); set url_col / caption_col / extra_columns / caption_columns"
         )
     if source.filters.where:
         try:
@@ -117,11 +117,11 @@ def read_url_list(spark, name: str, source: SourceConfig, held_rows=None):
             raise SourceError(f"source '{name}': filters.where {source.filters.where!r}: {_first_line(err)}") from None
     columns = [F.col(url_col).cast("string").alias("url"), F.col(caption_col).cast("string").alias("caption")]
     columns += [
-        F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.extra_columns.items()
+        F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.carried_columns.items()
     ]
     if fmt == "coco_captions":
         columns.append(F.col("captions"))
-    keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.extra_columns}]
+    keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.carried_columns}]
     frame = frame.select(*columns, *map(F.col, keep_for_where))
     return frame if "_row" in frame.columns else frame.withColumn("_row", F.monotonically_increasing_id())
 
@@ -185,7 +185,9 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     marked = mark_rows(frame, source).persist(StorageLevel.DISK_ONLY)
     counts = {row["_reason"] or "to_download": row["count"] for row in marked.groupBy("_reason").count().collect()}
     counts["urls"] = sum(counts.values())
-    keep = ["url", "caption", *source.extra_columns] + (["captions"] if source.input_format == "coco_captions" else [])
+    keep = ["url", "caption", *source.carried_columns] + (
+        ["captions"] if source.input_format == "coco_captions" else []
+    )
     keep = ["key"] if source.held else keep  # its rows, images and all, are already in the work folder
     (
         marked.filter(F.col("_reason").isNull())

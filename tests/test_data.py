@@ -180,3 +180,24 @@ def test_building_a_dataset_holds_the_same_files_however_many_prefixes_are_in_de
     # Its own shared memory and locks (the first also opens what the process opens once), no more
     # for each prefix already there: unpatched, the 12th held 144 files, the 2nd 24.
     assert held[-1] == held[1] <= 16, held
+
+
+def test_caption_columns_are_chosen_in_their_configured_proportions(tmp_path):
+    """data.captions {caption: 0.3, recaption_a: 0.7} over 20 epochs of 150 samples (a tenth without
+    a recaption): each column within its binomial 99% interval; the same draw for the same epoch."""
+    columns = {"image": "bytes", "caption": "str", "recaption_a": "str"}
+    with MDSWriter(out=str(tmp_path / "s"), columns=columns, hashes=["xxh64"]) as writer:
+        for i in range(150):
+            writer.write({"image": _png(i), "caption": f"alt {i}", "recaption_a": "" if i % 10 == 0 else f"re {i}"})
+    dataset = _dataset(str(tmp_path / "s"), augment=lambda data, rng: 0, captions={"caption": 0.3, "recaption_a": 0.7})
+    drawn = {}
+    for epoch in range(20):
+        dataset.next_epoch = epoch
+        drawn[epoch] = [dataset[i][1] for i in range(150)]
+    with_both = [caption for epoch in drawn.values() for i, caption in enumerate(epoch) if i % 10]
+    n, recaptioned = len(with_both), sum(caption.startswith("re ") for caption in with_both)
+    half_width = 2.576 * (0.7 * 0.3 / n) ** 0.5
+    assert abs(recaptioned / n - 0.7) < half_width, (recaptioned, n)
+    assert all(epoch[i] == f"alt {i}" for epoch in drawn.values() for i in range(0, 150, 10))  # no recaption: alt text
+    dataset.next_epoch = 7
+    assert [dataset[i][1] for i in range(150)] == drawn[7]

@@ -62,8 +62,12 @@ def small_run(cfg, run_dir, batches: int, *extra: str) -> list:
 
 def elastic(cfg, run_dir, *extra: str) -> list:
     """With patch and text masking, in a virtual epoch (1,024 of the sample's ~3,600) drawn in
-    shard passes, as the recipes draw them."""
-    return small_run(cfg, run_dir, BATCHES, "data.epoch_size=1024", "data.sampling=shard_passes", *MASKING, *extra)
+    shard passes, as the recipes draw them; captions drawn from two columns (COCO's alt caption
+    or one of its list of captions, data.captions), so equal losses mean equal captions too."""
+    captions = ("data.captions.caption=0.5", "data.captions.captions=0.5")
+    return small_run(
+        cfg, run_dir, BATCHES, "data.epoch_size=1024", "data.sampling=shard_passes", *MASKING, *captions, *extra
+    )
 
 
 def in_bucket(cfg, run_dir, save_folder: str, *extra: str) -> list:

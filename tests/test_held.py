@@ -278,7 +278,7 @@ def run_build(tmp_path, source: dict):
         ({"input_format": "webdataset", "path": "EMPTY"}, "no .tar files in"),
         ({"input_format": "webdataset", "path": "TEXT_ONLY"}, "holds no image"),
         ({"input_format": "webdataset", "url_list": "x.parquet"}, "set path, not url_list"),
-        ({"path": "HF", "image_column": "picture"}, "has no column 'picture'"),
+        ({"path": "HF", "image_column": "picture"}, "has no 'picture'"),
     ],
 )
 def test_bad_held_inputs_are_one_line_and_exit_2_before_spark(tmp_path, source, message):

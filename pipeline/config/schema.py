@@ -135,6 +135,12 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Which caption a sample trains on, per epoch, as a function of (seed, epoch, sample): the
+    # columns to choose from and their probabilities (e.g. {caption: 0.5, recaption_a: 0.5}; a list
+    # column such as COCO's `captions` gives one of its captions). A sample without a column (or
+    # with it empty) chooses among the others; without any, its `caption`. Empty: `caption`, or
+    # one of `captions` at random where a stream keeps several.
+    captions: dict[str, float] = field(default_factory=dict)
     augment_on: AugmentOn = AugmentOn.cpu
     # With augment_on: device, JPEGs are decoded on the device too (nvjpeg on a GPU), batched.
     decode_on_device: bool = False
@@ -171,6 +177,8 @@ class DataConfig:
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key} must be > 0, got {value}")
         check(self.max_bad_samples >= 0, f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+        for column, probability in self.captions.items():
+            check(probability > 0, f"data.captions.{column} must be a probability > 0, got {probability}")
         check(
             not self.decode_on_device or self.augment_on == AugmentOn.device,
             "data.decode_on_device needs data.augment_on=device (the device then finishes each batch)",
@@ -381,6 +389,9 @@ class EvalDatasetConfig:
     # BUILTIN_TEMPLATES in pipeline/evaluation/zeroshot.py). Templates have a "{c}" or "{}" for the class name.
     classnames: Any = None
     templates: Any = "openai_imagenet"
+    # Retrieval only: the columns whose texts are the image's captions (e.g. [caption, recaption_a]),
+    # each one a retrieval text. Empty: the json `captions` column, else `caption`.
+    caption_columns: list[str] = field(default_factory=list)
     batch_size: int = 64
 
     def __post_init__(self):

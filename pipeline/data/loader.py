@@ -42,9 +42,11 @@ class CLIPStreamingDataset(ShardPassDataset):
         stream_names: Sequence[str] = (),
         validate_hash: Optional[str] = "xxh64",
         max_bad_samples: int = 100,
+        captions: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.captions = dict(captions or {})  # data.captions: {column: probability}
         self.augment = augment  # (image bytes, the sample's random.Random) -> image (pipeline/data/augment.py)
         self.tokenizer = tokenizer
         self.stream_names = list(stream_names) or [s.remote or s.local for s in self.streams]
@@ -66,8 +68,7 @@ class CLIPStreamingDataset(ShardPassDataset):
         rng = random.Random(hash((self.shuffle_seed, self.next_epoch, index)))
         # The sample's id, unique across epochs: the masks' noise is drawn from it (pipeline/model/sample_noise.py).
         sample_id = self.next_epoch * self.num_samples + index
-        captions = sample.get("captions") or [sample["caption"]]  # COCO-style streams keep all
-        caption = rng.choice(captions)
+        caption = choose_caption(sample, self.captions, rng)
         try:
             image = self.augment(sample["image"], rng)
         except Exception as err:  # noqa: BLE001 - any decoder error
@@ -120,6 +121,17 @@ class CLIPStreamingDataset(ShardPassDataset):
         return self[(index + 1) % self.num_samples]
 
 
+def choose_caption(sample: dict, captions: dict, rng: random.Random) -> str:
+    """The caption a sample trains on this epoch (data.captions); `rng` is the sample's own."""
+    if not captions:
+        return rng.choice(sample.get("captions") or [sample["caption"]])  # COCO-style streams keep all
+    present = {column: p for column, p in captions.items() if sample.get(column)}
+    if not present:
+        return sample["caption"]
+    chosen = sample[rng.choices(list(present), weights=list(present.values()))[0]]
+    return rng.choice(chosen) if isinstance(chosen, list) else chosen
+
+
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     if global_batch_size % world_size:
         raise ConfigError(f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}")
@@ -162,6 +174,7 @@ def build_dataloader(
         stream_names=list(cfg.streams),
         validate_hash=cfg.validate_hash,
         max_bad_samples=cfg.max_bad_samples,
+        captions=cfg.captions,
     )
     loader = StreamingDataLoader(
         dataset,

@@ -27,14 +27,22 @@ from pipeline.evaluation.zeroshot import (
 class EvalDataset(StreamingDataset):
     """Per sample: the transformed image, its id (sample index) and its label or tokenized captions.
 
-    Captions come from a json `captions` column (several per image, `data_prep/eval_sets.py`)
-    or else the single `caption` column.
+    Captions come from the `caption_columns` given (each a text, or a list of texts: every one a
+    retrieval text), else a json `captions` column (several per image, `data_prep/eval_sets.py`),
+    else the single `caption` column.
     """
 
-    def __init__(self, *, image_transform, tokenizer=None, **kwargs):
+    def __init__(self, *, image_transform, tokenizer=None, caption_columns=(), **kwargs):
         super().__init__(**kwargs)
         self.image_transform = image_transform
         self.tokenizer = tokenizer  # None: classification, the label is all it needs
+        self.caption_columns = list(caption_columns)
+
+    def texts(self, sample: dict) -> list:
+        if not self.caption_columns:
+            return sample["captions"] if "captions" in sample else [sample["caption"]]
+        values = [sample.get(column) for column in self.caption_columns]
+        return [text for value in values for text in (value if isinstance(value, list) else [value]) if text]
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
@@ -42,7 +50,7 @@ class EvalDataset(StreamingDataset):
         if self.tokenizer is None:
             item["label"] = int(sample["label"])
         else:
-            item["texts"] = self.tokenizer(sample["captions"] if "captions" in sample else [sample["caption"]])
+            item["texts"] = self.tokenizer(self.texts(sample))
         return item
 
 
@@ -83,6 +91,7 @@ def build_eval_dataloader(cfg: EvalDatasetConfig, image_transform, tokenizer, nu
         shuffle=False,
         image_transform=image_transform,
         tokenizer=tokenizer if cfg.type == EvalTask.retrieval else None,
+        caption_columns=cfg.caption_columns,
     )
     return StreamingDataLoader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, collate_fn=collate_eval)
 
