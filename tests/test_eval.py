@@ -310,3 +310,28 @@ def test_eval_takes_the_model_from_the_run_so_a_changed_width_needs_no_model_sec
     assert logged == pytest.approx(expected, abs=1e-6)
     with open(run_dir / "checkpoints" / "config.yaml") as f:  # the resolved config, next to the checkpoints
         assert "width: 64" in f.read()
+
+
+def test_every_caption_column_of_a_stream_is_a_retrieval_text(tmp_path):
+    from streaming import MDSWriter
+
+    from pipeline.evaluation.evaluators import EvalDataset
+
+    columns = {"image": "bytes", "caption": "str", "recaption_a": "str"}
+    with MDSWriter(out=str(tmp_path / "s"), columns=columns) as writer:
+        for i in range(3):
+            png = io.BytesIO()
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(png, "PNG")
+            writer.write({"image": png.getvalue(), "caption": f"alt {i}", "recaption_a": "" if i == 1 else f"re {i}"})
+    texts = {}
+    for caption_columns in ([], ["caption", "recaption_a"]):
+        dataset = EvalDataset(
+            local=str(tmp_path / "s"),
+            batch_size=1,
+            image_transform=lambda image: 0,
+            tokenizer=lambda captions: captions,
+            caption_columns=caption_columns,
+        )
+        texts[tuple(caption_columns)] = [dataset[i]["texts"] for i in range(3)]
+    assert texts[()] == [["alt 0"], ["alt 1"], ["alt 2"]]
+    assert texts[("caption", "recaption_a")] == [["alt 0", "re 0"], ["alt 1"], ["alt 2", "re 2"]]  # none empty

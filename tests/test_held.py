@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from streaming import StreamingDataset
 
 from data_prep import sample
@@ -155,6 +156,8 @@ def datacomp_tars(folder, images: list) -> list:
             key = f"{number:09d}"
             meta = {"key": key, "uid": f"{number:032x}", "url": f"http://datacomp.example/{number}.jpg"}
             meta.update(caption=caption, status="success", clip_l14_similarity_score=round(0.1 + 0.05 * i, 2))
+            if number % 3:  # a synthetic recaption, as DataComp's recaptioned pools add
+                meta["recaption"] = f"a picture of {caption}"
             if shard == 1 and i == 6:
                 image, meta["corrupt"] = b"\xff\xd8\xff\xe0 not a jpeg at all", True
             jpg_or_png = {"jpg": image} if number % 5 else {"png": _png(image)}
@@ -180,8 +183,6 @@ def datacomp_tars(folder, images: list) -> list:
 
 
 def _png(jpeg: bytes) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).convert("RGBA").save(buffer, "PNG")
     return buffer.getvalue()
@@ -193,7 +194,12 @@ def test_datacomp_tars_filter_on_their_json_fields_and_count_a_corrupt_member_an
     metas = datacomp_tars(tmp_path / "tars", emoji_samples(sample_build, 24))
     where = "clip_l14_similarity_score >= 0.3"
     summary = held_build(
-        tmp_path, "pool", path=str(tmp_path / "tars"), input_format="webdataset", filters=FilterConfig(where=where)
+        tmp_path,
+        "pool",
+        path=str(tmp_path / "tars"),
+        input_format="webdataset",
+        filters=FilterConfig(where=where),
+        caption_columns=["recaption"],
     )
     read = [m for m in metas if "cut" not in m]
     kept = [m for m in read if m["clip_l14_similarity_score"] >= 0.3]
@@ -207,7 +213,9 @@ def test_datacomp_tars_filter_on_their_json_fields_and_count_a_corrupt_member_an
     assert summary["written"] == len(kept) - summary["corrupt_image"]
     rows = stream_rows(summary["out"])
     assert sorted(row[0] for row in rows) == sorted(m["url"] for m in kept if not m.get("corrupt"))
-    assert all(row[2] == next(m["caption"] for m in kept if m["url"] == row[0]) for row in rows)
+    by_url = {m["url"]: m for m in kept}
+    assert all(row[2] == by_url[row[0]]["caption"] for row in rows)
+    assert all(row[3]["recaption"] == by_url[row[0]].get("recaption", "") for row in rows)  # kept, "" where none
 
     again = held_build(
         tmp_path, "pool", path=str(tmp_path / "tars"), input_format="webdataset", filters=FilterConfig(where=where)
@@ -279,6 +287,7 @@ def run_build(tmp_path, source: dict):
         ({"input_format": "webdataset", "path": "TEXT_ONLY"}, "holds no image"),
         ({"input_format": "webdataset", "url_list": "x.parquet"}, "set path, not url_list"),
         ({"path": "HF", "image_column": "picture"}, "has no 'picture'"),
+        ({"input_format": "webdataset", "path": "IMAGES", "caption_columns": ["recaption_b"]}, "has no 'recaption_b'"),
     ],
 )
 def test_bad_held_inputs_are_one_line_and_exit_2_before_spark(tmp_path, source, message):
@@ -287,8 +296,12 @@ def test_bad_held_inputs_are_one_line_and_exit_2_before_spark(tmp_path, source, 
     write_tar(str(tmp_path / "text_only" / "00000.tar"), [("0", {"txt": b"a caption", "json": b"{}"})])
     (tmp_path / "hf").mkdir()
     pq.write_table(pa.Table.from_pylist([{"image": b"x", "caption": "c"}]), tmp_path / "hf" / "0.parquet")
-    folders = {"EMPTY": "empty", "TEXT_ONLY": "text_only", "HF": "hf"}
-    source = {k: str(tmp_path / folders[v]) if v in folders else v for k, v in source.items()}
+    (tmp_path / "images").mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    write_tar(str(tmp_path / "images" / "0.tar"), [("0", {"png": png.getvalue(), "json": b'{"recaption_a": "x"}'})])
+    folders = {"EMPTY": "empty", "TEXT_ONLY": "text_only", "HF": "hf", "IMAGES": "images"}
+    source = {k: str(tmp_path / folders[v]) if isinstance(v, str) and v in folders else v for k, v in source.items()}
     result = run_build(tmp_path, source)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
