@@ -4,6 +4,13 @@ single-process converter it replaced, side by side on the same synthetic img2dat
     python bench/shards.py                       # 10k, 100k and 1M rows
     python bench/shards.py --rows 10000 100000
     python bench/shards.py --engines score --rows 100000 300000 1000000   # the CLIP-score stage
+    python bench/shards.py --engines spark webdataset --rows 100000 1000000   # data already held
+
+`--engines webdataset` builds the same rows held as img2dataset's webdataset output (a tar of
+.jpg/.txt/.json per shard, with its parquet beside it) by a whole `make shards` of a held source
+(data_prep/held.py: read the tars, the URL-list filters, then the conversion); `spark` is what a
+URL-list source costs once its images are downloaded (a re-run reuses the prepared list and the
+downloads, so only the conversion runs).
 
 The input is what img2dataset leaves: parquet shards of 10,000 rows with a `_stats.json` each,
 small JPEGs (every one distinct: a shared flat-colour JPEG, 32x32 by default, with a unique tail
@@ -68,6 +75,46 @@ def make_input(folder: str, rows: int, image_size: int) -> None:
         pq.write_table(pa.Table.from_pylist(batch), name + ".parquet")
         with open(name + "_stats.json", "w") as f:
             json.dump({"count": len(batch)}, f)
+
+
+def make_tars(folder: str) -> str:
+    """img2dataset's webdataset output of the same rows: per shard a tar of the downloaded rows and
+    the parquet of every row (failures included) beside it."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    tars = folder + "_tars"
+    os.makedirs(tars, exist_ok=True)
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet")):
+        table = pq.read_table(os.path.join(folder, name))
+        pq.write_table(table.drop(["jpg"]), os.path.join(tars, name))
+        with tarfile.open(os.path.join(tars, name.replace(".parquet", ".tar")), "w") as tar:
+            for row in table.to_pylist():
+                if row["status"] != "success":
+                    continue
+                meta = json.dumps({k: v for k, v in row.items() if k != "jpg"}).encode()
+                for extension, data in (("jpg", row["jpg"]), ("txt", row["caption"].encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{row['key']}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return tars
+
+
+def run_webdataset(tars: str, out: str, cores: int) -> dict:
+    from data_prep.build import build
+    from data_prep.sources import SourceConfig, SourcesConfig, SparkConfig
+
+    source = SourceConfig(path=tars, input_format="webdataset", out=out)
+    source.filters.min_image_size = 16
+    cfg = SourcesConfig(
+        work_dir=out + "_work",
+        sources={"bench": source},
+        spark=SparkConfig(master=f"local[{cores}]", driver_memory="1g"),
+    )
+    start = time.time()
+    (summary,) = build(cfg)
+    return {"seconds": time.time() - start, "written": summary["written"]}
 
 
 def run_spark(folder: str, out: str, rows: int, cores: int) -> dict:
@@ -137,6 +184,8 @@ def child(args) -> None:
         result = run_spark(args.input, args.out, args.rows, args.cores)
     elif args.engine == "score":
         result = run_spark_score(args.input, args.out, args.cores, args.model)
+    elif args.engine == "webdataset":
+        result = run_webdataset(args.input + "_tars", args.out, args.cores)
     else:
         result = run_single_process(args.input, args.out)
     print("RESULT " + json.dumps(result), flush=True)
@@ -211,10 +260,14 @@ def main() -> None:
         "--scratch", default=None, help="where the synthetic input and outputs go (default: a temp dir)"
     )
     parser.add_argument(
-        "--engines", nargs="+", default=["single", "spark"], choices=["single", "spark", "score"], help="what to run"
+        "--engines",
+        nargs="+",
+        default=["single", "spark"],
+        choices=["single", "spark", "score", "webdataset"],
+        help="what to run",
     )
     parser.add_argument("--model", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--child", choices=["spark", "single", "score"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["spark", "single", "score", "webdataset"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,10 +280,13 @@ def main() -> None:
     for rows in args.rows:
         folder = os.path.join(scratch, f"input_{rows}")
         make_input(folder, rows, args.image_size)
+        if "webdataset" in args.engines:
+            make_tars(folder)
         for engine in args.engines:
             results.append(measure(engine, folder, rows, args.cores, scratch, model))
             print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(folder)
+        shutil.rmtree(folder + "_tars", ignore_errors=True)
     print(
         f"\n{args.image_size}x{args.image_size} JPEGs, {args.cores} cores; rows/s per core = rows / seconds / cores"
         " (the single process uses one core)\n"

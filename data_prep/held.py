@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -40,6 +41,7 @@ from pipeline.common.images import open_image
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # an image folder's, as Hugging Face's imagefolder
 IMAGES_PER_TASK = 10_000  # an image folder's slice per Spark task
+SAMPLES_CHECKED = 100  # a column none of a tar's first samples has is a typo in the YAML
 ROWS = pa.schema(
     [
         ("key", pa.string()),
@@ -119,15 +121,17 @@ def _folder_metadata(name: str, folder: str, caption_col: str) -> Optional[dict]
 
 
 def check_source(name: str, source: SourceConfig) -> None:
-    """Before Spark starts: the input shards exist, the first tar holds an image, and the first
-    sample (a tar's json, a parquet's or metadata file's columns) has the columns the YAML names."""
+    """Before Spark starts: the input shards exist, the first tar holds an image, and the columns
+    the YAML names are found (in the .json of the first tar's first samples, a parquet's schema, a
+    metadata file's columns)."""
     shards = input_shards(name, source)
     wanted = list(source.carried_columns)
     if source.input_format == "webdataset":
-        first = next((sample for sample in _tar_samples(shards[0]) if "image" in sample), None)
-        if first is None:
+        first = list(itertools.islice((s for s in _tar_samples(shards[0]) if "image" in s), SAMPLES_CHECKED))
+        if not first:
             raise SourceError(f"source '{name}': {shards[0]} holds no image ({', '.join(IMAGE_EXTENSIONS)}) member")
-        columns, where = list(json.loads(first.get("json", b"{}"))), f"the first sample's .json in {shards[0]}"
+        columns = list(dict.fromkeys(field for sample in first for field in json.loads(sample.get("json", b"{}"))))
+        where = f"the .json of the first {len(first)} samples of {shards[0]}"
     elif source.input_format == "parquet":
         with storage.open_read(shards[0]) as f:
             remote = storage.is_remote(shards[0])

@@ -188,19 +188,18 @@ def _png(jpeg: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_datacomp_tars_filter_on_their_json_fields_and_count_a_corrupt_member_and_a_cut_tar(
-    spark, sample_build, tmp_path
+def test_datacomp_tars_in_a_bucket_filter_on_their_json_fields_and_count_a_corrupt_member_and_a_cut_tar(
+    spark, sample_build, s3, s3_bucket, tmp_path
 ):
     metas = datacomp_tars(tmp_path / "tars", emoji_samples(sample_build, 24))
+    for file in os.listdir(tmp_path / "tars"):  # read from the bucket: tars streamed, parquets beside them
+        s3.client().upload_file(str(tmp_path / "tars" / file), s3_bucket, f"pool/{file}")
+    pool = f"s3://{s3_bucket}/pool"
     where = "clip_l14_similarity_score >= 0.3"
-    summary = held_build(
-        tmp_path,
-        "pool",
-        path=str(tmp_path / "tars"),
-        input_format="webdataset",
-        filters=FilterConfig(where=where),
-        caption_columns=["recaption"],
+    settings = dict(
+        path=pool, input_format="webdataset", filters=FilterConfig(where=where), caption_columns=["recaption"]
     )
+    summary = held_build(tmp_path, "pool", **settings)
     read = [m for m in metas if "cut" not in m]
     kept = [m for m in read if m["clip_l14_similarity_score"] >= 0.3]
     cut = [m for m in metas if "cut" in m]
@@ -217,14 +216,10 @@ def test_datacomp_tars_filter_on_their_json_fields_and_count_a_corrupt_member_an
     assert all(row[2] == by_url[row[0]]["caption"] for row in rows)
     assert all(row[3]["recaption"] == by_url[row[0]].get("recaption", "") for row in rows)  # kept, "" where none
 
-    again = held_build(
-        tmp_path, "pool", path=str(tmp_path / "tars"), input_format="webdataset", filters=FilterConfig(where=where)
-    )
+    again = held_build(tmp_path, "pool", **settings)
     assert again["shards_read"] == 0 and again["shards_done_before"] == 3  # resumes by tar shard
     os.remove(tmp_path / "_work" / "img2dataset" / "pool" / "00001_stats.json")  # as if killed in that shard
-    third = held_build(
-        tmp_path, "pool", path=str(tmp_path / "tars"), input_format="webdataset", filters=FilterConfig(where=where)
-    )
+    third = held_build(tmp_path, "pool", **settings)
     assert (third["shards_read"], third["shards_done_before"]) == (1, 2)
     assert stream_rows(third["out"])[0][:3] == rows[0][:3] and len(stream_rows(third["out"])) == len(rows)
 
