@@ -62,7 +62,7 @@ FINGERPRINT = "held.json"
 
 def input_shards(name: str, source: SourceConfig) -> list:
     """The input of each task: a tar's or parquet file's path, or (for an image folder) a list of
-    (image path, caption, other fields). Sorted: shard numbers stay the same between runs."""
+    (image path, key, caption, other fields). Sorted: shard numbers stay the same between runs."""
     path = source.path
     if source.input_format == "imagefolder":
         return _image_folder_slices(name, path, source.caption_col)
@@ -161,6 +161,7 @@ def ingest(spark, name: str, source: SourceConfig, folder: str, show=None) -> di
         "url_col": source.url_col,
         "image_column": source.image_column,
         "inputs": shards if source.input_format != "imagefolder" else [[row[:3] for row in s] for s in shards],
+        "files": storage.local_file_stats(source.path),  # sizes and times: a tar replaced is read again
     }
     if storage.read_bytes(os.path.join(folder, FINGERPRINT)) != json.dumps(fingerprint).encode():
         storage.delete(folder)  # other data or settings: the shards read before are not these
