@@ -33,9 +33,9 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import pipeline.common.storage as storage
 from data_prep.sources import SourceConfig
 from data_prep.url_lists import SourceError
-from pipeline.common import storage
 from pipeline.common.images import open_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
