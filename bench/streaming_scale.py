@@ -259,10 +259,17 @@ def run_node(samples: int, epoch_size: int, sampling: str, resume: bool, args) -
 
 
 def shards_per_batch(
-    root: str, epoch_size: int, batch_size: int, num_canonical_nodes: int, sampling: str, block: Optional[int]
+    root: str,
+    epoch_size: int,
+    batch_size: int,
+    num_canonical_nodes: int,
+    sampling: str,
+    block: Optional[int],
+    granularity: int = 1,
 ) -> float:
     """The mean number of distinct shards in a global batch of epoch 1 (its order as one process
-    of a node builds it, batches of `batch_size`): how well a batch still mixes the store."""
+    of a node builds it, batches of `batch_size`): how well a batch still mixes the store.
+    `granularity`: streaming's sampling_granularity (samples drawn together from a shard)."""
     import numpy as np
     from streaming import Stream
     from streaming.base.batching import generate_work
@@ -281,6 +288,7 @@ def shards_per_batch(
         num_canonical_nodes=num_canonical_nodes,
         epoch_size=epoch_size,
         sampling=sampling,
+        sampling_granularity=granularity,
     )
     ids = generate_work(dataset.batching_method, dataset, World.detect(), 1, 0).reshape(-1, batch_size)
     shards = np.searchsorted(dataset.spanner.shard_bounds, ids, side="right") - 1
@@ -363,6 +371,12 @@ def main() -> None:
         metavar="GLOBAL_BATCH",
         help="instead: the mean distinct shards per global batch of this size, for each sampling",
     )
+    parser.add_argument(
+        "--sampling-granularity",
+        type=int,
+        default=1,
+        help="with --shards-per-batch: streaming's sampling_granularity (its own whole-shard draw at the shard size)",
+    )
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "streaming_scale"))
     args = parser.parse_args()
     if args.shards_per_batch:
@@ -370,9 +384,16 @@ def main() -> None:
             root = os.path.join(args.work, f"{samples}")
             for epoch_size in map(int, args.epoch_sizes):
                 for sampling in args.sampling:
-                    block, batch = args.shuffle_block_size, args.shards_per_batch
-                    mean = shards_per_batch(root, epoch_size, batch, args.num_canonical_nodes, sampling, block)
-                    cells = [f"{samples:,}", f"{epoch_size:,}", f"{batch:,}", sampling, f"{block or 'default'}"]
+                    block, batch, granularity = (
+                        args.shuffle_block_size,
+                        args.shards_per_batch,
+                        args.sampling_granularity,
+                    )
+                    mean = shards_per_batch(
+                        root, epoch_size, batch, args.num_canonical_nodes, sampling, block, granularity
+                    )
+                    name = sampling if granularity == 1 else f"{sampling}, sampling_granularity {granularity:,}"
+                    cells = [f"{samples:,}", f"{epoch_size:,}", f"{batch:,}", name, f"{block or 'default'}"]
                     print("| " + " | ".join([*cells, f"{mean:,.0f}"]) + " |")
         return
     if args.node:
