@@ -134,8 +134,8 @@ def test_image_filters_and_hash_dedup_are_counted(spark, tmp_path):
     """Rows img2dataset marked success can still be tiny or the same image as another."""
     red, blue = _jpeg("red"), _jpeg("blue")
     rows = [
-        dict(key="0", caption="a red square", jpg=red, sha256="h0"),
-        dict(key="1", caption="a blue square", jpg=blue, sha256="h1"),
+        dict(key="0", caption="a red square", jpg=red, sha256="h0", recaption="a square, red"),
+        dict(key="1", caption="a blue square", jpg=blue, sha256="h1", recaption=None),
         dict(key="2", caption="the same red square", jpg=red, sha256="h0"),
         dict(key="3", caption="again", jpg=red, sha256="h0"),
         dict(key="4", caption="tiny", jpg=_jpeg("green"), sha256="h4", width=4, height=4),
@@ -144,7 +144,7 @@ def test_image_filters_and_hash_dedup_are_counted(spark, tmp_path):
         dict(key="7", caption="broken", jpg=None, sha256=None, status="failed_to_resize"),
     ]
     _img2dataset_output(tmp_path / "i2d" / "unit", rows)
-    source = SourceConfig(url_list="unused", out=str(tmp_path / "mds"))
+    source = SourceConfig(url_list="unused", out=str(tmp_path / "mds"), caption_columns=["recaption"])
     source.filters.min_image_size = 16
     summary = _convert(spark, tmp_path, {"unit": source})["unit"]
     assert summary["written"] == 2 and summary["urls"] == 8
@@ -152,6 +152,8 @@ def test_image_filters_and_hash_dedup_are_counted(spark, tmp_path):
     assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 1
     dataset = StreamingDataset(local=source.out, batch_size=1)
     assert sorted(dataset[i]["caption"] for i in range(2)) == ["a blue square", "a red square"]  # first of each hash
+    recaptions = {dataset[i]["caption"]: dataset[i]["recaption"] for i in range(2)}
+    assert recaptions == {"a red square": "a square, red", "a blue square": ""}  # a caption column, "" where none
 
 
 def test_dedup_across_sources_keeps_the_first_source(spark, tmp_path):
