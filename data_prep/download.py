@@ -20,7 +20,7 @@ def download(source: SourceConfig, url_list_dir: str, output_folder: str) -> dic
     import img2dataset
 
     done_before = len(finished_shards(output_folder))
-    extra = list(source.carried_columns) + (["captions"] if source.input_format == "coco_captions" else [])
+    extra = list(source.recorded_columns) + (["captions"] if source.input_format == "coco_captions" else [])
     img2dataset.download(
         url_list=url_list_dir,
         input_format="parquet",

@@ -67,6 +67,23 @@ class SemanticDedupConfig:
         check(self.clusters >= 1, f"dedup_semantic.clusters must be >= 1, got {self.clusters}")
 
 
+NOISE_COLUMNS = (("caption_swapped", "int32"), ("original_caption", "str"))  # what noisy_captions records per row
+
+
+@dataclass
+class NoisyCaptionsConfig:
+    """For experiments on curation (bench/EXPERIMENTS.md): the captions of exactly `share` of the
+    rows written, chosen by a seeded hash of their keys, are passed on among themselves (each gets
+    the next chosen row's), as web data pairs images with text that does not describe them. Each
+    row records `caption_swapped` and its `original_caption`."""
+
+    share: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self):
+        check(0 <= self.share <= 1, f"noisy_captions.share must be in [0, 1], got {self.share}")
+
+
 @dataclass
 class FilterConfig:
     """Every drop is counted under its reason. URL-list filters run before the download, so
@@ -115,6 +132,7 @@ class SourceConfig:
     caption_columns: list[str] = field(default_factory=list)
     img2dataset: Img2DatasetOptions = field(default_factory=Img2DatasetOptions)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    noisy_captions: Optional[NoisyCaptionsConfig] = None
     # Where this source's MDS stream goes: a local folder or s3://bucket/prefix.
     out: str = MISSING
 
@@ -132,6 +150,7 @@ class SourceConfig:
             self.image_column is None or self.input_format == "parquet",
             f"image_column is for input_format parquet, not {self.input_format}",
         )
+        check(not (self.held and self.noisy_captions), "noisy_captions is for URL-list sources (applied to the list)")
         if self.held:
             check(
                 self.path is not None and self.url_list is None,
@@ -147,6 +166,12 @@ class SourceConfig:
     def carried_columns(self) -> dict:
         """The input's columns kept in the stream besides url and caption, with their MDS types."""
         return {**self.extra_columns, **{column: "str" for column in self.caption_columns}}
+
+    @property
+    def recorded_columns(self) -> dict:
+        """Every column the stream keeps besides the base ones: the carried ones, and what the
+        caption noise records."""
+        return {**self.carried_columns, **(dict(NOISE_COLUMNS) if self.noisy_captions else {})}
 
     @property
     def input(self) -> str:

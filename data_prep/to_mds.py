@@ -40,7 +40,7 @@ SHARD_HASHES = ["sha1", "xxh64"]
 
 
 def mds_columns(source: SourceConfig) -> dict:
-    columns = {**BASE_COLUMNS, **source.carried_columns}
+    columns = {**BASE_COLUMNS, **source.recorded_columns}
     if source.filters.clip_score is not None:
         columns["clip_score"] = "float32"
     if source.input_format == "coco_captions":

@@ -185,13 +185,14 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     marked = mark_rows(frame, source).persist(StorageLevel.DISK_ONLY)
     counts = {row["_reason"] or "to_download": row["count"] for row in marked.groupBy("_reason").count().collect()}
     counts["urls"] = sum(counts.values())
-    keep = ["url", "caption", *source.carried_columns] + (
-        ["captions"] if source.input_format == "coco_captions" else []
-    )
+    kept = marked.filter(F.col("_reason").isNull())
+    coco = ["captions"] if source.input_format == "coco_captions" else []
+    if source.noisy_captions is not None:
+        kept = swap_captions(kept, source.noisy_captions, ["caption", *source.caption_columns, *coco])
+    keep = ["url", "caption", *source.recorded_columns, *coco]
     keep = ["key"] if source.held else keep  # its rows, images and all, are already in the work folder
     (
-        marked.filter(F.col("_reason").isNull())
-        .orderBy("_row")  # file order: the shard numbering img2dataset resumes by
+        kept.orderBy("_row")  # file order: the shard numbering img2dataset resumes by
         .select(*keep)
         .write.mode("overwrite")
         .parquet(list_dir)
@@ -199,3 +200,25 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     marked.unpersist()
     write_json(counts_path, {**counts, "fingerprint": current})  # last: its presence means the list is complete
     return PreparedList(list_dir, counts, False)
+
+
+def swap_captions(rows, noisy, caption_columns: list):
+    """`rows` with the captions of exactly round(share * rows) of them, chosen by a seeded hash of
+    their URL, passed on among themselves (sources.NoisyCaptionsConfig), recorded per row. One
+    ordering of all the rows: a tool for experiments, not for billions of rows."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    chosen = round(noisy.share * rows.count())
+    order = Window.orderBy(F.xxhash64(F.lit(noisy.seed), "url"), "_row")
+    rows = rows.withColumn("_rank", F.row_number().over(order))
+    swapped = F.col("_rank") <= chosen
+    passed_on = Window.orderBy("_rank")
+    rows = rows.withColumn("original_caption", F.col("caption"))
+    for column in caption_columns:  # each chosen row takes the next chosen row's; the last, the first's
+        first = F.first(F.when(F.col("_rank") == 1, F.col(column)), ignorenulls=True).over(
+            passed_on.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+        )
+        following = F.when(F.col("_rank") == chosen, first).otherwise(F.lead(column).over(passed_on))
+        rows = rows.withColumn(column, F.when(swapped, following).otherwise(F.col(column)))
+    return rows.withColumn("caption_swapped", swapped.cast("int")).drop("_rank")

@@ -139,3 +139,29 @@ def test_coco_captions_keep_every_caption_and_the_sample_goes_through_it(sample_
     for i in range(0, dataset.num_samples, 97):
         sample = dataset[i]
         assert len(sample["captions"]) == 2 and sample["caption"] == sample["captions"][0]
+
+
+def test_noisy_captions_pass_on_exactly_their_share_deterministically_and_are_recorded(spark, tmp_path):
+    from data_prep.sources import NoisyCaptionsConfig
+
+    rows = [{"url": f"http://a/{i}", "caption": f"caption {i}", "recaption": f"re {i}"} for i in range(40)]
+    rows.append({"url": "http://a/0", "caption": "a duplicate url, dropped before the noise", "recaption": "-"})
+    url_list = _url_list(tmp_path / "list.parquet", rows)
+    chosen = {}
+    for run, seed in enumerate((0, 0, 1)):
+        source = SourceConfig(
+            url_list=url_list, caption_columns=["recaption"], noisy_captions=NoisyCaptionsConfig(share=0.3, seed=seed)
+        )
+        source.out = "x"
+        list_dir, counts, _ = prepare_url_list(spark, "web", source, str(tmp_path / f"prep{run}"))
+        kept = pq.read_table(list_dir).to_pylist()
+        assert counts["to_download"] == len(kept) == 40
+        swapped = [r for r in kept if r["caption_swapped"]]
+        assert len(swapped) == 12  # exactly 30% of the rows written to the list
+        assert all(r["original_caption"] == f"caption {r['url'].split('/')[-1]}" for r in kept)
+        assert all(r["caption"] != r["original_caption"] for r in swapped)  # each takes another's caption
+        assert sorted(r["caption"] for r in swapped) == sorted(r["original_caption"] for r in swapped)  # passed on
+        assert all(r["recaption"] == "re " + r["caption"].split()[-1] for r in kept)  # every caption column moves along
+        assert all(r["caption"] == r["original_caption"] for r in kept if not r["caption_swapped"])
+        chosen[run] = {r["url"]: r["caption"] for r in swapped}
+    assert chosen[0] == chosen[1] and set(chosen[0]) != set(chosen[2])  # a function of the seed
