@@ -6,7 +6,7 @@
 # make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=RUN_DIR_OR_CHECKPOINT"]  (default: runs/demo)
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
 # make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample, then its power-law fits
-# make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal wall-clock,
+# make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal samples seen,
 #                                             then their table and plot (runs/sweeps/flip_ablation/report.*)
 
 VENV    ?= .venv

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import pipeline.evaluation.evaluate
 import pipeline.sweep
-from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, load
+from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, TrainConfig, load
 from pipeline.model.towers import SamplePatchDropout
 from pipeline.sweep import main, run_all
 from pipeline.sweeps.grid import expand, load_sweep, run_dirs
@@ -229,32 +229,45 @@ def test_wall_clock_budget_ends_the_run_complete_with_the_lr_schedule_spent(samp
     assert json.loads((run_dir / "summary.json").read_text())["batches"] == summary["batches"]
 
 
+def unmasked_batch_flops(sample_cfg, tmp_path) -> float:
+    """Training FLOPs of one QUICK batch without patch masking, from the model itself."""
+    from pipeline.model.clip import build_clip, training_flops
+
+    train = load(TrainConfig, DEMO_YAML, train_overrides(sample_cfg, tmp_path / "unused", *QUICK))
+    built = build_clip(train.model)
+    return training_flops(built.clip.train(), 16, built.tokenizer(["a"]).shape[1])
+
+
 @pytest.mark.slow
-def test_mini_sweep_trains_evaluates_and_reports(sample_build, tmp_path, capsys):
+def test_mini_sweep_at_equal_flops_trains_evaluates_and_reports(sample_build, tmp_path, capsys):
+    """budget.flops: the masked run trains more batches, and both spend the budget to within a batch
+    as the FLOPs callback counts them."""
     cfg, _ = sample_build
+    budget = 4 * unmasked_batch_flops(cfg, tmp_path)
     path = sweep_of(
         cfg,
         tmp_path,
-        "max_duration=4ba",
+        "max_duration=100ba",  # replaced by the budget's batches
         "eval_interval=3ba",
         grid={"algorithms.patch_masking.ratio": [0.0, 0.5]},
         labels={"algorithms.patch_masking.ratio": "masking"},
+        budget={"flops": budget},
     )
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(path), {"overrides": {"eval_datasets": eval_datasets(cfg)}}), path)
     started = time.time()
     main([path])
     sweep, runs = load_sweep(path)
-    for run in runs:
-        summary = json.loads(open(os.path.join(run.run_dir, "summary.json")).read())
-        assert summary["complete"] and summary["batches"] == 4 and summary["samples"] == 64
-        assert summary["flops"] > 0 and summary["params"] > 0 and summary["wall_seconds"] > 0
-        # Evaluated at batch 3 and again at the end: the summary holds the final scores.
+    summaries = [json.loads(open(os.path.join(run.run_dir, "summary.json")).read()) for run in runs]
+    for run, summary in zip(runs, summaries):
+        batches = summary["batches"]
+        assert summary["complete"] and summary["samples"] == 16 * batches
+        assert summary["params"] > 0 and summary["wall_seconds"] > 0
+        assert abs(summary["flops"] - budget) <= summary["flops"] / batches  # within one of its batches
+        # Evaluated every 3 batches and at the end: the summary holds the final scores.
         top1 = [(b, v) for b, m, v in read_rows(run.run_dir) if m == "metrics/fashion_mnist/fashion_mnist/top1"]
-        assert [b for b, _ in top1] == [3, 4] and summary["eval"]["metrics/fashion_mnist/fashion_mnist/top1"] == top1[
-            -1
-        ][1]
-    flops = [json.loads(open(os.path.join(r.run_dir, "summary.json")).read())["flops"] for r in runs]
-    assert flops[1] < flops[0]  # masked patches cost nothing
+        assert [b for b, _ in top1] == sorted({*range(3, batches + 1, 3), batches})
+        assert summary["eval"]["metrics/fashion_mnist/fashion_mnist/top1"] == top1[-1][1]
+    assert summaries[0]["batches"] == 4 and summaries[1]["batches"] > 4  # masked patches cost nothing
     main(["--report", path])
     table = (tmp_path / "runs" / "report.md").read_text().splitlines()
     assert len(table) == 4 and "fashion_mnist/top1 (masked inference)" in table[0]
@@ -267,7 +280,7 @@ def test_mini_sweep_trains_evaluates_and_reports(sample_build, tmp_path, capsys)
 @pytest.mark.slow
 def test_killed_sweep_continues_the_run_it_was_in(sample_build, tmp_path):
     cfg, _ = sample_build
-    path = sweep_of(cfg, tmp_path, "max_duration=8ba", grid={"seed": [1, 2]})
+    path = sweep_of(cfg, tmp_path, grid={"seed": [1, 2]}, budget={"samples": 128})  # 8 batches of 16
     first, second = run_dirs(path)
     command = [*PYTHON, "-m", "pipeline.sweep", path]
     with open(tmp_path / "sweep.log", "w") as log:

@@ -581,6 +581,20 @@ class EvalConfig:
 
 
 @dataclass
+class SweepBudget:
+    """Each run trains on the same samples, or the same training FLOPs: its max_duration is the
+    budget over one of its global batches (rounded to a batch), with no wall-clock cap. A run that
+    sets its own max_duration keeps it. Throughput is then measured, not the budget."""
+
+    samples: Optional[int] = None
+    flops: Optional[float] = None
+
+    def __post_init__(self):
+        check((self.samples is None) != (self.flops is None), "budget: set exactly one of samples and flops")
+        check((self.samples or self.flops) > 0, "budget: the samples or flops must be > 0")
+
+
+@dataclass
 class SweepConfig:
     """Runs of one training recipe (pipeline/sweep.py): common overrides, then each run's own."""
 
@@ -597,6 +611,8 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     # ... and/or one run per entry: its own keys, and optionally `name` (else named by its keys).
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # Equal samples seen or equal training FLOPs for every run (None: each run's max_duration / max_wall_clock).
+    budget: Optional[SweepBudget] = None
     # Short names of keys in run names, e.g. {algorithms.patch_masking.ratio: masking}; else the last part.
     labels: dict[str, str] = field(default_factory=dict)
     # How --print launches each run on a cluster.

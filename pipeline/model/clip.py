@@ -41,6 +41,13 @@ def loss_init(cfg: ModelConfig) -> dict:
     return init
 
 
+def training_flops(clip: torch.nn.Module, pairs: int, text_tokens: int) -> float:
+    """Training FLOPs of `pairs` image-text pairs (backward = 2x forward), the image patches patch masking
+    drops not counted: what the FLOPs callback logs and an equal-FLOPs sweep budgets."""
+    vision, text = towers(clip)
+    return 3 * pairs * (forward_flops(vision, kept_image_tokens(clip)) + forward_flops(text, text_tokens))
+
+
 class BuiltClip(NamedTuple):
     clip: torch.nn.Module
     train_transform: Callable
@@ -118,11 +125,9 @@ class CLIPModel(ComposerModel):
         return spliced
 
     def flops_per_batch(self, batch) -> float:
-        """Training FLOPs of this rank's batch (backward = 2x forward), for SpeedMonitor's MFU."""
+        """Training FLOPs of this rank's batch, for SpeedMonitor's MFU."""
         images, texts, _ = batch
-        vision, text = towers(self.clip)
-        per_sample = forward_flops(vision, kept_image_tokens(self.clip)) + forward_flops(text, texts.shape[1])
-        return 3 * per_sample * len(images)
+        return training_flops(self.clip, len(images), texts.shape[1])
 
     def loss(self, outputs: Features, batch):
         loss = contrastive_loss(self.loss_fn, outputs)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config.schema import ConfigError, SweepConfig, TrainConfig, load
+from pipeline.config.schema import ConfigError, SweepBudget, SweepConfig, TrainConfig, load
 
 
 @dataclass
@@ -79,6 +79,11 @@ def expand(sweep: SweepConfig) -> list:
         name = name or "-".join(parts) or "run"
         run_dir = os.path.join(sweep.folder, name)
         managed = {"run_name": f"{sweep.name}-{name}", "run_dir": run_dir, "checkpoint.autoresume": True}
+        if sweep.budget is not None and "max_duration" not in run_keys(values):
+            train = load(
+                TrainConfig, sweep.train, [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values)}.items()]
+            )
+            managed.update(max_duration=f"{budget_batches(sweep.budget, train)}ba", max_wall_clock=None)
         if sweep.save_folder is not None:
             managed["checkpoint.save_folder"] = f"{sweep.save_folder.rstrip('/')}/{name}"
         args = [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values), **managed}.items()]
@@ -87,6 +92,23 @@ def expand(sweep: SweepConfig) -> list:
     if duplicates:
         raise ConfigError(f"runs share the names {', '.join(duplicates)}: give the `runs` entries a `name`")
     return runs
+
+
+def budget_batches(budget: SweepBudget, train: TrainConfig) -> int:
+    """The batches of `train` that spend `budget`: samples, or training FLOPs as the FLOPs callback
+    counts them (pipeline.model.clip.training_flops, with the run's patch masking)."""
+    if budget.samples is not None:
+        return max(1, round(budget.samples / train.data.global_batch_size))
+    if train.algorithms.unmasked_tuning is not None:
+        raise ConfigError("budget.flops: a run with unmasked_tuning changes its cost mid-run; give it a max_duration")
+    from pipeline.model.clip import build_clip, training_flops
+    from pipeline.model.towers import install_patch_dropout
+
+    built = build_clip(train.model)
+    if train.algorithms.patch_masking is not None:
+        install_patch_dropout(built.clip, train.algorithms.patch_masking.ratio, train.seed)
+    per_batch = training_flops(built.clip.train(), train.data.global_batch_size, built.tokenizer(["a"]).shape[1])
+    return max(1, round(budget.flops / per_batch))
 
 
 def load_sweep(path: str, overrides: list = ()) -> tuple:
