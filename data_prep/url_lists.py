@@ -21,6 +21,7 @@ LIST_FOLDER = "url_list"
 # MDS column types -> the Spark types the URL list's extra columns are cast to.
 SPARK_TYPES = {"int32": "int", "int64": "bigint", "float32": "float", "float64": "double", "str": "string"}
 COCO_COLUMNS = ("url", "caption", "captions")
+LATER_SETTINGS = ("path", "image_column", "caption_columns", "noisy_captions")
 AFTER_DOWNLOAD = ("min_image_size", "dedup_image_hash", "clip_score", "dedup_semantic")
 
 
@@ -155,6 +156,8 @@ def fingerprint(source: SourceConfig) -> dict:
     """What the prepared list depends on: the source's settings (but the filters that run after the
     download) and its URL files' sizes and times."""
     settings = {k: v for k, v in dataclasses.asdict(source).items() if k != "out"}
+    # Settings added since lists were first prepared, left out while unset: a list prepared before them stays valid.
+    settings = {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v in (None, []))}
     # Filters applied after the download don't change the list: changing them downloads nothing again.
     settings["filters"] = {k: v for k, v in settings["filters"].items() if k not in AFTER_DOWNLOAD}
     return {"settings": settings, "files": local_file_stats(source.input)}
