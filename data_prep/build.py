@@ -100,10 +100,10 @@ def build(cfg: SourcesConfig) -> list:
             fetched = {
                 name: read_held_source(spark, cfg, name, terminal) for name in cfg.sources if cfg.sources[name].held
             }
+            # Read once (its .json fields' schema is inferred by a scan): the list's filters, then the conversion.
+            held_rows = {name: held.read_rows(spark, rows_folder(cfg, name)) for name in fetched}
             frames = {
-                name: read_url_list(
-                    spark, name, source, held.read_rows(spark, rows_folder(cfg, name)) if source.held else None
-                )
+                name: read_url_list(spark, name, source, held_rows[name].drop("jpg") if source.held else None)
                 for name, source in cfg.sources.items()
             }
             lists = {}
@@ -121,7 +121,7 @@ def build(cfg: SourcesConfig) -> list:
                     folder = rows_folder(cfg, name)
                     if not prepared.reused:  # rows scored for other data or settings
                         delete(os.path.join(cfg.work_dir, "clip_scores", name))
-                    downloads[name] = (held.kept_rows(spark, folder, prepared), prepared.counts)
+                    downloads[name] = (held.kept_rows(spark, held_rows[name], prepared), prepared.counts)
                 else:
                     folder, fetched[name] = download_source(cfg, name, prepared, terminal)
                     downloads[name] = (folder, prepared.counts)

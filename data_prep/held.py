@@ -20,6 +20,7 @@ Each input shard becomes `<work_dir>/img2dataset/<source>/<shard>.parquet` and t
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -133,9 +134,7 @@ def check_source(name: str, source: SourceConfig) -> None:
         columns = list(dict.fromkeys(field for sample in first for field in json.loads(sample.get("json", b"{}"))))
         where = f"the .json of the first {len(first)} samples of {shards[0]}"
     elif source.input_format == "parquet":
-        with storage.open_read(shards[0]) as f:
-            remote = storage.is_remote(shards[0])
-            columns = pq.ParquetFile(io.BytesIO(f.read()) if remote else shards[0]).schema_arrow.names
+        columns = _parquet_file(shards[0]).schema_arrow.names
         wanted, where = [source.image_column, source.caption_col, *wanted], shards[0]
     else:
         columns, where = list(shards[0][0][3]), f"the metadata of {source.path}"
@@ -195,13 +194,10 @@ def write_shard(folder: str, number: int, shard, input_format: str, caption_col:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=ROWS), buffer)
     storage.write_bytes(os.path.join(folder, f"{shard_name(number)}.parquet"), buffer.getvalue())
-    statuses: dict = {}
-    for row in rows:
-        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     stats = {
         "input": shard if isinstance(shard, str) else f"{len(shard)} images",
         "count": len(rows),
-        "status_dict": statuses,
+        "status_dict": dict(collections.Counter(row["status"] for row in rows)),
     }
     storage.write_json(os.path.join(folder, f"{shard_name(number)}_stats.json"), stats)
 
@@ -245,9 +241,9 @@ def _tar_samples(path: str) -> Iterator[dict]:
                     key, _, extension = base.partition(".")
                     key = os.path.join(directory, key)
                     data = tar.extractfile(member).read()
-                    if current is not None and current["key"] != key:
-                        yield current
                     if current is None or current["key"] != key:
+                        if current is not None:
+                            yield current
                         current = {"key": key}
                     extension = extension.lower()
                     if extension in IMAGE_EXTENSIONS and "image" not in current:
@@ -308,15 +304,18 @@ def _other(fields: dict) -> dict:
 
 def _parquet_rows(path: str, caption_col: str, url_col: str, image_column: str) -> list:
     stem, rows = os.path.basename(path).removesuffix(".parquet"), []
-    with storage.open_read(path) as f:
-        batches = pq.ParquetFile(path if not storage.is_remote(path) else io.BytesIO(f.read())).iter_batches(1000)
-        for fields in (row for batch in batches for row in batch.to_pylist()):
-            image = fields.pop(image_column)
-            if isinstance(image, dict):  # Hugging Face's Image feature: {bytes, path}
-                image = image.get("bytes")
-            caption, url = fields.pop(caption_col), fields.pop(url_col, None)
-            rows.append(image_row(f"{stem}/{len(rows):09d}", image, caption, url, _other(fields)))
+    for fields in (row for batch in _parquet_file(path).iter_batches(1000) for row in batch.to_pylist()):
+        image = fields.pop(image_column)
+        if isinstance(image, dict):  # Hugging Face's Image feature: {bytes, path}
+            image = image.get("bytes")
+        caption, url = fields.pop(caption_col), fields.pop(url_col, None)
+        rows.append(image_row(f"{stem}/{len(rows):09d}", image, caption, url, _other(fields)))
     return rows
+
+
+def _parquet_file(path: str) -> pq.ParquetFile:
+    """A local parquet file read in place; a bucket's, downloaded into memory (parquet needs seeks)."""
+    return pq.ParquetFile(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path)
 
 
 def _folder_rows(images: list) -> list:
@@ -327,9 +326,9 @@ def _folder_rows(images: list) -> list:
     return rows
 
 
-def read_rows(spark, folder: str, images: bool = False):
-    """The rows read, their `_json` fields as columns (a field named like a row column is dropped);
-    without the image bytes unless `images`."""
+def read_rows(spark, folder: str):
+    """The rows read, their `_json` fields as columns (a field named like a row column is dropped).
+    Lazy: the image bytes are read only where a query uses the `jpg` column."""
     from pyspark.sql import functions as F
 
     from data_prep.download import finished_shards
@@ -341,13 +340,12 @@ def read_rows(spark, folder: str, images: bool = False):
     fields = StructType([field for field in inferred.fields if field.name not in ROWS.names])
     if fields.fields:
         frame = frame.withColumn("_fields", F.from_json("_json", fields)).select("*", "_fields.*").drop("_fields")
-    frame = frame.drop("_json")
-    return frame if images else frame.drop("jpg")
+    return frame.drop("_json")
 
 
-def kept_rows(spark, folder: str, prepared):
-    """The rows of a held source that its prepared list (url_lists.prepare_url_list: the keys the
-    URL-list filters kept) keeps, images and all; None when it keeps none."""
+def kept_rows(spark, rows, prepared):
+    """The `rows` (read_rows') of a held source that its prepared list (url_lists.prepare_url_list:
+    the keys the URL-list filters kept) keeps; None when it keeps none."""
     if not prepared.counts.get("to_download"):
         return None
-    return read_rows(spark, folder, images=True).join(spark.read.parquet(prepared.folder), "key", "left_semi")
+    return rows.join(spark.read.parquet(prepared.folder), "key", "left_semi")

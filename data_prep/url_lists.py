@@ -192,8 +192,8 @@ def prepare_url_list(spark, name: str, source: SourceConfig, source_dir: str, fr
     coco = ["captions"] if source.input_format == "coco_captions" else []
     if source.noisy_captions is not None:
         kept = swap_captions(kept, source.noisy_captions, ["caption", *source.caption_columns, *coco])
-    keep = ["url", "caption", *source.recorded_columns, *coco]
-    keep = ["key"] if source.held else keep  # its rows, images and all, are already in the work folder
+    # A held source's rows, images and all, are already in the work folder: its list is their keys.
+    keep = ["key"] if source.held else ["url", "caption", *source.recorded_columns, *coco]
     (
         kept.orderBy("_row")  # file order: the shard numbering img2dataset resumes by
         .select(*keep)
