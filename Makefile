@@ -7,7 +7,8 @@
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
 # make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample, then its power-law fits
 # make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal samples seen,
-#                                             then their table and plot (runs/sweeps/flip_ablation/report.*)
+#                                             5 seeds, then their tables and plot (runs/sweeps/flip_ablation/report.*)
+# make ablate-flops [SWEEP_ARGS=...]        - the same rows at equal training FLOPs (runs/sweeps/flip_ablation_flops/)
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -23,12 +24,16 @@ SWEEP_ARGS ?=
 TEST_WORKERS ?= 2
 # The last part of the built-in sample that `make shards` writes: the sweeps train and evaluate on it.
 SAMPLE  := data/sample/eval/coco_test/index.json
+# All 10,000 Fashion-MNIST test images, the experiments' classification set.
+FASHION_TEST := data/eval/fashion_mnist_test/index.json
+ABLATION := yamls/sweeps/flip_ablation.yaml
+ABLATION_FLOPS := budget.samples=null budget.flops=6.48e12 folder=runs/sweeps/flip_ablation_flops
 DEBIAN_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # img2dataset otherwise checks the internet for an albumentations update.
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install debian-packages shards train demo eval test bench scaling ablate clean
+.PHONY: install debian-packages shards train demo eval test bench scaling ablate ablate-flops clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -85,9 +90,16 @@ scaling: install $(SAMPLE)
 	$(PY) -m pipeline.sweep yamls/sweeps/scaling.yaml $(SWEEP_ARGS)
 	$(PY) -m pipeline.sweeps.scaling yamls/sweeps/scaling.yaml
 
-ablate: install $(SAMPLE)
-	$(PY) -m pipeline.sweep yamls/sweeps/flip_ablation.yaml $(SWEEP_ARGS)
-	$(PY) -m pipeline.sweep --report yamls/sweeps/flip_ablation.yaml $(SWEEP_ARGS)
+$(FASHION_TEST): $(SAMPLE)
+	$(PY) -m data_prep.build yamls/data/fashion_mnist_test.yaml
+
+ablate: install $(SAMPLE) $(FASHION_TEST)
+	$(PY) -m pipeline.sweep $(ABLATION) $(SWEEP_ARGS)
+	$(PY) -m pipeline.sweep --report $(ABLATION) $(SWEEP_ARGS)
+
+ablate-flops: install $(SAMPLE) $(FASHION_TEST)
+	$(PY) -m pipeline.sweep $(ABLATION) $(ABLATION_FLOPS) $(SWEEP_ARGS)
+	$(PY) -m pipeline.sweep --report $(ABLATION) $(ABLATION_FLOPS) $(SWEEP_ARGS)
 
 clean:
 	rm -rf data runs

@@ -41,18 +41,18 @@ def launch_command(sweep: SweepConfig, run: Run) -> str:
 def run_all(sweep: SweepConfig, runs: list) -> None:
     for number, run in enumerate(runs, 1):
         if is_complete(run.run_dir):
-            print(f"[{number}/{len(runs)}] {run.name}: complete, skipped", flush=True)
+            print(f"[{number}/{len(runs)}] {run.title}: complete, skipped", flush=True)
             continue
-        print(f"[{number}/{len(runs)}] {run.name}: training in {run.run_dir}", flush=True)
+        print(f"[{number}/{len(runs)}] {run.title}: training in {run.run_dir}", flush=True)
         # Same process group: a sweep killed as a group takes its run with it.
         code = subprocess.run([sys.executable, TRAIN_SCRIPT, sweep.train, *run.args]).returncode
         if code != 0:
             sys.exit(
-                f"Sweep stopped: run {run.name} failed (exit {code}). Run the same command again to "
+                f"Sweep stopped: run {run.title} failed (exit {code}). Run the same command again to "
                 "continue it from its last checkpoint."
             )
         if not is_complete(run.run_dir):
-            print(f"warning: {run.name} ended without a complete summary.json", file=sys.stderr)
+            print(f"warning: {run.title} ended without a complete summary.json", file=sys.stderr)
 
 
 def main(argv: list) -> None:

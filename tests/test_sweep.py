@@ -6,19 +6,24 @@ import glob
 import json
 import os
 import signal
+import statistics
 import subprocess
 import time
 from dataclasses import replace
 
 import pytest
+import scipy.stats
 from omegaconf import OmegaConf
 
 import pipeline.evaluation.evaluate
 import pipeline.sweep
 from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, SweepConfig, TrainConfig, load
 from pipeline.model.towers import SamplePatchDropout
+from pipeline.run.files import MASKED_SCORES_FILE
+from pipeline.run.saved import write_run_config
 from pipeline.sweep import main, run_all
 from pipeline.sweeps.grid import expand, load_sweep, run_dirs
+from pipeline.sweeps.report import report
 from tests.conftest import DEMO_YAML, PYTHON, REPO, run_train, train_here, train_overrides
 from tests.tiny import NUM_PATCHES, TINY
 
@@ -105,6 +110,64 @@ def test_grid_and_runs_expand_into_named_runs_under_the_folder(tmp_path):
     assert first["run_name"] == "s-masking0.5-samples6400sp"
     assert tuned["model.pretrained.path"] == f"{sweep.folder}/masking0.75-samples6400sp/checkpoints/latest-rank0.pt"
     assert "algorithms.patch_masking.ratio" not in tuned
+
+
+def test_seeds_repeat_every_run_in_a_folder_per_seed_and_the_report_pairs_them_by_seed(tmp_path):
+    path = write_sweep(
+        tmp_path / "sweep.yaml",
+        seeds=[3, 4, 5],
+        labels={"algorithms.patch_masking.ratio": "masking"},
+        grid={"algorithms.patch_masking.ratio": [0.0, 0.5]},
+        runs=[{"name": "tuned", "model.pretrained.path": "${folder}/masking0.5/checkpoints/latest-rank0.pt"}],
+        metrics=["fashion_mnist/top1"],
+        overrides={"eval_datasets": {"fashion_mnist": {"type": "classification", "local": "unread"}}},
+    )
+    sweep, runs = load_sweep(path)
+    names = ("masking0.0", "masking0.5", "tuned")
+    assert [(r.name, r.seed) for r in runs] == [(n, s) for s in (3, 4, 5) for n in names]
+    for run in runs:
+        args = as_dict(run.args)
+        seed_folder = os.path.join(sweep.folder, f"seed{run.seed}")
+        assert run.run_dir == args["run_dir"] == os.path.join(seed_folder, run.name)
+        assert args["seed"] == str(run.seed) and args["run_name"] == f"s-{run.name}-seed{run.seed}"
+        if run.name == "tuned":  # the same seed's parent
+            assert args["model.pretrained.path"] == f"{seed_folder}/masking0.5/checkpoints/latest-rank0.pt"
+
+    # Finished runs, with made-up scores: the report's means, intervals and paired differences.
+    top1 = {"masking0.0": [0.60, 0.62, 0.67], "masking0.5": [0.64, 0.65, 0.72], "tuned": [0.66, 0.70, 0.73]}
+    masked_top1 = [0.55, 0.61, 0.63]
+    for run in runs:
+        os.makedirs(run.run_dir)
+        write_run_config(load(TrainConfig, sweep.train, run.args))
+        value = top1[run.name][run.seed - 3]
+        summary = {"complete": True, "batches": 10, "samples": 1280, "wall_seconds": 10.0, "flops": 1e12}
+        summary.update(params=7e6, eval={"metrics/fashion_mnist/fashion_mnist/top1": value})
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        if run.name == "masking0.5":  # its masked inference, as the report caches it
+            masked = {"datasets": {"fashion_mnist": {"top1": masked_top1[run.seed - 3]}}}
+            with open(os.path.join(run.run_dir, MASKED_SCORES_FILE), "w") as f:
+                json.dump(masked, f)
+    text = report(sweep, runs)
+
+    def interval(values, sign="") -> str:
+        mean, half = statistics.fmean(values), scipy.stats.t.ppf(0.975, 2) * statistics.stdev(values) / 3**0.5
+        return f"{100 * mean:{sign}.2f} [{100 * (mean - half):{sign}.2f}, {100 * (mean + half):{sign}.2f}]"
+
+    lines = text.splitlines()
+    assert sum(line.startswith("| masking0.5 | 4 |") for line in lines) == 1  # a row per run and seed
+    for name in ("masking0.5", "tuned"):
+        assert f"| {name} | 3 | 128 | 10 | {interval(top1[name])} |" in text
+    differences = {
+        "masking0.5 - masking0.0": [a - b for a, b in zip(top1["masking0.5"], top1["masking0.0"])],
+        "masking0.5: full - masked inference": [a - b for a, b in zip(top1["masking0.5"], masked_top1)],
+        "tuned - masking0.0": [a - b for a, b in zip(top1["tuned"], top1["masking0.0"])],
+        "tuned - masking0.5": [a - b for a, b in zip(top1["tuned"], top1["masking0.5"])],
+    }
+    for label, values in differences.items():
+        assert f"| {label} | 3 | {interval(values, '+')} |" in text
+    assert (tmp_path / "runs" / "report.md").read_text() == text + "\n"
+    assert (tmp_path / "runs" / "report.png").stat().st_size > 0
 
 
 def test_a_grid_group_sets_keys_together_and_is_named_by_its_name(tmp_path):

@@ -613,6 +613,9 @@ class SweepConfig:
     runs: list[dict[str, Any]] = field(default_factory=list)
     # Equal samples seen or equal training FLOPs for every run (None: each run's max_duration / max_wall_clock).
     budget: Optional[SweepBudget] = None
+    # Every run once per seed (the training key `seed`), each seed's runs in <folder>/seed<N>/, where
+    # ${folder} in a run's keys (a parent run's weights) names the same seed's run. Empty: each run once.
+    seeds: list[int] = field(default_factory=list)
     # Short names of keys in run names, e.g. {algorithms.patch_masking.ratio: masking}; else the last part.
     labels: dict[str, str] = field(default_factory=dict)
     # How --print launches each run on a cluster.

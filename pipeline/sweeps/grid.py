@@ -3,8 +3,9 @@
 A sweep (SweepConfig in pipeline/config/schema.py) names a training YAML, overrides common to every run,
 a `grid:` (one run per point of the cartesian product) and/or a `runs:` list (one run per entry).
 A run is named by its values that differ between runs; it trains in <folder>/<run name> with
-checkpoint.autoresume. `run_dirs(path)` lists the run folders for collectors such as
-pipeline/sweeps/scaling.py and pipeline/sweeps/report.py.
+checkpoint.autoresume; with `seeds:`, every run repeats per seed in <folder>/seed<N>/<run name>.
+`run_dirs(path)` lists the run folders for collectors such as pipeline/sweeps/scaling.py and
+pipeline/sweeps/report.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.config.schema import ConfigError, SweepBudget, SweepConfig, TrainConfig, load
 
@@ -24,6 +25,11 @@ class Run:
     name: str
     run_dir: str
     args: list  # pipeline/train.py's key=value overrides
+    seed: Optional[int] = None  # the sweep's seed it repeats for; None: the sweep has no seeds
+
+    @property
+    def title(self) -> str:
+        return self.name if self.seed is None else f"{self.name} (seed {self.seed})"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -60,8 +66,8 @@ def run_keys(own: dict) -> dict:
     return keys
 
 
-def expand(sweep: SweepConfig) -> list:
-    """The sweep's runs in order: the grid's points, then the `runs` entries."""
+def expand(sweep: SweepConfig, seed: Optional[int] = None) -> list:
+    """The sweep's runs in order: the grid's points, then the `runs` entries (for `seed`, if given)."""
     points = [dict(zip(sweep.grid, values)) for values in itertools.product(*sweep.grid.values())] if sweep.grid else []
     entries = [flatten(entry) for entry in sweep.runs]
     names = [None] * len(points) + [entry.pop("name", None) for entry in entries]
@@ -78,7 +84,8 @@ def expand(sweep: SweepConfig) -> list:
         parts = [name_part(sweep.labels.get(k, k.rsplit(".", 1)[-1]), values[k]) for k in varying if k in values]
         name = name or "-".join(parts) or "run"
         run_dir = os.path.join(sweep.folder, name)
-        managed = {"run_name": f"{sweep.name}-{name}", "run_dir": run_dir, "checkpoint.autoresume": True}
+        run_name = f"{sweep.name}-{name}" if seed is None else f"{sweep.name}-{name}-seed{seed}"
+        managed = {"run_name": run_name, "run_dir": run_dir, "checkpoint.autoresume": True}
         if sweep.budget is not None and "max_duration" not in run_keys(values):
             train = load(
                 TrainConfig, sweep.train, [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values)}.items()]
@@ -87,7 +94,7 @@ def expand(sweep: SweepConfig) -> list:
         if sweep.save_folder is not None:
             managed["checkpoint.save_folder"] = f"{sweep.save_folder.rstrip('/')}/{name}"
         args = [f"{k}={cli_value(v)}" for k, v in {**common, **run_keys(values), **managed}.items()]
-        runs.append(Run(name, run_dir, args))
+        runs.append(Run(name, run_dir, args, seed))
     duplicates = sorted({r.name for r in runs if [s.name for s in runs].count(r.name) > 1})
     if duplicates:
         raise ConfigError(f"runs share the names {', '.join(duplicates)}: give the `runs` entries a `name`")
@@ -112,14 +119,21 @@ def budget_batches(budget: SweepBudget, train: TrainConfig) -> int:
 
 
 def load_sweep(path: str, overrides: list = ()) -> tuple:
-    """(sweep, runs), every run's training config checked (typos fail before anything trains)."""
+    """(sweep, runs), every run's training config checked (typos fail before anything trains). With
+    seeds, the runs of each seed in turn: the sweep loaded again with its folder and training seed."""
     sweep = load(SweepConfig, path, overrides)
-    runs = expand(sweep)
+    runs = []
+    for seed in sweep.seeds or [None]:
+        if seed is None:
+            runs += expand(sweep)
+        else:
+            per_seed = [*overrides, f"folder={sweep.folder}/seed{seed}", f"overrides.seed={seed}"]
+            runs += expand(load(SweepConfig, path, per_seed), seed)
     for run in runs:
         try:
             load(TrainConfig, sweep.train, run.args)
         except ConfigError as err:
-            raise ConfigError(f"run {run.name}: {err}") from None
+            raise ConfigError(f"run {run.title}: {err}") from None
     return sweep, runs
 
 

@@ -1,16 +1,33 @@
-"""A sweep's report: one table (report.md) and one plot (report.png) of zero-shot scores against
-training wall-clock, one row per finished run, with FLIP's masked inference for masked runs."""
+"""A sweep's report (report.md, report.png): each finished run's zero-shot scores, with FLIP's masked
+inference for masked runs. With seeds, each row's mean over seeds with its 95% interval, and the
+paired differences between rows (run for run on the same seed) with theirs: each row against the
+first, full against masked inference, a run started from another run's weights against that run."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from pipeline.common import metric_keys
+from pipeline.common.intervals import mean_interval, percent_interval
 from pipeline.common.tables import markdown_table
 from pipeline.config.schema import ConfigError, EvalConfig, SweepConfig, TrainConfig, load
-from pipeline.run.files import CONFIG_FILE, MASKED_SCORES_FILE, METRICS_FILE, read_metrics, read_summary
+from pipeline.run.files import CONFIG_FILE, MASKED_SCORES_FILE, read_summary
 from pipeline.sweeps.grid import Run
+
+
+@dataclass
+class Finished:
+    """A run with a summary: what the tables and the plot read of it."""
+
+    run: Run
+    summary: dict
+    masking: float
+    parent: str  # the row whose weights it started from, or ""
+    full: dict  # {dataset/score: value}
+    masked: dict  # the same with the training ratio of patches dropped at inference ({} if unmasked)
+    seconds: float  # training wall-clock, its parent's included
 
 
 def short_metric(metric: str) -> str:
@@ -44,82 +61,161 @@ def masked_scores(run: Run, cfg: TrainConfig) -> dict:
     }
 
 
-def eval_curves(run_dir: str, offset: float) -> dict:
-    """{dataset/score: [(training seconds, value)]} from the run's metrics.csv."""
-    rows = read_metrics(os.path.join(run_dir, METRICS_FILE))
-    seconds = {batch: offset + 3600 * value for batch, metric, value in rows if metric == metric_keys.TRAIN_HOURS}
-    curves: dict = {}
-    for batch, metric, value in rows:
-        if metric_keys.is_eval(metric) and batch in seconds:
-            curves.setdefault(short_metric(metric), []).append((seconds[batch], value))
-    return curves
-
-
-def masking_ratio(cfg: TrainConfig) -> float:
-    return cfg.algorithms.patch_masking.ratio if cfg.algorithms.patch_masking else 0.0
+def finished_runs(runs: list) -> list:
+    """The runs with a summary, in the sweep's order, masked inference scored for complete masked runs."""
+    found = []
+    for run in runs:
+        summary = read_summary(run.run_dir)
+        if not summary:
+            continue
+        cfg = load(TrainConfig, os.path.join(run.run_dir, CONFIG_FILE))
+        ratio = cfg.algorithms.patch_masking.ratio if cfg.algorithms.patch_masking else 0.0
+        masked = masked_scores(run, cfg) if ratio > 0 and summary["complete"] and cfg.eval_datasets else {}
+        # A run that starts from another run's weights (FLIP's unmasked tuning) follows it in time.
+        pretrained = cfg.model.pretrained.path if cfg.model.pretrained else ""
+        parent = next((f for f in found if pretrained.startswith(f.run.run_dir.rstrip("/") + "/")), None)
+        full = {short_metric(m): v for m, v in summary["eval"].items()}
+        seconds = summary["wall_seconds"] + (parent.seconds if parent else 0.0)
+        found.append(Finished(run, summary, ratio, parent.run.name if parent else "", full, masked, seconds))
+    return found
 
 
 def percent(scores: dict, metric: str) -> str:
     return f"{100 * scores[metric]:.2f}" if metric in scores else "-"
 
 
-def report(sweep: SweepConfig, runs: list) -> str:
-    """Write <folder>/report.md (one row per finished run) and <folder>/report.png; return the table."""
-    done = [(run, read_summary(run.run_dir)) for run in runs]
-    done = [
-        (run, summary, load(TrainConfig, os.path.join(run.run_dir, CONFIG_FILE))) for run, summary in done if summary
-    ]
-    if not done:
-        raise ConfigError(f"no run of {sweep.name} has a summary yet under {sweep.folder}")
-    metrics = sweep.metrics or list(dict.fromkeys(short_metric(m) for _, s, _ in done for m in s["eval"]))
-    header = ["run", "masking", "after", "batches", "samples", "train s", "samples/s", "FLOPs", "params (M)", *metrics]
-    # FLIP's masked inference, for the runs that trained with masking (columns only if any did)
-    masked_columns = [m for m in metrics if any(masking_ratio(cfg) > 0 for _, _, cfg in done)]
-    header += [f"{m} (masked inference)" for m in masked_columns]
-    table, curves = [header], {}
-    for run, summary, cfg in done:
-        ratio = masking_ratio(cfg)
-        full = {short_metric(m): v for m, v in summary["eval"].items()}
-        masked = masked_scores(run, cfg) if ratio > 0 and summary["complete"] and cfg.eval_datasets else {}
-        # A run that starts from another run's weights (FLIP's unmasked tuning) follows it in time.
-        pretrained = cfg.model.pretrained.path if cfg.model.pretrained else ""
-        parent = next((p for p, s, _ in done if pretrained.startswith(p.run_dir.rstrip("/") + "/")), None)
-        offset = next((s["wall_seconds"] for p, s, _ in done if p is parent), 0.0)
-        samples, seconds = summary["samples"], summary["wall_seconds"]
+def interval_cell(values: list, signed: bool = False) -> str:
+    return percent_interval(values, signed) if values else "-"
+
+
+def runs_table(finished: list, metrics: list, masked_columns: list) -> list:
+    """One row per finished run, as it trained."""
+    seeded = any(f.run.seed is not None for f in finished)
+    header = ["run", *(["seed"] if seeded else []), "masking", "after", "batches", "samples", "train s"]
+    header += ["samples/s", "FLOPs", "params (M)", *metrics, *(f"{m} (masked inference)" for m in masked_columns)]
+    table = [header]
+    for f in finished:
+        samples, seconds = f.summary["samples"], f.summary["wall_seconds"]
         table.append(
             [
-                run.name,
-                f"{ratio:g}",
-                parent.name if parent else "-",
-                str(summary["batches"]),
+                f.run.name,
+                *([str(f.run.seed)] if seeded else []),
+                f"{f.masking:g}",
+                f.parent or "-",
+                str(f.summary["batches"]),
                 str(samples),
                 f"{seconds:.0f}",
                 f"{samples / seconds:.0f}",
-                f"{summary['flops']:.3g}",
-                f"{summary['params'] / 1e6:.2f}",
-                *(percent(full, m) for m in metrics),
-                *(percent(masked, m) for m in masked_columns),
+                f"{f.summary['flops']:.3g}",
+                f"{f.summary['params'] / 1e6:.2f}",
+                *(percent(f.full, m) for m in metrics),
+                *(percent(f.masked, m) for m in masked_columns),
             ]
         )
-        curves[run.name] = eval_curves(run.run_dir, offset)
-    text = markdown_table(table)
+    return table
+
+
+def by_row(finished: list) -> dict:
+    """{row name: {seed: Finished}} in the sweep's order."""
+    rows: dict = {}
+    for f in finished:
+        rows.setdefault(f.run.name, {})[f.run.seed] = f
+    return rows
+
+
+def seeds_table(rows: dict, metrics: list, masked_columns: list) -> list:
+    """Each row's mean over its seeds with the 95% interval (Student's t), scores in %."""
+    header = ["run", "seeds", "samples/s", "train s", *metrics, *(f"{m} (masked inference)" for m in masked_columns)]
+    table = [header]
+    for name, seeds in rows.items():
+        runs = list(seeds.values())
+        table.append(
+            [
+                name,
+                str(len(runs)),
+                f"{mean_interval([f.summary['samples'] / f.summary['wall_seconds'] for f in runs])[0]:.0f}",
+                f"{mean_interval([f.summary['wall_seconds'] for f in runs])[0]:.0f}",
+                *(interval_cell([f.full[m] for f in runs if m in f.full]) for m in metrics),
+                *(interval_cell([f.masked[m] for f in runs if m in f.masked]) for m in masked_columns),
+            ]
+        )
+    return table
+
+
+def comparisons(rows: dict) -> list:
+    """(label, [(a scores, b scores) per seed both have]) for FLIP's questions: each row against the
+    first, full against masked inference, and a run against the run whose weights it started from."""
+    names = list(rows)
+    pairs = []
+
+    def paired(a: str, b: str, a_scores, b_scores) -> list:
+        return [(a_scores(rows[a][s]), b_scores(rows[b][s])) for s in rows[a] if s in rows[b]]
+
+    for name in names[1:]:
+        pairs.append((f"{name} - {names[0]}", paired(name, names[0], lambda f: f.full, lambda f: f.full)))
+    for name in names:
+        if any(f.masked for f in rows[name].values()):
+            pairs.append((f"{name}: full - masked inference", paired(name, name, lambda f: f.full, lambda f: f.masked)))
+        parent = next(iter(rows[name].values())).parent
+        if parent and parent != names[0]:
+            pairs.append((f"{name} - {parent}", paired(name, parent, lambda f: f.full, lambda f: f.full)))
+    return pairs
+
+
+def differences_table(rows: dict, metrics: list) -> list:
+    """Paired differences in points, mean over seeds with the 95% interval (Student's t)."""
+    table = [["difference", "seeds", *metrics]]
+    for label, pairs in comparisons(rows):
+        cells = [[a[m] - b[m] for a, b in pairs if m in a and m in b] for m in metrics]
+        table.append([label, str(len(pairs)), *(interval_cell(c, signed=True) for c in cells)])
+    return table
+
+
+def report(sweep: SweepConfig, runs: list) -> str:
+    """Write <folder>/report.md and <folder>/report.png; return the tables."""
+    finished = finished_runs(runs)
+    if not finished:
+        raise ConfigError(f"no run of {sweep.name} has a summary yet under {sweep.folder}")
+    metrics = sweep.metrics or list(dict.fromkeys(m for f in finished for m in f.full))
+    masked_columns = metrics if any(f.masking > 0 for f in finished) else []
+    rows = by_row(finished)
+    tables = [markdown_table(runs_table(finished, metrics, masked_columns))]
+    if any(len(seeds) > 1 for seeds in rows.values()):
+        tables += [
+            "Mean over seeds [95% interval], %:\n\n" + markdown_table(seeds_table(rows, metrics, masked_columns)),
+            "Paired differences, same seed, points [95% interval]:\n\n"
+            + markdown_table(differences_table(rows, metrics)),
+        ]
+    text = "\n\n".join(tables)
     os.makedirs(sweep.folder, exist_ok=True)
-    plot_curves(sweep, metrics, curves)
+    plot_scores(sweep, metrics, rows)
     with open(os.path.join(sweep.folder, "report.md"), "w") as f:
         f.write(text + "\n")
     return text
 
 
-def plot_curves(sweep: SweepConfig, metrics: list, curves: dict) -> None:
-    """<folder>/report.png: each metric against training wall-clock, a line per run."""
+def plot_scores(sweep: SweepConfig, metrics: list, rows: dict) -> None:
+    """<folder>/report.png: each row's final scores against its training wall-clock, means over seeds
+    with 95% error bars; masked inference as open markers."""
     from matplotlib.figure import Figure  # drawn without pyplot: no backend to choose, no global state
+
+    def bars(values: list) -> tuple:
+        mean, low, high = mean_interval(values)
+        return mean, (0.0 if len(values) < 2 else mean - low)
 
     fig = Figure(figsize=(5 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for name, run_curves in curves.items():
-            points = run_curves.get(metric, [])
-            ax.plot([t for t, _ in points], [100 * v for _, v in points], marker=".", label=name)
+        for number, (name, seeds) in enumerate(rows.items()):
+            runs = list(seeds.values())
+            x, x_err = bars([f.seconds for f in runs])
+            color = f"C{number}"
+            for masked in (False, True):
+                values = [100 * s[metric] for s in (f.masked if masked else f.full for f in runs) if metric in s]
+                if values:
+                    y, y_err = bars(values)
+                    face, label = ("none", f"{name}, masked inference") if masked else (color, name)
+                    ax.errorbar(x, y, xerr=x_err, yerr=y_err, fmt="o", color=color, mfc=face, capsize=3, label=label)
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{sweep.name}: {metric}")
