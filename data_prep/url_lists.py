@@ -120,9 +120,10 @@ def read_url_list(spark, name: str, source: SourceConfig, held_rows=None):
     columns += [
         F.col(col).cast(SPARK_TYPES.get(kind, "string")).alias(col) for col, kind in source.carried_columns.items()
     ]
-    if fmt == "coco_captions":
-        columns.append(F.col("captions"))
-    keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.carried_columns}]
+    coco = ["captions"] if fmt == "coco_captions" else []
+    columns += map(F.col, coco)
+    # once each: a column selected twice would be two columns once one of them is rewritten (noisy_captions)
+    keep_for_where = [c for c in frame.columns if c not in {url_col, caption_col, *source.carried_columns, *coco}]
     frame = frame.select(*columns, *map(F.col, keep_for_where))
     return frame if "_row" in frame.columns else frame.withColumn("_row", F.monotonically_increasing_id())
 

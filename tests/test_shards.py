@@ -165,3 +165,24 @@ def test_noisy_captions_pass_on_exactly_their_share_deterministically_and_are_re
         assert all(r["caption"] == r["original_caption"] for r in kept if not r["caption_swapped"])
         chosen[run] = {r["url"]: r["caption"] for r in swapped}
     assert chosen[0] == chosen[1] and set(chosen[0]) != set(chosen[2])  # a function of the seed
+
+
+def test_noisy_captions_move_a_coco_image_s_captions_together(spark, tmp_path):
+    from data_prep.sample import coco_captions_json
+    from data_prep.sources import NoisyCaptionsConfig
+
+    rows = [{"url": f"http://a/{i}", "caption": "", "captions": [f"first {i}", f"second {i}"], "label": i} for i in range(10)]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco_captions_json(rows)))
+    source = SourceConfig(
+        url_list=str(path), input_format="coco_captions", noisy_captions=NoisyCaptionsConfig(share=0.4, seed=0)
+    )
+    source.out = "x"
+    list_dir, counts, _ = prepare_url_list(spark, "coco", source, str(tmp_path / "prep"))
+    kept = pq.read_table(list_dir).to_pylist()
+    swapped = [r for r in kept if r["caption_swapped"]]
+    assert counts["to_download"] == len(kept) == 10 and len(swapped) == 4
+    for row in kept:  # an image's captions stay together: the first is `caption`, passed on with it
+        number = row["caption"].split()[-1]
+        assert json.loads(row["captions"]) == [f"first {number}", f"second {number}"]
+        assert (row["caption"] != row["original_caption"]) == bool(row["caption_swapped"])
