@@ -171,7 +171,8 @@ def test_noisy_captions_move_a_coco_image_s_captions_together(spark, tmp_path):
     from data_prep.sample import coco_captions_json
     from data_prep.sources import NoisyCaptionsConfig
 
-    rows = [{"url": f"http://a/{i}", "caption": "", "captions": [f"first {i}", f"second {i}"], "label": i} for i in range(10)]
+    captions = [[f"first {i}", f"second {i}"] for i in range(10)]
+    rows = [{"url": f"http://a/{i}", "caption": "", "captions": c, "label": i} for i, c in enumerate(captions)]
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(coco_captions_json(rows)))
     source = SourceConfig(
