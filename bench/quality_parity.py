@@ -197,20 +197,20 @@ def export_peer(config: str, checkpoint: str, out: str) -> None:
 
 
 def score(model_dir: str, sets: str, out: str) -> dict:
-    """CLIP_benchmark's CLI on both sets; {(dataset, key): value}."""
-    if not all(os.path.isfile(f"{out}/{name}.json") for name in ("fashion_mnist", "emoji")):
-        command = [
-            os.path.join(os.path.dirname(sys.executable), "clip_benchmark"),
-            "eval",
-            *("--model", f"local-dir:{model_dir}", "--pretrained", "local"),
-            *("--dataset", "wds/fashion_mnist", "wds/emoji", "--dataset_root", f"{sets}/wds_{{dataset}}"),
-            *("--recall_k", "1", "5", "10", "--batch_size", "250", "--num_workers", "1", "--no_amp"),
-            *("--output", f"{out}/{{dataset}}.json"),
-        ]
-        os.makedirs(out, exist_ok=True)
-        run(command, f"{out}/clip_benchmark.log")
+    """CLIP_benchmark's CLI on each set; {(dataset, key): value}."""
     results = {}
-    for name in ("fashion_mnist", "emoji"):
+    for name, task in (("fashion_mnist", "zeroshot_classification"), ("emoji", "zeroshot_retrieval")):
+        if not os.path.isfile(f"{out}/{name}.json"):
+            command = [
+                os.path.join(os.path.dirname(sys.executable), "clip_benchmark"),
+                "eval",
+                *("--model", f"local-dir:{model_dir}", "--pretrained", "local", "--task", task),
+                *("--dataset", f"wds/{name}", "--dataset_root", f"{sets}/wds_{{dataset}}"),
+                *("--recall_k", "1", "5", "10", "--batch_size", "250", "--num_workers", "1", "--no_amp"),
+                *("--output", f"{out}/{{dataset}}.json"),
+            ]
+            os.makedirs(out, exist_ok=True)
+            run(command, f"{out}/clip_benchmark-{name}.log")
         with open(f"{out}/{name}.json") as f:
             results.update({(name, k): v for k, v in json.load(f)["metrics"].items()})
     return results
