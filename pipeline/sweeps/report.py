@@ -1,7 +1,8 @@
 """A sweep's report (report.md, report.png): each finished run's zero-shot scores, with FLIP's masked
-inference for masked runs. With seeds, each row's mean over seeds with its 95% interval, and the
-paired differences between rows (run for run on the same seed) with theirs: each row against the
-first, full against masked inference, a run started from another run's weights against that run."""
+inference for masked runs, plotted against training FLOPs. With seeds, each row's mean over seeds
+with its 95% interval, and the paired differences between rows (run for run on the same seed) with
+theirs: each row against the first, full against masked inference, a run started from another
+run's weights against that run."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Finished:
     parent: str  # the row whose weights it started from, or ""
     full: dict  # {dataset/score: value}
     masked: dict  # the same with the training ratio of patches dropped at inference ({} if unmasked)
-    seconds: float  # training wall-clock, its parent's included
+    flops: float  # training FLOPs, its parent's included
 
 
 def short_metric(metric: str) -> str:
@@ -75,8 +76,8 @@ def finished_runs(runs: list) -> list:
         pretrained = cfg.model.pretrained.path if cfg.model.pretrained else ""
         parent = next((f for f in found if pretrained.startswith(f.run.run_dir.rstrip("/") + "/")), None)
         full = {short_metric(m): v for m, v in summary["eval"].items()}
-        seconds = summary["wall_seconds"] + (parent.seconds if parent else 0.0)
-        found.append(Finished(run, summary, ratio, parent.run.name if parent else "", full, masked, seconds))
+        flops = summary["flops"] + (parent.flops if parent else 0.0)
+        found.append(Finished(run, summary, ratio, parent.run.name if parent else "", full, masked, flops))
     return found
 
 
@@ -195,8 +196,8 @@ def report(sweep: SweepConfig, runs: list) -> str:
 
 
 def plot_scores(sweep: SweepConfig, metrics: list, rows: dict) -> None:
-    """<folder>/report.png: each row's final scores against its training wall-clock, means over seeds
-    with 95% error bars; masked inference as open markers."""
+    """<folder>/report.png: each row's final scores against its training FLOPs (the machine's load
+    plays no part), means over seeds with 95% error bars; masked inference as open markers."""
     from matplotlib.figure import Figure  # drawn without pyplot: no backend to choose, no global state
 
     def bars(values: list) -> tuple:
@@ -208,15 +209,15 @@ def plot_scores(sweep: SweepConfig, metrics: list, rows: dict) -> None:
     for ax, metric in zip(axes[0], metrics):
         for number, (name, seeds) in enumerate(rows.items()):
             runs = list(seeds.values())
-            x, x_err = bars([f.seconds for f in runs])
+            x = mean_interval([f.flops for f in runs])[0]
             color = f"C{number}"
             for masked in (False, True):
                 values = [100 * s[metric] for s in (f.masked if masked else f.full for f in runs) if metric in s]
                 if values:
                     y, y_err = bars(values)
                     face, label = ("none", f"{name}, masked inference") if masked else (color, name)
-                    ax.errorbar(x, y, xerr=x_err, yerr=y_err, fmt="o", color=color, mfc=face, capsize=3, label=label)
-        ax.set_xlabel("training wall-clock (s)")
+                    ax.errorbar(x, y, yerr=y_err, fmt="o", color=color, mfc=face, capsize=3, label=label)
+        ax.set_xlabel("training FLOPs (a tuning run's include its parent's)")
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{sweep.name}: {metric}")
     axes[0][0].legend(fontsize="small")
