@@ -75,7 +75,8 @@ def train(run_dir: str, streams: dict, batches: int, seed: int) -> dict:
             f"scheduler.warmup={max(1, batches // 10)}ba",
             f"seed={seed}",
             "progress_bar=false",
-            f"checkpoint.save_interval={batches}ba",
+            f"checkpoint.save_interval={max(1, batches // 3)}ba",
+            "checkpoint.autoresume=true",  # a killed experiment continues its run
             *data,
             *EVAL_SETS,
         )
@@ -158,11 +159,13 @@ def main() -> None:
         f"top {keep} by CLIP score": build(f"{folder}/top", work_dir, args.noise, {"clip_score": clip}),
         f"random {keep}": random_subset(noisy, f"{folder}/random", args.keep, seed=0),
     }
-    results = {}
-    for number, (variant, streams) in enumerate(variants.items()):
-        runs = [train(f"{folder}/runs/variant{number}-seed{seed}", streams, args.batches, seed) for seed in args.seeds]
-        results[variant] = (swapped_rows(streams), [r["eval"] for r in runs])
-        print(json.dumps({variant: results[variant]}), file=sys.stderr, flush=True)
+    scores: dict = {variant: [] for variant in variants}
+    for seed in args.seeds:  # seed by seed: a stopped experiment leaves whole pairs
+        for number, (variant, streams) in enumerate(variants.items()):
+            summary = train(f"{folder}/runs/variant{number}-seed{seed}", streams, args.batches, seed)
+            scores[variant].append(summary["eval"])
+            print(json.dumps({"seed": seed, variant: summary["eval"]}), file=sys.stderr, flush=True)
+    results = {variant: (swapped_rows(streams), scores[variant]) for variant, streams in variants.items()}
 
     table = [["training data", "rows", "captions swapped", *METRICS]]
     for variant, ((rows, swapped), scores) in results.items():
