@@ -38,6 +38,7 @@ sys.path.insert(0, REPO)
 
 from pipeline.common.intervals import percent_interval  # noqa: E402
 from pipeline.common.tables import markdown_table  # noqa: E402
+from pipeline.run.files import read_summary  # noqa: E402
 
 SOURCES = ("web", "coco")
 FASHION_TEST = "data/eval/fashion_mnist_test"
@@ -63,8 +64,7 @@ def run(*command: str) -> None:
 
 def train(run_dir: str, streams: dict, batches: int, seed: int) -> dict:
     """The demo recipe on `streams` ({source: folder}), scored at its end; its summary."""
-    summary = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(summary):
+    if not (read_summary(run_dir) or {}).get("complete"):
         data = [f"data.streams.{name}.local={folder}" for name, folder in streams.items()]
         run(
             sys.executable,
@@ -80,8 +80,7 @@ def train(run_dir: str, streams: dict, batches: int, seed: int) -> dict:
             *data,
             *EVAL_SETS,
         )
-    with open(summary) as f:
-        return json.load(f)
+    return read_summary(run_dir)
 
 
 def build(folder: str, work_dir: str, noise: float, filters: dict) -> dict:
