@@ -86,20 +86,21 @@ def write_files(stream: str, folder: str) -> list:
 def training_csv(folder: str) -> tuple:
     """open_clip_train's csv of the training streams' rows (first caption); (path, rows)."""
     path = os.path.join(folder, "train.csv")
-    rows = [row for stream in TRAIN_STREAMS for row in write_files(stream, f"{folder}/{os.path.basename(stream)}")]
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # written last: the files are there
+        rows = [row for stream in TRAIN_STREAMS for row in write_files(stream, f"{folder}/{os.path.basename(stream)}")]
         with open(path + ".tmp", "w") as f:
             f.write("filepath\ttitle\n")
             f.writelines(f"{file}\t{sample['caption']}\n" for file, sample in rows)
         os.replace(path + ".tmp", path)
-    return path, len(rows)
+    with open(path) as f:
+        return path, sum(1 for _ in f) - 1
 
 
 class Labelled(list):
     """(image file, label) pairs with what CLIP_benchmark's builder reads for a classification set."""
 
-    classes: list = []
-    templates: list = []
+    classes: tuple = ()
+    templates: tuple = ()
 
 
 def test_sets(folder: str) -> str:

@@ -122,13 +122,13 @@ def load_sweep(path: str, overrides: list = ()) -> tuple:
     """(sweep, runs), every run's training config checked (typos fail before anything trains). With
     seeds, the runs of each seed in turn: the sweep loaded again with its folder and training seed."""
     sweep = load(SweepConfig, path, overrides)
-    runs = []
-    for seed in sweep.seeds or [None]:
-        if seed is None:
-            runs += expand(sweep)
-        else:
-            per_seed = [*overrides, f"folder={sweep.folder}/seed{seed}", f"overrides.seed={seed}"]
-            runs += expand(load(SweepConfig, path, per_seed), seed)
+    if not sweep.seeds:
+        runs = expand(sweep)
+    else:  # per seed, its own folder: ${folder} in a run's keys then names that seed's runs
+        per_seed = [
+            (seed, [*overrides, f"folder={sweep.folder}/seed{seed}", f"overrides.seed={seed}"]) for seed in sweep.seeds
+        ]
+        runs = [run for seed, keys in per_seed for run in expand(load(SweepConfig, path, keys), seed)]
     for run in runs:
         try:
             load(TrainConfig, sweep.train, run.args)

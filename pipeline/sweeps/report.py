@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass
 
 from pipeline.common import metric_keys
@@ -134,8 +135,8 @@ def seeds_table(rows: dict, metrics: list, masked_columns: list) -> list:
             [
                 name,
                 str(len(runs)),
-                f"{mean_interval([f.summary['samples'] / f.summary['wall_seconds'] for f in runs])[0]:.0f}",
-                f"{mean_interval([f.summary['wall_seconds'] for f in runs])[0]:.0f}",
+                f"{statistics.fmean(f.summary['samples'] / f.summary['wall_seconds'] for f in runs):.0f}",
+                f"{statistics.fmean(f.summary['wall_seconds'] for f in runs):.0f}",
                 *(interval_cell([f.full[m] for f in runs if m in f.full]) for m in metrics),
                 *(interval_cell([f.masked[m] for f in runs if m in f.masked]) for m in masked_columns),
             ]
@@ -209,7 +210,7 @@ def plot_scores(sweep: SweepConfig, metrics: list, rows: dict) -> None:
     for ax, metric in zip(axes[0], metrics):
         for number, (name, seeds) in enumerate(rows.items()):
             runs = list(seeds.values())
-            x = mean_interval([f.flops for f in runs])[0]
+            x = statistics.fmean(f.flops for f in runs)
             color = f"C{number}"
             for masked in (False, True):
                 values = [100 * s[metric] for s in (f.masked if masked else f.full for f in runs) if metric in s]
