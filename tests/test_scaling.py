@@ -46,6 +46,10 @@ def test_extrapolation_check_predicts_the_held_out_largest_point_of_an_exact_law
     assert check["predicted"] == pytest.approx(errors[-1], rel=1e-9)
     assert check["relative_error"] == pytest.approx(0, abs=1e-9)
     assert extrapolation_check(xs[:2], errors[:2]) is None
+    # Replicates (seeds) at the largest x are held out together and compared at their mean.
+    replicated = extrapolation_check([*xs, 1e18], [*errors, errors[-1] * 1.2])
+    assert replicated["observed"] == pytest.approx(errors[-1] * 1.1)
+    assert replicated["relative_error"] == pytest.approx(1 / 11)
 
 
 def write_runs(root) -> None:
@@ -85,8 +89,8 @@ def test_runs_folder_to_json_and_plots_through_the_cli(tmp_path, capsys):
     assert result["metric"] == TOP1 and set(result["fits"]) == {"flops", "samples", "params"}
     flops = result["fits"]["flops"]
     assert flops["n_runs"] == 4 and flops["skipped"] == ["d"]  # no flops: left out of this axis only
-    assert {p["run_name"]: p["frontier"] for p in flops["points"]} == {"a": True, "b": True, "c": True, "slow": False}
-    assert {p["run_name"]: p["error"] for p in flops["points"]}["c"] == pytest.approx(0.39)  # percent read as such
+    assert {p["name"]: p["frontier"] for p in flops["points"]} == {"a": True, "b": True, "c": True, "slow": False}
+    assert {p["name"]: p["error"] for p in flops["points"]}["c"] == pytest.approx(0.39)  # percent read as such
     assert flops["alpha"] < 0 and flops["alpha_ci"][0] <= flops["alpha"] <= flops["alpha_ci"][1]
     assert flops["extrapolation"]["held_out_x"] == 1e17
     assert result["fits"]["samples"]["n_runs"] == 5
@@ -105,7 +109,7 @@ def test_a_sweep_yaml_finds_its_runs_through_pipeline_sweep_and_writes_next_to_t
     main([str(sweep_yaml), "--x", "flops"])
     assert (runs / "scaling_flops.png").exists() and not (runs / "scaling_samples.png").exists()
     fits = json.loads((runs / "scaling.json").read_text())["fits"]["flops"]
-    assert fits["n_frontier"] == 3 and {p["run_name"] for p in fits["points"]} == {"a", "b", "c", "slow"}
+    assert fits["n_frontier"] == 3 and {p["name"] for p in fits["points"]} == {"a", "b", "c", "slow"}
 
 
 def test_missing_metric_or_too_few_frontier_points_are_clear_errors(tmp_path):
@@ -115,7 +119,45 @@ def test_missing_metric_or_too_few_frontier_points_are_clear_errors(tmp_path):
     rows = collect(sorted(runs.iterdir()))
     with pytest.raises(ValueError, match=r"'metrics/imagenet/imagenet/top1' missing.*fashion_mnist/top1.*top5"):
         fit_report(rows, "flops", "metrics/imagenet/imagenet/top1")
-    with pytest.raises(ValueError, match="1 run\\(s\\) on the frontier"):
+    with pytest.raises(ValueError, match="1 configuration\\(s\\) on the frontier"):
         fit_report([r for r in rows if r["run_name"] in ("c", "slow")], "flops")
     with pytest.raises(ValueError, match="missing"):
         main([str(runs), "--metric", "metrics/imagenet/imagenet/top1", "--out", str(tmp_path / "out")])
+
+
+def test_seeds_of_a_configuration_are_one_frontier_point_at_their_mean_and_every_seed_is_fitted(tmp_path):
+    """A sweep's seeds (<folder>/seed<N>/<run>): the frontier is over configurations' mean errors, so one
+    lucky seed does not put a configuration on it; the fit and bootstrap use each seed's run."""
+    rng = np.random.default_rng(0)
+    law = {"small": (1e15, 0.0), "mid": (1e16, 0.0), "big": (1e17, 0.0), "big-lucky": (1e17, 0.1)}
+    seed_errors = {}
+    for seed in range(3):
+        for name, (flops, worse) in law.items():
+            error = 2.0 * flops**-0.03 * np.exp(rng.normal(0, 0.03)) + worse
+            # big-lucky: worse on average, but one seed better than any of big's
+            error = 0.55 if (name == "big-lucky" and seed == 0) else error
+            seed_errors.setdefault(name, []).append(error)
+            run = tmp_path / f"seed{seed}" / name
+            run.mkdir(parents=True)
+            summary = {
+                "run_name": f"s-{name}-seed{seed}",
+                "flops": flops,
+                "samples": 1,
+                "params": 1,
+                "complete": True,
+                "eval": {TOP1: 1 - error},
+            }
+            (run / "summary.json").write_text(json.dumps(summary))
+    rows = collect(sorted(tmp_path.glob("seed*/*")))
+    report = fit_report(rows, "flops")
+    assert report["n_runs"] == 12 and report["n_configurations"] == 4 and report["n_frontier"] == 3
+    points = {p["name"]: p for p in report["points"]}
+    assert not points["big-lucky"]["frontier"] and min(points["big-lucky"]["errors"]) < min(points["big"]["errors"])
+    for name, errors in seed_errors.items():
+        assert points[name]["errors"] == pytest.approx(errors)
+        assert points[name]["error"] == pytest.approx(np.mean(errors))
+    fitted = [(law[name][0], e) for name in ("small", "mid", "big") for e in seed_errors[name]]
+    alpha, beta = fit_power_law(*zip(*fitted))
+    assert report["alpha"] == pytest.approx(alpha) and report["beta"] == pytest.approx(beta)
+    assert report["alpha_ci"][0] < alpha < report["alpha_ci"][1]
+    assert report["extrapolation"]["observed"] == pytest.approx(np.mean(seed_errors["big"]))

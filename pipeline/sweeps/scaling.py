@@ -2,7 +2,10 @@
 
 The law is fitted on the Pareto frontier (for each x, the best error reached at or below it), as the
 paper does: runs off the frontier are badly configured for their budget, not evidence about scale.
-x is training compute (FLOPs), samples seen or model size (parameters).
+x is training compute (FLOPs), samples seen or model size (parameters). Runs of one configuration over
+several seeds (a sweep's `seeds:`, each seed's run folder named alike) are one point of the frontier, at
+their mean error; the fit and its bootstrap then use every seed's run of the frontier's configurations,
+so the interval carries the seed-to-seed variation as well as the scatter about the law.
 
     python -m pipeline.sweeps.scaling SOURCE [--metric M] [--x flops|samples|params|all] [--out DIR]
 
@@ -88,19 +91,17 @@ def bootstrap_alpha(xs, errors, n: int = 2000, seed: int = 0, level: float = 0.9
 
 
 def extrapolation_check(xs, errors) -> dict | None:
-    """Fit without the largest-x point and predict it: does the law extrapolate one step?
-    None with fewer than 3 points (or fewer than 2 distinct x left to fit)."""
-    if len(xs) < 3:
-        return None
-    held = max(range(len(xs)), key=lambda i: xs[i])
-    rest = [i for i in range(len(xs)) if i != held]
+    """Fit without the largest x (every run there: a configuration's seeds) and predict its mean error:
+    does the law extrapolate one step? None with fewer than 2 distinct x left to fit."""
+    largest = max(xs)
+    rest = [i for i in range(len(xs)) if xs[i] != largest]
     if len({xs[i] for i in rest}) < 2:
         return None
     alpha, beta = fit_power_law([xs[i] for i in rest], [errors[i] for i in rest])
-    predicted = beta * xs[held] ** alpha
-    observed = errors[held]
+    predicted = beta * largest**alpha
+    observed = float(np.mean([e for x, e in zip(xs, errors) if x == largest]))
     return {
-        "held_out_x": xs[held],
+        "held_out_x": largest,
         "observed": observed,
         "predicted": predicted,
         "relative_error": abs(predicted - observed) / observed,
@@ -120,6 +121,15 @@ def collect(run_dirs) -> list:
             continue
         rows.append({**summary, "run_dir": str(run_dir)})
     return rows
+
+
+def configurations(rows: list) -> dict:
+    """Run indices by configuration: the run folder's name, which a sweep's seeds of one run share
+    (<folder>/seed<N>/<run>), in the order first seen."""
+    configs = {}
+    for i, row in enumerate(rows):
+        configs.setdefault(os.path.basename(os.path.normpath(row["run_dir"])), []).append(i)
+    return configs
 
 
 def resolve_metric(rows: list, metric: str | None = None) -> str:
@@ -159,13 +169,17 @@ def fit_report(
     skipped = [row.get("run_name", row["run_dir"]) for row in rows if row.get(x) is None]
     xs = [float(row[x]) for row in usable]
     errors = [error_of(row["eval"][metric]) for row in usable]
-    frontier = pareto_frontier(xs, errors)
+    configs = configurations(usable)
+    config_xs = [float(np.mean([xs[i] for i in runs])) for runs in configs.values()]
+    config_errors = [float(np.mean([errors[i] for i in runs])) for runs in configs.values()]
+    frontier = pareto_frontier(config_xs, config_errors)
     if len(frontier) < 2:
         raise ValueError(
-            f"x={x!r}: {len(frontier)} run(s) on the frontier, a fit needs 2"
+            f"x={x!r}: {len(frontier)} configuration(s) on the frontier, a fit needs 2"
             + (f"; runs without {x!r}: {skipped}" if skipped else "")
         )
-    fx, fe = [xs[i] for i in frontier], [errors[i] for i in frontier]
+    members = [i for c in frontier for i in list(configs.values())[c]]
+    fx, fe = [xs[i] for i in members], [errors[i] for i in members]
     alpha, beta = fit_power_law(fx, fe)
     fits = bootstrap_fits(fx, fe, n_boot)
     low, high = interval(fits[:, 0], level)
@@ -182,34 +196,38 @@ def fit_report(
         "level": level,
         "extrapolation": extrapolation_check(fx, fe),
         "n_runs": len(usable),
+        "n_configurations": len(configs),
         "n_frontier": len(frontier),
         "skipped": skipped,
         "points": [
             {
-                "run_name": row.get("run_name"),
-                "run_dir": row["run_dir"],
-                "x": xs[i],
-                "error": errors[i],
-                "frontier": i in on,
+                "name": name,
+                "run_dirs": [usable[i]["run_dir"] for i in runs],
+                "x": config_xs[c],
+                "error": config_errors[c],
+                "errors": [errors[i] for i in runs],
+                "frontier": c in on,
             }
-            for i, row in enumerate(usable)
+            for c, (name, runs) in enumerate(configs.items())
         ],
         "band": {"x": grid.tolist(), "low": band_low.tolist(), "high": band_high.tolist()},
     }
 
 
 def plot(report: dict, path: str) -> None:
-    """Log-log: every run, the frontier joined, the fitted law and its bootstrap band."""
+    """Log-log: every run, the frontier of configurations' mean errors joined, the fitted law and its
+    bootstrap band."""
     points = report["points"]
     front = sorted((p for p in points if p["frontier"]), key=lambda p: p["x"])
     band = report["band"]
     grid = np.asarray(band["x"])
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    ax.scatter([p["x"] for p in points], [p["error"] for p in points], color="0.6", s=18, label="runs")
-    ax.plot([p["x"] for p in front], [p["error"] for p in front], "o-", color="C0", label="Pareto frontier")
+    runs = [(p["x"], e) for p in points for e in p["errors"]]
+    ax.scatter(*zip(*runs), color="0.6", s=18, label="runs")
+    ax.plot([p["x"] for p in front], [p["error"] for p in front], "o-", color="C0", label="Pareto frontier (means)")
     for p in front:
-        ax.annotate(p["run_name"] or "", (p["x"], p["error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(p["name"], (p["x"], p["error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.fill_between(grid, band["low"], band["high"], color="C1", alpha=0.2, label=f"{100 * report['level']:.0f}% band")
     ax.plot(
         grid,
@@ -225,7 +243,7 @@ def plot(report: dict, path: str) -> None:
     low, high = report["alpha_ci"]
     ax.set_title(
         f"{report['metric']}\nalpha = {report['alpha']:.3f} ({100 * report['level']:.0f}% CI {low:.3f} to "
-        f"{high:.3f}), {report['n_frontier']} of {report['n_runs']} runs on the frontier",
+        f"{high:.3f}), {report['n_frontier']} of {report['n_configurations']} configurations on the frontier",
         fontsize=9,
     )
     ax.legend(fontsize=8)
@@ -247,12 +265,13 @@ def find_runs(source: str) -> tuple:
 
 
 def format_table(reports: dict) -> str:
-    rows = [["x", "alpha", "CI", "beta", "extrapolation rel. error", "runs", "frontier"]]
+    rows = [["x", "alpha", "CI", "beta", "extrapolation rel. error", "runs", "configurations", "frontier"]]
     for x, r in reports.items():
         ext = "-" if r["extrapolation"] is None else f"{100 * r['extrapolation']['relative_error']:.1f}%"
         low, high = r["alpha_ci"]
         rows.append(
-            [x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext, r["n_runs"], r["n_frontier"]]
+            [x, f"{r['alpha']:.4f}", f"[{low:.4f}, {high:.4f}]", f"{r['beta']:.4g}", ext]
+            + [r["n_runs"], r["n_configurations"], r["n_frontier"]]
         )
     return markdown_table(rows)
 
