@@ -161,3 +161,8 @@ def test_seeds_of_a_configuration_are_one_frontier_point_at_their_mean_and_every
     assert report["alpha"] == pytest.approx(alpha) and report["beta"] == pytest.approx(beta)
     assert report["alpha_ci"][0] < alpha < report["alpha_ci"][1]
     assert report["extrapolation"]["observed"] == pytest.approx(np.mean(seed_errors["big"]))
+    # Out of chance only: a configuration whose mean error is above max_error is a point, not fitted.
+    away = fit_report(rows, "flops", max_error=float(np.mean(seed_errors["small"])) - 1e-6)
+    assert away["n_frontier"] == 2 and not {p["name"]: p for p in away["points"]}["small"]["frontier"]
+    fitted = [(law[name][0], e) for name in ("mid", "big") for e in seed_errors[name]]
+    assert away["alpha"] == pytest.approx(fit_power_law(*zip(*fitted))[0])

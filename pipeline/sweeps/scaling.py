@@ -159,9 +159,16 @@ def error_of(value: float) -> float:
 
 
 def fit_report(
-    rows: list, x: str = "flops", metric: str | None = None, n_boot: int = 2000, level: float = 0.95
+    rows: list,
+    x: str = "flops",
+    metric: str | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    max_error: float | None = None,
 ) -> dict:
-    """Points, frontier, the fit on the frontier with its bootstrap interval and band, the extrapolation check."""
+    """Points, frontier, the fit on the frontier with its bootstrap interval and band, the extrapolation check.
+    Configurations with a mean error above `max_error` (still near chance, where the error falls from
+    chance faster than any power law) are kept as points but left off the frontier and the fit."""
     if x not in X_AXES:
         raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
     metric = resolve_metric(rows, metric)
@@ -172,7 +179,10 @@ def fit_report(
     configs = configurations(usable)
     config_xs = [float(np.mean([xs[i] for i in runs])) for runs in configs.values()]
     config_errors = [float(np.mean([errors[i] for i in runs])) for runs in configs.values()]
-    frontier = pareto_frontier(config_xs, config_errors)
+    eligible = [c for c, error in enumerate(config_errors) if max_error is None or error <= max_error]
+    frontier = [
+        eligible[i] for i in pareto_frontier([config_xs[c] for c in eligible], [config_errors[c] for c in eligible])
+    ]
     if len(frontier) < 2:
         raise ValueError(
             f"x={x!r}: {len(frontier)} configuration(s) on the frontier, a fit needs 2"
@@ -194,6 +204,7 @@ def fit_report(
         "beta": beta,
         "alpha_ci": [float(low), float(high)],
         "level": level,
+        "max_error": max_error,
         "extrapolation": extrapolation_check(fx, fe),
         "n_runs": len(usable),
         "n_configurations": len(configs),
@@ -282,6 +293,9 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--metric", help="an eval metric of summary.json (default: the first zero-shot top1)")
     parser.add_argument("--x", choices=[*X_AXES, "all"], default="all", help="the x axis to fit (default: all)")
     parser.add_argument("--out", help="for scaling.json and the plots (default: the folder holding the runs)")
+    parser.add_argument(
+        "--max-error", type=float, help="fit only configurations whose mean error is at most this (out of chance)"
+    )
     args = parser.parse_args(argv)
     dirs, out = find_runs(args.source)
     rows = collect(dirs)
@@ -289,7 +303,7 @@ def main(argv: list | None = None) -> None:
     reports, failures = {}, []
     for x in X_AXES if args.x == "all" else [args.x]:
         try:
-            reports[x] = fit_report(rows, x, metric)
+            reports[x] = fit_report(rows, x, metric, max_error=args.max_error)
         except ValueError as e:
             failures.append(str(e))
     if failures and (args.x != "all" or not reports):
@@ -300,7 +314,10 @@ def main(argv: list | None = None) -> None:
         plot(report, os.path.join(out, f"scaling_{x}.png"))
     with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump({"source": args.source, "metric": metric, "fits": reports}, f, indent=2)
-    print(f"{metric}: E = beta * x^alpha on the Pareto frontier of {len(rows)} runs\n\n{format_table(reports)}\n")
+    limit = "" if args.max_error is None else f" (configurations with mean error <= {args.max_error})"
+    print(
+        f"{metric}: E = beta * x^alpha on the Pareto frontier of {len(rows)} runs{limit}\n\n{format_table(reports)}\n"
+    )
     for failure in failures:  # with --x all, an axis the runs lack (flops unknown) is left out, not fatal
         print(f"not fitted: {failure}")
     print(f"fits:  {os.path.join(out, 'scaling.json')}")
