@@ -5,7 +5,8 @@
 # make train  [TRAIN=yamls/flip_l14.yaml NPROC=8 ARGS="key=value ..."]
 # make eval   [EVAL=yamls/eval/zeroshot.yaml ARGS="load_path=RUN_DIR_OR_CHECKPOINT"]  (default: runs/demo)
 # make bench  - FLIP masking / checkpointing / flash attention throughput table
-# make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample, then its power-law fits
+# make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample (3 seeds), then its power-law fits:
+#                                             all configurations, and those out of chance (error <= 0.5)
 # make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal samples seen,
 #                                             5 seeds, then their tables and plot (runs/sweeps/flip_ablation/report.*)
 # make ablate-flops [SWEEP_ARGS=...]        - the same rows at equal training FLOPs (runs/sweeps/flip_ablation_flops/)
@@ -89,6 +90,7 @@ $(SAMPLE):
 scaling: install $(SAMPLE)
 	$(PY) -m pipeline.sweep yamls/sweeps/scaling.yaml $(SWEEP_ARGS)
 	$(PY) -m pipeline.sweeps.scaling yamls/sweeps/scaling.yaml
+	$(PY) -m pipeline.sweeps.scaling yamls/sweeps/scaling.yaml --max-error 0.5 --out runs/sweeps/scaling/out_of_chance
 
 $(FASHION_TEST): $(SAMPLE)
 	$(PY) -m data_prep.build yamls/data/fashion_mnist_test.yaml
