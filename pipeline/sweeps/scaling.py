@@ -177,8 +177,9 @@ def fit_report(
     xs = [float(row[x]) for row in usable]
     errors = [error_of(row["eval"][metric]) for row in usable]
     configs = configurations(usable)
-    config_xs = [float(np.mean([xs[i] for i in runs])) for runs in configs.values()]
-    config_errors = [float(np.mean([errors[i] for i in runs])) for runs in configs.values()]
+    groups = list(configs.values())
+    config_xs = [float(np.mean([xs[i] for i in runs])) for runs in groups]
+    config_errors = [float(np.mean([errors[i] for i in runs])) for runs in groups]
     eligible = [c for c, error in enumerate(config_errors) if max_error is None or error <= max_error]
     frontier = [
         eligible[i] for i in pareto_frontier([config_xs[c] for c in eligible], [config_errors[c] for c in eligible])
@@ -188,7 +189,7 @@ def fit_report(
             f"x={x!r}: {len(frontier)} configuration(s) on the frontier, a fit needs 2"
             + (f"; runs without {x!r}: {skipped}" if skipped else "")
         )
-    members = [i for c in frontier for i in list(configs.values())[c]]
+    members = [i for c in frontier for i in groups[c]]
     fx, fe = [xs[i] for i in members], [errors[i] for i in members]
     alpha, beta = fit_power_law(fx, fe)
     fits = bootstrap_fits(fx, fe, n_boot)
