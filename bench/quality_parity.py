@@ -4,6 +4,8 @@ for the same steps, per seed, then both scored by CLIP_benchmark's own CLI on th
 
     python bench/quality_parity.py                       # after `make shards`; 3 seeds of 512 steps
     python bench/quality_parity.py --seeds 0 1 2 3 4 --epochs 8
+    python bench/quality_parity.py --folder runs/qp_variant --ours data.augment.jpeg_draft=false
+        # a variant of this side; link the folder's peer/ and scores/peer-seed<N> to reuse the peer's runs
 
 Both sides see the same data: every row of the sample's training streams (data/sample/web and coco),
 the same image bytes, the first caption of each image (this project: `data.captions={caption: 1.0}`;
@@ -128,8 +130,9 @@ def demo_model() -> dict:
     return OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", "demo_cpu.yaml")).model.custom)
 
 
-def train_ours(folder: str, seed: int, steps: int) -> tuple:
-    """This project's run and its export; (command seconds, training-loop seconds)."""
+def train_ours(folder: str, seed: int, steps: int, variant: list) -> tuple:
+    """This project's run (`variant`: more key=value overrides) and its export; (command seconds,
+    training-loop seconds)."""
     run_dir = os.path.join(folder, f"ours-seed{seed}")
     overrides = [
         f"run_dir={run_dir}",
@@ -141,6 +144,7 @@ def train_ours(folder: str, seed: int, steps: int) -> tuple:
         "data.streams.web.proportion=null",
         "data.streams.coco.proportion=null",
         "progress_bar=false",
+        *variant,
     ]
     seconds = 0.0
     if not os.path.isfile(os.path.join(run_dir, "export", "open_clip_config.json")):
@@ -222,6 +226,13 @@ def main() -> None:
     parser.add_argument("--folder", default="runs/quality_parity")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--ours",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a variant of this project's side (data.augment.jpeg_draft=false), in a --folder of its own",
+    )
     args = parser.parse_args()
     folder = os.path.join(REPO, args.folder)
     csv_path, rows = training_csv(os.path.join(folder, "train_files"))
@@ -229,7 +240,7 @@ def main() -> None:
     sets = test_sets(folder)
     per_seed = []
     for seed in args.seeds:
-        ours_seconds, ours_loop = train_ours(folder, seed, steps)
+        ours_seconds, ours_loop = train_ours(folder, seed, steps, args.ours)
         peer_seconds, peer_loop = train_peer(folder, seed, args.epochs, csv_path)
         ours = score(f"{folder}/ours-seed{seed}/export", sets, f"{folder}/scores/ours-seed{seed}")
         peer = score(f"{folder}/peer/seed{seed}/export", sets, f"{folder}/scores/peer-seed{seed}")

@@ -81,7 +81,7 @@ def test_cpu_path_is_torchvisions_crop_resize_flip_normalise(mode):
         assert torch.allclose(a.on_cpu(data, random.Random(seed)), torchvision_reference(a, data, seed), atol=1e-6)
 
 
-def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode():
+def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode_and_in_full_without_the_draft():
     a = augment(scale=(0.9, 1.0), size=64)
     data = jpeg(picture(5, (256, 256)).resize((512, 512), Image.Resampling.BICUBIC))
     for seed in range(5):
@@ -89,6 +89,9 @@ def test_large_jpegs_decode_at_a_reduced_scale_close_to_the_full_decode():
         assert 64 <= min(crop.size) < 256  # the crop (>= 460 px stored) decoded at 1/4 or 1/2 scale
         diff = (a.on_cpu(data, random.Random(seed)) - torchvision_reference(a, data, seed)).abs()
         assert diff.mean() < 0.03, diff.mean()  # normalised units: about 2/255 of a pixel value
+    full = Augment(a.size, a.scale, a.hflip, a.mean, a.std, jpeg_draft=False)
+    for seed in range(5):  # without the draft: the whole image decoded, exactly torchvision's pixels
+        assert torch.allclose(full.on_cpu(data, random.Random(seed)), torchvision_reference(a, data, seed), atol=1e-6)
 
 
 @pytest.mark.parametrize("decode_on_device", [False, True])

@@ -113,6 +113,9 @@ class AugmentConfig:
     # RandomResizedCrop's range of the crop's area (open_clip: (0.9, 1); FLIP: (0.5, 1)).
     scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     hflip: bool = False  # random horizontal flip (FLIP: true)
+    # A JPEG whose crop is at least twice the model's input decodes at 1/2, 1/4 or 1/8 scale in the
+    # DCT domain (far less CPU for web-sized images); false decodes every image in full, as open_clip.
+    jpeg_draft: bool = True
     # None: the model's own normalisation (open_clip's config for it).
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None

@@ -26,7 +26,7 @@ from open_clip.transform import merge_preprocess_dict
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.common.images import decode_rgb_region, open_image
+from pipeline.common.images import decode_rgb, decode_rgb_region, open_image
 from pipeline.config.schema import AugmentConfig
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as open_clip uses it
@@ -40,6 +40,7 @@ class Augment:
     hflip: bool
     mean: tuple
     std: tuple
+    jpeg_draft: bool = True  # decode a JPEG at the crop's scale (data.augment.jpeg_draft)
 
     def crop_box(self, rng: random.Random, width: int, height: int) -> tuple:
         """torchvision's RandomResizedCrop.get_params, drawn from `rng`: (left, top, right, bottom)."""
@@ -73,8 +74,12 @@ class Augment:
         return self.normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1))
 
     def decode_crop(self, data: bytes, rng: random.Random) -> Image.Image:
-        """The crop, decoded at the coarsest JPEG scale that keeps it at least `size` (exactly
-        torchvision's crop at full scale; within half a pixel of it at a reduced one)."""
+        """The crop. With `jpeg_draft`, decoded at the coarsest JPEG scale that keeps it at least `size`
+        (exactly torchvision's crop at full scale; within half a pixel of it at a reduced one);
+        without, the whole image decoded, as open_clip's transform does."""
+        if not self.jpeg_draft:
+            rgb = decode_rgb(data)
+            return rgb.crop(self.crop_box(rng, *rgb.size))
         rgb, box = decode_rgb_region(data, lambda w, h: self.crop_box(rng, w, h), (self.size, self.size))
         return rgb.crop(tuple(int(round(c)) for c in box))
 
@@ -120,7 +125,9 @@ def build_augment(clip: torch.nn.Module, cfg: AugmentConfig) -> Augment:
     preprocess = merge_preprocess_dict(clip.visual.preprocess_cfg, {"mean": cfg.mean, "std": cfg.std})
     size = preprocess["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return Augment(size, tuple(cfg.scale), cfg.hflip, tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    return Augment(
+        size, tuple(cfg.scale), cfg.hflip, tuple(preprocess["mean"]), tuple(preprocess["std"]), cfg.jpeg_draft
+    )
 
 
 def collate_device_parts(items: list) -> tuple:
