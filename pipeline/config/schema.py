@@ -157,6 +157,9 @@ class DataConfig:
     # count then, as streaming does; shuffle_block_size to streaming's default for it) and kept in
     # its config.yaml, so a resume on other nodes reads them from there (pipeline/run/saved.py).
     num_canonical_nodes: Optional[int] = None
+    # py1e keeps each sample near its shard's place in the epoch: few shards per batch at scale.
+    # On a store of a few shards that lumps a stream's share of the batches in time; "naive" is a
+    # uniform permutation there (bench/batch_mix.py, bench/EXPERIMENTS.md section 3).
     shuffle_algo: str = "py1e"
     shuffle_block_size: Optional[int] = None
     # Shared-memory/local-cache knobs of streaming, passed through when set.
