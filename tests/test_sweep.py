@@ -212,11 +212,11 @@ def test_finished_runs_are_skipped_and_a_failed_run_stops_the_sweep(tmp_path, mo
         json.dump({"complete": True}, f)
     launched = []
 
-    def fake_train(command, **_):
-        launched.append(command[command.index(sweep.train) + 1 :])
-        return subprocess.CompletedProcess(command, 1 if len(launched) == 2 else 0)
+    def fake_train(_, argv):
+        launched.append(argv[argv.index(sweep.train) + 1 :])
+        return 1 if len(launched) == 2 else 0
 
-    monkeypatch.setattr(pipeline.sweep.subprocess, "run", fake_train)
+    monkeypatch.setattr(pipeline.sweep, "train_in_child", fake_train)
     with pytest.raises(SystemExit, match="run seed3 failed .* again to continue"):
         run_all(sweep, runs)
     assert launched == [runs[1].args, runs[2].args]
