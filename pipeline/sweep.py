@@ -42,6 +42,9 @@ def train_run(argv: list) -> None:
     that ran train.py would: multiprocessing ends its children without atexit, which runs here, so
     streaming unlinks the run's shared memory and Composer closes its loggers."""
     atexit._clear()  # the fork server's handlers are its own
+    # A fork server's child inherits its start method; the run's loader workers would each start a
+    # fork server of their own, a fresh interpreter importing everything (8 s a loader).
+    multiprocessing.set_start_method(None, force=True)  # the platform's default, as train.py has it
     try:
         from pipeline.train import main as train_main  # imported already: the fork server preloads it
 

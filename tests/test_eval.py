@@ -20,11 +20,13 @@ from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
 from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.eval import main
 from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
-from pipeline.evaluation.evaluators import build_scores, split_eval_batch
+from pipeline.common.images import decode_rgb
+from pipeline.evaluation.evaluators import build_scores, collate_eval, split_eval_batch, split_image_transform
 from pipeline.evaluation.zeroshot import retrieval_scores
 from pipeline.model.export import export
 from pipeline.run.saved import load_clip
 from tests.conftest import DEMO_YAML, EVAL_YAML, REPO, demo_model, eval_overrides, fresh_eval_config, train_overrides
+from tests.test_images import encoded, in_mode, picture
 
 
 def fresh_eval_yaml(tmp_path) -> str:
@@ -71,6 +73,24 @@ def test_micro_batches_keep_each_image_with_its_captions():
     assert second["ids"].tolist() == [9] and second["text_keys"].tolist() == [[9, 0], [9, 1]]
     labelled = split_eval_batch({"images": torch.zeros(3, 1), "ids": torch.arange(3), "labels": torch.arange(4, 7)}, 2)
     assert [c["labels"].tolist() for c in labelled] == [[4, 5], [6]] and "texts" not in labelled[0]
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_eval_batches_are_bitwise_open_clips_transform_image_by_image(size):
+    """ToTensor and Normalize run once per batch: RGB / RGBA / palette / grey / CMYK images, smaller
+    and larger than the input, give exactly the tensors of open_clip's whole transform."""
+    import open_clip
+
+    transform = open_clip.image_transform(size, is_train=False)
+    modes = ["RGB", "RGBA", "P", "L", "CMYK"]
+    sources = [encoded(in_mode(picture(i, (28 + 40 * i, 30 + 9 * i)), mode, i)) for i, mode in enumerate(modes)]
+    per_image, stack_images = split_image_transform(transform)
+    items = [{"image": decode_rgb(data, per_image), "id": i, "label": i} for i, data in enumerate(sources)]
+    batch = collate_eval(items, stack_images)["images"]
+    whole = torch.stack([decode_rgb(data, transform) for data in sources])
+    assert batch.dtype == whole.dtype and batch.is_contiguous() and torch.equal(batch, whole)
+    other = lambda image: torch.zeros(3, 2, 2)  # noqa: E731 - not open_clip's: runs whole, per image
+    assert split_image_transform(other) == (other, torch.stack)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "yamls", "eval", "*.yaml"))))
