@@ -6,7 +6,8 @@
 
 A sweep YAML (SweepConfig in pipeline/config/schema.py) names a training YAML, overrides common to every
 run, a `grid:` (one run per point of the cartesian product) and/or a `runs:` list (one run per
-entry). Each run is an ordinary pipeline/train.py run with checkpoint.autoresume in <folder>/<run name>: a
+entry). Each run is an ordinary pipeline/train.py run with checkpoint.autoresume in <folder>/<run name>,
+in its own process forked from a fork server that imported the pipeline once for all runs: a
 killed sweep, started again, continues the run it was in from its last checkpoint, and runs whose
 summary.json says complete are skipped. key=value arguments override the sweep's own keys
 (folder=..., overrides.max_wall_clock=60, ...). The runs come from pipeline/sweeps/grid.py and the
