@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from streaming import StreamingDataset
 
 from data_prep.eval_sets import coco_to_mds, flickr_to_mds, imagefolder_to_mds
+from pipeline.common.images import decode_rgb
 from pipeline.config.schema import ConfigError, EvalConfig, EvalDatasetConfig, EvalTask, load
 from pipeline.eval import main
 from pipeline.evaluation.evaluate import evaluate, evaluate_dataset
-from pipeline.common.images import decode_rgb
 from pipeline.evaluation.evaluators import build_scores, collate_eval, split_eval_batch, split_image_transform
 from pipeline.evaluation.zeroshot import retrieval_scores
 from pipeline.model.export import export
