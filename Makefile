@@ -8,7 +8,8 @@
 # make scaling [SWEEP_ARGS="key=value ..."] - the toy scaling sweep on the sample (3 seeds), then its power-law fits:
 #                                             all configurations, and those out of chance (error <= 0.5)
 # make ablate  [SWEEP_ARGS="key=value ..."] - FLIP's Table 1 ablations on the sample at equal samples seen,
-#                                             5 seeds, then their tables and plot (runs/sweeps/flip_ablation/report.*)
+#                                             5 seeds of 100-batch runs (under 30 min on 2 cores), then their
+#                                             tables and plot (runs/sweeps/flip_ablation/report.*)
 # make ablate-flops [SWEEP_ARGS=...]        - the same rows at equal training FLOPs (runs/sweeps/flip_ablation_flops/)
 
 VENV    ?= .venv
