@@ -75,13 +75,13 @@ def test_micro_batches_keep_each_image_with_its_captions():
     assert [c["labels"].tolist() for c in labelled] == [[4, 5], [6]] and "texts" not in labelled[0]
 
 
-@pytest.mark.parametrize("size", [32, 224])
-def test_eval_batches_are_bitwise_open_clips_transform_image_by_image(size):
+@pytest.mark.parametrize("size, resize_mode", [(32, "shortest"), (224, "shortest"), (32, "longest"), (48, "squash")])
+def test_eval_batches_are_bitwise_open_clips_transform_image_by_image(size, resize_mode):
     """ToTensor and Normalize run once per batch: RGB / RGBA / palette / grey / CMYK images, smaller
     and larger than the input, give exactly the tensors of open_clip's whole transform."""
     import open_clip
 
-    transform = open_clip.image_transform(size, is_train=False)
+    transform = open_clip.image_transform(size, is_train=False, resize_mode=resize_mode)
     modes = ["RGB", "RGBA", "P", "L", "CMYK"]
     sources = [encoded(in_mode(picture(i, (28 + 40 * i, 30 + 9 * i)), mode, i)) for i, mode in enumerate(modes)]
     per_image, stack_images = split_image_transform(transform)

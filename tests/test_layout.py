@@ -296,7 +296,16 @@ def streaming_index_download():
     return "self._download_file(basename, basename + '.tmp')" in source and "reader_from_json(" in source
 
 
+def atexit_registry():
+    """CPython's atexit module clears and runs its registry with these (no public counterpart)."""
+    import atexit
+
+    return callable(atexit._clear) and callable(atexit._run_exitfuncs)
+
+
 PRIVATE_APIS = {
+    "atexit._clear and atexit._run_exitfuncs: pipeline/sweep.py runs a run's own exit handlers in the "
+    "child forked for it (multiprocessing ends its children without them)": atexit_registry,
     "composer CheckpointSaver._symlink_upload_wait_before_next_try_in_seconds: "
     "pipeline/checkpoint/saver.py shortens the 30 s wait for an upload (no public argument)": composer_upload_poll,
     "composer.utils.remote_uploader.ProcessPoolExecutor / multiprocessing.get_context: "
@@ -326,7 +335,7 @@ PRIVATE_APIS = {
 }
 # The private names above, as the code spells them; a new one must be added to PRIVATE_APIS.
 KNOWN_PRIVATE = {"_fsdp_collectives._get_gradient_divide_factors", "fsdp._fully_shard", "numpy._core"}
-KNOWN_PRIVATE |= {"module._qkv_same_embed_dim"}
+KNOWN_PRIVATE |= {"module._qkv_same_embed_dim", "atexit._clear", "atexit._run_exitfuncs"}
 DOCUMENTED = {"os._exit"}  # public despite the underscore
 PRIVATE_ACCESS = re.compile(r"\b(?!self\.|cls\.)([A-Za-z_]\w*)\.(_[a-z]\w*)")
 
